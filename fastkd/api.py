@@ -1,0 +1,235 @@
+"""The functional API (DESIGN.md §2): validation, flattening, dispatch to a backend, reduction.
+
+The backends return per-row losses; the reduction is plain differentiable PyTorch on top of them,
+so ``reduction="mean"`` divides by the number of counted rows on the device (no host sync).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+from . import divergences as dv
+from .backends import torch_backend
+from .config import config
+from .stats import KDStats
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The backend ``impl`` names on ``device``; ``"auto"`` picks the fastest one available.
+
+    Only the ``torch`` backend exists in this version, so ``"auto"`` resolves to it everywhere.
+    """
+    if impl in ("auto", "torch"):
+        return "torch"
+    raise NotImplementedError(
+        f"impl={impl!r} is not available in this version of fastkd (the {impl} backend has not "
+        "landed yet); use impl='torch' or impl='auto'")
+
+
+def topk_kd_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    softcap: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    return_stats: bool = False,
+):
+    """Distillation loss against a teacher's top-k, straight from hidden states and the LM head.
+
+    Student logits ``z = softcap(hidden · weightᵀ + bias) / temperature`` are never materialised
+    for all rows at once. Every id in ``teacher_ids`` is its own bucket; ``tail="bucket"`` adds
+    the tail bucket ``V∖S`` with its exact mass (a true divergence, a lower bound on the
+    full-vocabulary one), ``tail="renormalize"`` compares both distributions renormalised over S
+    (cost O(N·K·D), no pass over the vocabulary unless ``ce_weight > 0`` or ``return_stats``).
+    The raw truncated sum ``Σ_{j∈S} p_j Δ_j`` is deliberately not offered: its gradient pushes
+    student mass out of S (arXiv 2605.11182).
+
+    Args:
+        hidden: ``(N, D)`` or ``(..., D)`` float16/bfloat16/float32/float64, the student's final
+            hidden states, already shifted so that row n predicts token n+1.
+        weight: ``(V, D)``, the student's LM-head weight (as in ``nn.Linear``).
+        teacher_ids: ``(..., K)`` int32/int64 in ``[0, V)``, or ``-1`` for an unused slot.
+        teacher_logprobs: ``(..., K)`` float, the teacher's log-probabilities of those ids under
+            its full softmax (used as given: capture them at the temperature you want). Masses
+            summing above 1 by rounding are tolerated up to ``1 + 0.02`` and rescaled.
+        divergence: ``"reverse_kl"`` (default), ``"forward_kl"`` or ``"jsd"``.
+        beta: JSD mixture weight in ``[0, 1]``, default 0.5; β=0 is forward KL, β=1 reverse KL.
+        tail: ``"bucket"`` (default) or ``"renormalize"``.
+        temperature: τ > 0, default 1.0; applies to the student, and the KD term is scaled by τ².
+        labels: ``(...)`` int next-token ids, default None (every row counts). Rows equal to
+            ``ignore_index`` contribute nothing and get exactly zero gradient.
+        ignore_index: default -100.
+        ce_weight: weight of the cross-entropy on untempered logits, default 0.0 (needs labels).
+        kd_weight: weight of the KD term, default 1.0.
+        softcap: final-logit softcap c (``c·tanh(x/c)``, Gemma-2), default None.
+        bias: ``(V,)`` LM-head bias, default None.
+        reduction: ``"mean"`` (default; over counted rows), ``"sum"`` or ``"none"`` (``(N,)``).
+        impl: ``"auto"`` (default), ``"torch"``, ``"triton"`` or ``"cuda"``.
+        return_stats: also return a :class:`fastkd.KDStats` of per-row statistics.
+
+    Returns:
+        loss: float32 (float64 for float64 inputs), scalar or ``(N,)``; with ``return_stats``,
+        ``(loss, KDStats)``. Gradients flow to ``hidden``, ``weight`` and ``bias`` only.
+    """
+    opts = check.options(divergence=divergence, beta=beta, tail=tail, temperature=temperature,
+                         ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                         softcap=softcap, reduction=reduction, impl=impl, return_stats=return_stats)
+    n_rows, dim, vocab = check.head("", hidden, weight, bias)
+    check.teacher_topk(teacher_ids, teacher_logprobs, hidden)
+    check.labels_tensor(labels, hidden, opts["ce_weight"])
+    backend = resolve_impl(opts["impl"], hidden.device)
+
+    hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
+    ids = teacher_ids.reshape(n_rows, -1).long()
+    logprobs = teacher_logprobs.reshape(n_rows, -1).detach()
+    check.values(vocab, counted, labels1, ids, logprobs)
+    ids = torch.where(counted.unsqueeze(1), ids, -1)  # ignored rows: no teacher data is read
+
+    assert backend == "torch"
+    loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
+        hidden2, weight, bias, ids, logprobs, labels1, opts["divergence"], opts["beta"],
+        opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
+        opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
+    loss = _reduce(loss_rows, counted, opts["reduction"])
+    if not return_stats:
+        return loss
+    stats = stats.detach()
+    return loss, KDStats(kd=kd_rows.detach(), entropy=stats[:, 0], lse=stats[:, 1], topk_mass=stats[:, 2])
+
+
+def kd_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    topk: Optional[int] = None,
+    topk_from: str = "teacher",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    return_stats: bool = False,
+):
+    """Distillation loss against an online teacher, from both models' hidden states and LM heads.
+
+    With ``topk=None`` (default) the exact full-vocabulary divergence between
+    ``softmax(z_student)`` and ``softmax(z_teacher)``, both tempered by τ. With ``topk=K`` the
+    divergence over a per-row top-k set S with a tail bucket or renormalisation, as in
+    :func:`topk_kd_loss`, where S is the teacher's top-k (``topk_from="teacher"``, default), the
+    student's own (``"student"``, the natural set for reverse KL on student rollouts) or their
+    union (``"union"``, up to 2K ids).
+
+    Args:
+        hidden: ``(N, D)`` or ``(..., D)`` student final hidden states (shifted, see
+            :func:`topk_kd_loss`).
+        weight: ``(V, D)`` student LM-head weight.
+        teacher_hidden: ``(..., D_t)`` teacher final hidden states for the same rows; frozen.
+        teacher_weight: ``(V, D_t)`` teacher LM-head weight over the same vocabulary; frozen.
+        divergence, beta, tail, temperature, labels, ignore_index, ce_weight, kd_weight, softcap,
+        bias, reduction, impl, return_stats: as in :func:`topk_kd_loss` (τ applies to both
+            models here).
+        topk: None (default, full vocabulary) or K in ``[1, V]``.
+        topk_from: ``"teacher"`` (default), ``"student"`` or ``"union"``.
+        teacher_softcap: the teacher's final-logit softcap, default None.
+        teacher_bias: ``(V,)`` teacher LM-head bias, default None.
+
+    Returns:
+        loss as in :func:`topk_kd_loss`; ``KDStats.topk_mass`` is None when ``topk`` is None.
+    """
+    opts = check.options(divergence=divergence, beta=beta, tail=tail, temperature=temperature,
+                         ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                         softcap=softcap, reduction=reduction, impl=impl, return_stats=return_stats)
+    teacher_softcap = check.real("teacher_softcap", teacher_softcap, low=0.0, low_open=True,
+                                 allow_none=True)
+    check.choice("topk_from", topk_from, dv.TOPK_FROM)
+    n_rows, dim, vocab = check.head("", hidden, weight, bias)
+    _, teacher_dim, teacher_vocab = check.head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden must have hidden's leading dimensions {tuple(hidden.shape[:-1])} + "
+            f"(D_t,), got {tuple(teacher_hidden.shape)}")
+    if teacher_vocab != vocab:
+        raise ValueError(
+            f"teacher_weight must cover the student's vocabulary V={vocab}, got V={teacher_vocab} "
+            "(pad or slice one LM head so both share a vocabulary)")
+    check.same_device("hidden", hidden, teacher_hidden=teacher_hidden)
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab:
+            raise ValueError(f"topk must be None or an int in [1, {vocab}], got {topk!r}")
+    check.labels_tensor(labels, hidden, opts["ce_weight"])
+    backend = resolve_impl(opts["impl"], hidden.device)
+    assert backend == "torch"
+
+    hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
+    check.values(vocab, counted, labels1)
+    teacher_hidden2 = teacher_hidden.reshape(n_rows, teacher_dim).detach()
+    teacher_weight = teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+
+    if topk is not None:
+        ids, logprobs = torch_backend.select_topk(
+            hidden2.detach(), weight.detach(), None if bias is None else bias.detach(),
+            teacher_hidden2, teacher_weight, teacher_bias, topk, topk_from, opts["temperature"],
+            opts["softcap"], teacher_softcap, config.torch_chunk_bytes)
+        ids = torch.where(counted.unsqueeze(1), ids, -1)
+        loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
+            hidden2, weight, bias, ids, logprobs, labels1, opts["divergence"], opts["beta"],
+            opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
+            opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
+        topk_mass = stats[:, 2].detach() if return_stats else None
+    else:
+        loss_rows, kd_rows, _lse_ce, stats = torch_backend.dense_kd_forward(
+            hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1,
+            opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
+            teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
+            config.torch_chunk_bytes, return_stats)
+        topk_mass = None
+    loss = _reduce(loss_rows, counted, opts["reduction"])
+    if not return_stats:
+        return loss
+    stats = stats.detach()
+    return loss, KDStats(kd=kd_rows.detach(), entropy=stats[:, 0], lse=stats[:, 1], topk_mass=topk_mass)
+
+
+def _flatten(hidden: Tensor, labels: Optional[Tensor], ignore_index: int):
+    """``(N, D)`` hidden, ``(N,)`` int64 labels or None, and the ``(N,)`` bool mask of counted rows."""
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    if labels is None:
+        return hidden2, None, torch.ones(hidden2.shape[0], dtype=torch.bool, device=hidden.device)
+    labels1 = labels.reshape(-1).long()
+    return hidden2, labels1, labels1 != ignore_index
+
+
+def _reduce(loss_rows: Tensor, counted: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    return total / counted.sum().clamp(min=1)

@@ -1,0 +1,1 @@
+"""Backends of the fused losses. Each registers its kernels as ``torch.library`` custom ops."""

@@ -1,0 +1,26 @@
+"""Process-wide settings of fastkd, in one place (set them in code; nothing is read from the environment)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    """Attributes of ``fastkd.config``.
+
+    Attributes:
+        check_values: validate the *values* of teacher ids, teacher log-probs and labels (ids in
+            range, no duplicates, log-probs finite and ≤ 0, top-k mass ≤ 1 + slack). Costs one
+            host-device synchronisation per call; turn it off for the last few percent of
+            throughput once the data pipeline is trusted. Shapes, dtypes and options are always
+            checked. Skipped automatically while ``torch.compile`` traces.
+        torch_chunk_bytes: memory budget of the ``torch`` backend's per-chunk work blocks; the
+            chunk height is this divided by the bytes of the ``chunk x V`` blocks a path keeps
+            alive. Default 256 MiB.
+    """
+
+    check_values: bool = True
+    torch_chunk_bytes: int = 256 * 2**20
+
+
+config = Config()
