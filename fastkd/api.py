@@ -95,8 +95,9 @@ def topk_kd_loss(
     backend = resolve_impl(opts["impl"], hidden.device)
 
     hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
-    ids = teacher_ids.reshape(n_rows, -1).long()
-    logprobs = teacher_logprobs.reshape(n_rows, -1).detach()
+    topk = teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(n_rows, topk).long()
+    logprobs = teacher_logprobs.reshape(n_rows, topk).detach()
     check.values(vocab, counted, labels1, ids, logprobs)
     ids = torch.where(counted.unsqueeze(1), ids, -1)  # ignored rows: no teacher data is read
 

@@ -34,6 +34,7 @@ TOPK_FROM = ("teacher", "student", "union")
 TAIL_FLOOR = 1e-6
 # log(1 - TAIL_FLOOR): the largest log top-k mass that leaves a tail of at least TAIL_FLOOR.
 MAX_TOPK_LOGMASS = math.log1p(-TAIL_FLOOR)
+LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
 # A teacher's top-k masses may sum above 1 by rounding (fp16/bf16 log-probs, a server's own
 # softmax). Up to this slack fastkd rescales them to 1 - TAIL_FLOOR; above it the input is rejected.
 TOPK_MASS_SLACK = 0.02
@@ -76,14 +77,18 @@ def teacher_topk_logmasses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher bucket log-masses for top-k with a tail: ``(log Q_S (..., K), log Q_T (...))``.
 
+    Computed in float64 and returned in the dtype of ``teacher_logprobs``.
+
     ``log Q_T = log1mexp(logsumexp(teacher_logprobs))``. When the given masses leave less than
     ``TAIL_FLOOR`` (they may sum to ≥ 1 by rounding, within ``TOPK_MASS_SLACK`` — larger sums are
     rejected by validation), the top-k masses are scaled down so the K+1 buckets still sum to one
     and the tail sits at the floor.
     """
-    lse = masked_logsumexp(teacher_logprobs, valid)
-    excess = torch.clamp(lse - MAX_TOPK_LOGMASS, min=0.0)
-    log_tail = log1mexp(torch.clamp(lse, max=MAX_TOPK_LOGMASS))
+    # In float64: the tail is 1 − Σ Q_S, a cancellation that float32 would resolve only to ~1e-7
+    # absolute (a 3e-6 tail would be 2% off). It is (..., K) work, negligible next to the logits.
+    lse = masked_logsumexp(teacher_logprobs.double(), valid)
+    excess = torch.clamp(lse - MAX_TOPK_LOGMASS, min=0.0).to(teacher_logprobs.dtype)
+    log_tail = log1mexp(torch.clamp(lse, max=MAX_TOPK_LOGMASS)).to(teacher_logprobs.dtype)
     return teacher_logprobs - excess.unsqueeze(-1), log_tail
 
 
@@ -114,7 +119,8 @@ def topk_bucket_logmasses(
     teacher_logprobs: torch.Tensor,
     valid: torch.Tensor,
     tail: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    student_tail_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bucket log-masses of a top-k set S for student and teacher (DESIGN.md §1, "Top-k modes").
 
     Args:
@@ -124,25 +130,38 @@ def topk_bucket_logmasses(
         teacher_logprobs: ``(..., K)`` teacher log-probabilities at S (full-softmax log-probs).
         valid: ``(..., K)`` bool, False on unused (``-1``) slots.
         tail: ``"bucket"`` (K+1 buckets, the last one the tail ``V∖S``) or ``"renormalize"``.
+        student_tail_lse: ``(...)`` log-sum-exp of the student logits over ``V∖S``, when a
+            backend can compute it directly (exact); else ``log P_T`` comes from
+            ``log1mexp(lse_S − lse_all)`` (``student_tail_logmass``).
 
-    Returns ``(log_p, log_q, valid_buckets, kd_lse)``: bucket log-masses ``(..., C)`` with C = K+1
-    or K, their validity mask, and the normaliser of the student's bucketed distribution
-    (``lse_all`` or ``lse_S``) so that ``log P_j = z_j − kd_lse`` for every j in S.
+    Returns ``(log_p, log_q, valid_buckets, kd_lse, at_floor)``: bucket log-masses ``(..., C)``
+    with C = K+1 or K, their validity mask, the normaliser of the student's bucketed
+    distribution such that ``log P_j = z_j − kd_lse`` for every j in S, and the rows whose tail
+    sits at the floor. ``kd_lse`` is ``lse_S`` when renormalising; with a tail it is ``lse_all``,
+    except where S holds more than ``1 − TAIL_FLOOR`` of the mass: there ``P_T`` is the constant
+    ``TAIL_FLOOR`` and S is rescaled to the rest (``kd_lse = lse_S − log(1 − TAIL_FLOOR)``), as
+    the teacher's side is, so the K+1 buckets always sum to one and identical models give zero.
     """
+    lse_topk = masked_logsumexp(student_topk_logits, valid)
     if tail == "bucket":
-        lse_topk = masked_logsumexp(student_topk_logits, valid)
-        log_p = torch.cat(
-            [student_topk_logits - student_lse.unsqueeze(-1),
-             student_tail_logmass(lse_topk, student_lse).unsqueeze(-1)], dim=-1)
+        if student_tail_lse is None:
+            log_tail = student_tail_logmass(lse_topk, student_lse)
+            at_floor = lse_topk - student_lse >= MAX_TOPK_LOGMASS
+        else:
+            log_tail = student_tail_lse - student_lse
+            at_floor = log_tail <= LOG_TAIL_FLOOR
+            log_tail = torch.clamp(log_tail, min=LOG_TAIL_FLOOR)
+        kd_lse = torch.where(at_floor, lse_topk - MAX_TOPK_LOGMASS, student_lse)
+        log_p = torch.cat([student_topk_logits - kd_lse.unsqueeze(-1), log_tail.unsqueeze(-1)], dim=-1)
         log_q_topk, log_q_tail = teacher_topk_logmasses(teacher_logprobs, valid)
         log_q = torch.cat([log_q_topk, log_q_tail.unsqueeze(-1)], dim=-1)
         valid_buckets = torch.cat([valid, torch.ones_like(valid[..., :1])], dim=-1)
-        return log_p, log_q, valid_buckets, student_lse
+        return log_p, log_q, valid_buckets, kd_lse, at_floor
     if tail == "renormalize":
-        lse_topk = masked_logsumexp(student_topk_logits, valid)
         kd_lse = torch.where(torch.isfinite(lse_topk), lse_topk, 0.0)
         log_p = _masked(student_topk_logits - kd_lse.unsqueeze(-1), valid, 0.0)
-        return log_p, renormalized_logmasses(teacher_logprobs, valid), valid, kd_lse
+        log_q = renormalized_logmasses(teacher_logprobs, valid)
+        return log_p, log_q, valid, kd_lse, torch.zeros_like(kd_lse, dtype=torch.bool)
     raise ValueError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
 
 

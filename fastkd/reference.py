@@ -5,6 +5,9 @@ They materialise the full ``[N x V]`` logits in float64 and build every loss fro
 an independent check of the hand-written §1 gradient of the backends. Use them in tests, on small
 shapes; they take the same keyword arguments as the public functions (minus ``impl``) and return
 ``loss`` or ``(loss, KDStats)`` in float64.
+
+With ``compute_dtype=torch.float32`` the same code is the *naive* implementation the benchmarks
+compare against: full fp32 logits, ``log_softmax`` of everything, autograd.
 """
 from __future__ import annotations
 
@@ -17,18 +20,18 @@ from .stats import KDStats
 def topk_kd_loss_reference(
     hidden, weight, teacher_ids, teacher_logprobs, *, divergence="reverse_kl", beta=0.5,
     tail="bucket", temperature=1.0, labels=None, ignore_index=-100, ce_weight=0.0, kd_weight=1.0,
-    softcap=None, bias=None, reduction="mean", return_stats=False,
+    softcap=None, bias=None, reduction="mean", return_stats=False, compute_dtype=torch.float64,
 ):
     """float64 reference of :func:`fastkd.topk_kd_loss` (same arguments and semantics)."""
-    h, counted, labels = _flatten(hidden, labels, ignore_index)
+    h, counted, labels = _flatten(hidden, labels, ignore_index, compute_dtype)
     capped = _capped_logits(h, weight, bias, softcap)
     logits = capped / temperature
     lse = torch.logsumexp(logits, dim=-1)
     ids = teacher_ids.reshape(h.shape[0], -1).long()
     valid = (ids >= 0) & counted.unsqueeze(-1)
     safe_ids = torch.where(valid, ids, 0)
-    teacher_lp = teacher_logprobs.reshape(ids.shape).double()
-    log_p, log_q, valid_buckets, _ = dv.topk_bucket_logmasses(
+    teacher_lp = teacher_logprobs.reshape(ids.shape).to(compute_dtype)
+    log_p, log_q, valid_buckets, _, _ = dv.topk_bucket_logmasses(
         logits.gather(1, safe_ids), lse, teacher_lp, valid, tail)
     kd = dv.divergence(log_p, log_q, valid_buckets, divergence, beta)
     loss = _combine(kd, capped, labels, counted, temperature, ce_weight, kd_weight, reduction)
@@ -42,11 +45,11 @@ def kd_loss_reference(
     hidden, weight, teacher_hidden, teacher_weight, *, divergence="reverse_kl", beta=0.5,
     topk=None, topk_from="teacher", tail="bucket", temperature=1.0, labels=None, ignore_index=-100,
     ce_weight=0.0, kd_weight=1.0, softcap=None, teacher_softcap=None, bias=None, teacher_bias=None,
-    reduction="mean", return_stats=False,
+    reduction="mean", return_stats=False, compute_dtype=torch.float64,
 ):
     """float64 reference of :func:`fastkd.kd_loss` (same arguments and semantics)."""
-    h, counted, labels = _flatten(hidden, labels, ignore_index)
-    teacher_h = teacher_hidden.reshape(h.shape[0], -1).double()
+    h, counted, labels = _flatten(hidden, labels, ignore_index, compute_dtype)
+    teacher_h = teacher_hidden.reshape(h.shape[0], -1).to(compute_dtype)
     with torch.no_grad():
         teacher_logits = _capped_logits(teacher_h, teacher_weight, teacher_bias, teacher_softcap)
         teacher_logprobs = torch.log_softmax(teacher_logits / temperature, dim=-1)
@@ -60,7 +63,7 @@ def kd_loss_reference(
             h, weight, ids, teacher_topk, divergence=divergence, beta=beta, tail=tail,
             temperature=temperature, labels=labels, ignore_index=ignore_index,
             ce_weight=ce_weight, kd_weight=kd_weight, softcap=softcap, bias=bias,
-            reduction=reduction, return_stats=return_stats)
+            reduction=reduction, return_stats=return_stats, compute_dtype=compute_dtype)
     capped = _capped_logits(h, weight, bias, softcap)
     logits = capped / temperature
     lse = torch.logsumexp(logits, dim=-1)
@@ -72,8 +75,8 @@ def kd_loss_reference(
     return loss, _stats(kd, logits, lse, counted, None)
 
 
-def _flatten(hidden, labels, ignore_index):
-    h = hidden.reshape(-1, hidden.shape[-1]).double()
+def _flatten(hidden, labels, ignore_index, dtype):
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     if labels is None:
         return h, torch.ones(h.shape[0], dtype=torch.bool, device=h.device), None
     labels = labels.reshape(-1).long()
@@ -81,9 +84,9 @@ def _flatten(hidden, labels, ignore_index):
 
 
 def _capped_logits(h, weight, bias, cap):
-    logits = h @ weight.double().T
+    logits = h @ weight.to(h.dtype).T
     if bias is not None:
-        logits = logits + bias.double()
+        logits = logits + bias.to(h.dtype)
     return dv.softcap(logits, cap)
 
 

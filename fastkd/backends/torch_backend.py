@@ -132,18 +132,39 @@ def _add_cross_entropy_grad(grad: Tensor, capped: Tensor, lse_ce: Tensor, labels
     grad.scatter_add_(1, torch.where(counted, labels, 0).unsqueeze(1), -scale.unsqueeze(1))
 
 
-def _topk_epilogue(topk_logits, lse, teacher_logprobs, valid, tail, divergence, beta):
-    """Loss and the saved gradient coefficients of one chunk, from its K gathered logits."""
-    log_p, log_q, valid_buckets, kd_lse = dv.topk_bucket_logmasses(
-        topk_logits, lse, teacher_logprobs, valid, tail)
+def _topk_epilogue(topk_logits, lse, tail_lse, teacher_logprobs, valid, tail, divergence, beta):
+    """Loss and the saved gradient coefficients of one chunk, from its K gathered logits.
+
+    Returns ``(kd, w_S, kd_lse, dense, sparse)`` such that the gradient with respect to the
+    tempered logits is ``dz = p·dense + Σ_S (w_j − p_j·sparse) e_j`` with ``p = exp(z − kd_lse)``.
+    """
+    log_p, log_q, valid_buckets, kd_lse, at_floor = dv.topk_bucket_logmasses(
+        topk_logits, lse, teacher_logprobs, valid, tail, tail_lse)
     kd = dv.divergence(log_p, log_q, valid_buckets, divergence, beta)
     w = dv.bucket_weights(log_p, log_q, valid_buckets, divergence, beta)
     total = w.sum(dim=-1)
     k = topk_logits.shape[-1]
-    if tail == "bucket":
-        g_tail = w[:, k] * torch.exp(-log_p[:, k])
-        return kd, w[:, :k], kd_lse, g_tail - total, g_tail
-    return kd, w, kd_lse, torch.zeros_like(total), total
+    if tail == "renormalize":
+        return kd, w, kd_lse, torch.zeros_like(total), total
+    # dz = p·(G_T − W) + Σ_S (w_j − p_j·G_T) e_j, with G_T = w_T / P_T. Where the tail sits at the
+    # floor P_T is constant and P_S = (1 − F)·softmax(z_S), so dz = Σ_S (w_j − p_j·W_S/(1 − F)) e_j.
+    g_tail = w[:, k] * torch.exp(-log_p[:, k])
+    w_topk = w[:, :k]
+    dense = torch.where(at_floor, 0.0, g_tail - total)
+    sparse = torch.where(at_floor, w_topk.sum(dim=-1) / (1.0 - dv.TAIL_FLOOR), g_tail)
+    return kd, w_topk, kd_lse, dense, sparse
+
+
+def _tail_logsumexp_(logits: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+    """log-sum-exp of each row over ``V∖S``, exact (no cancellation); overwrites S with -inf."""
+    any_valid = valid.any(dim=1, keepdim=True)
+    # Unused slots point at a valid id of their row (or, in a row without one, all at ids[:, 0]
+    # and write its own value back), so that every write to one position writes the same value.
+    first_valid = ids.gather(1, valid.to(torch.uint8).argmax(dim=1, keepdim=True))
+    index = torch.where(valid, ids, first_valid)
+    fill = torch.where(any_valid, float("-inf"), logits.gather(1, index[:, :1]))
+    logits.scatter_(1, index, fill.expand_as(index))
+    return torch.logsumexp(logits, dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +205,6 @@ def topk_kd_forward(
         row_bytes = _GATHER_BLOCKS * teacher_ids.shape[1] * hidden.shape[1] * elem
     for rows in _chunks(n_rows, row_bytes, chunk_bytes):
         h, ids_c, valid_c = hidden[rows], ids[rows], valid[rows]
-        lse = None
         if full_pass:
             capped = head.capped_logits(h)
             if use_ce:
@@ -197,11 +217,13 @@ def topk_kd_forward(
                 stats[rows, 0] = dv.entropy_from_logits(logits, lse)
                 stats[rows, 1] = lse
                 stats[rows, 2] = dv.masked_logsumexp(topk_logits, valid_c).sub(lse).exp()
+            tail_lse = _tail_logsumexp_(logits, ids_c, valid_c) if tail == "bucket" else None
             del logits, capped
         else:
+            lse = tail_lse = None
             topk_logits = head.gathered_capped_logits(h, ids_c)[0].div_(temperature)
         kd, w, kd_lse, dense, sparse = _topk_epilogue(
-            topk_logits, lse, teacher_logprobs[rows].to(dtype), valid_c, tail, divergence, beta)
+            topk_logits, lse, tail_lse, teacher_logprobs[rows].to(dtype), valid_c, tail, divergence, beta)
         kd_rows[rows] = kd
         topk_weights[rows] = w
         state[rows, _KD_LSE], state[rows, _DENSE_COEF], state[rows, _SPARSE_COEF] = kd_lse, dense, sparse
@@ -270,6 +292,7 @@ def topk_kd_backward(
             head.apply_softcap_derivative(grad, capped)
             del capped
             grads.add_dense(rows, grad, h, head)
+            del grad  # before the next chunk allocates its blocks
         else:
             capped, weight_rows = head.gathered_capped_logits(h, ids_c)
             topk_probs = capped.div(temperature).sub_(kd_lse).exp_()
@@ -401,6 +424,7 @@ def dense_kd_backward(
         head.apply_softcap_derivative(grad, capped)
         del capped
         grads.add_dense(rows, grad, h, head)
+        del grad  # before the next chunk allocates its blocks
     return grads.result()
 
 
