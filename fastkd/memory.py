@@ -57,6 +57,7 @@ def run_once(impl: str, tokens: int, dim: int, vocab: int, topk: int, device: st
         torch.cuda.reset_peak_memory_stats()
         loss = step()
         loss.backward()
+        loss = loss.detach()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
         method = "torch.cuda.max_memory_allocated"
@@ -65,10 +66,11 @@ def run_once(impl: str, tokens: int, dim: int, vocab: int, topk: int, device: st
         before = _rss_bytes()
         loss = step()
         loss.backward()
+        loss = loss.detach()
         peak = (_high_water_mark_bytes() if reset else _maxrss_bytes()) - before
         method = "VmHWM after clear_refs" if reset else "ru_maxrss"
     return {"impl": impl, "tokens": tokens, "dim": dim, "vocab": vocab, "topk": topk,
-            "device": device, "dtype": dtype_name, "loss": float(loss), "peak_extra_bytes": int(peak),
+            "device": device, "dtype": dtype_name, "loss": loss.item(), "peak_extra_bytes": int(peak),
             "method": method}
 
 
