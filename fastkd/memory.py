@@ -43,13 +43,19 @@ def run_once(impl: str, tokens: int, dim: int, vocab: int, topk: int, device: st
     from fastkd.reference import topk_kd_loss_reference
 
     dtype = getattr(torch, dtype_name)
-    hidden, weight, ids, logprobs, _ = make_inputs(tokens, dim, vocab, topk, device, dtype)
-    if impl == "fused":
-        def step():
+
+    def loss_of(hidden, weight, ids, logprobs):
+        if impl == "fused":
             return fastkd.topk_kd_loss(hidden, weight, ids, logprobs, impl="torch")
-    else:
-        def step():
-            return topk_kd_loss_reference(hidden, weight, ids, logprobs, compute_dtype=torch.float32)
+        return topk_kd_loss_reference(hidden, weight, ids, logprobs, compute_dtype=torch.float32)
+
+    # One tiny call first: one-time costs (lazy imports, dispatcher and thread-pool set-up) are
+    # not memory the loss needs.
+    loss_of(*make_inputs(8, dim, min(vocab, 256), min(topk, 8), device, dtype)[:4]).backward()
+    hidden, weight, ids, logprobs, _ = make_inputs(tokens, dim, vocab, topk, device, dtype)
+
+    def step():
+        return loss_of(hidden, weight, ids, logprobs)
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -62,12 +68,12 @@ def run_once(impl: str, tokens: int, dim: int, vocab: int, topk: int, device: st
         peak = torch.cuda.max_memory_allocated() - before
         method = "torch.cuda.max_memory_allocated"
     else:
-        reset = _reset_high_water_mark()
-        before = _rss_bytes()
+        reset = reset_high_water_mark()
+        before = rss_bytes()
         loss = step()
         loss.backward()
         loss = loss.detach()
-        peak = (_high_water_mark_bytes() if reset else _maxrss_bytes()) - before
+        peak = (high_water_mark_bytes() if reset else maxrss_bytes()) - before
         method = "VmHWM after clear_refs" if reset else "ru_maxrss"
     return {"impl": impl, "tokens": tokens, "dim": dim, "vocab": vocab, "topk": topk,
             "device": device, "dtype": dtype_name, "loss": loss.item(), "peak_extra_bytes": int(peak),
@@ -84,21 +90,21 @@ def measure(impl: str, tokens: int, dim: int, vocab: int, topk: int = 64, device
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _high_water_mark_bytes() > 0
+        return high_water_mark_bytes() > 0
     except OSError:
         return False
 
 
-def _high_water_mark_bytes() -> int:
+def high_water_mark_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -106,7 +112,7 @@ def _high_water_mark_bytes() -> int:
     return 0
 
 
-def _maxrss_bytes() -> int:
+def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -155,16 +155,26 @@ def _topk_epilogue(topk_logits, lse, tail_lse, teacher_logprobs, valid, tail, di
     return kd, w_topk, kd_lse, dense, sparse
 
 
-def _tail_logsumexp_(logits: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
-    """log-sum-exp of each row over ``V∖S``, exact (no cancellation); overwrites S with -inf."""
-    any_valid = valid.any(dim=1, keepdim=True)
+def _logsumexps_(logits: Tensor, ids: Tensor, valid: Tensor, with_tail: bool):
+    """Row log-sum-exps over V and (``with_tail``) over ``V∖S``, from one exp pass, in place.
+
+    The tail is summed directly with S zeroed out, so it is exact: no ``1 − Σ_S`` cancellation.
+    ``logits`` is overwritten with ``exp(logits − rowmax)``.
+    """
+    row_max = logits.amax(dim=1, keepdim=True)
+    exps = logits.sub_(row_max).exp_()
+    lse = exps.sum(dim=1).log_().add_(row_max.squeeze(1))
+    if not with_tail:
+        return lse, None
     # Unused slots point at a valid id of their row (or, in a row without one, all at ids[:, 0]
     # and write its own value back), so that every write to one position writes the same value.
+    any_valid = valid.any(dim=1, keepdim=True)
     first_valid = ids.gather(1, valid.to(torch.uint8).argmax(dim=1, keepdim=True))
     index = torch.where(valid, ids, first_valid)
-    fill = torch.where(any_valid, float("-inf"), logits.gather(1, index[:, :1]))
-    logits.scatter_(1, index, fill.expand_as(index))
-    return torch.logsumexp(logits, dim=-1)
+    fill = torch.where(any_valid, 0.0, exps.gather(1, index[:, :1]))
+    exps.scatter_(1, index, fill.expand_as(index))
+    tail_lse = exps.sum(dim=1).log_().add_(row_max.squeeze(1))
+    return lse, tail_lse
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,13 +221,13 @@ def topk_kd_forward(
                 ce, state[rows, _LSE_CE] = _cross_entropy(capped, labels[rows], counted[rows])
                 loss_rows[rows] = ce_weight * ce
             logits = capped.div_(temperature)
-            lse = torch.logsumexp(logits, dim=-1)
             topk_logits = logits.gather(1, ids_c)
             if with_stats:
+                lse = torch.logsumexp(logits, dim=-1)
                 stats[rows, 0] = dv.entropy_from_logits(logits, lse)
                 stats[rows, 1] = lse
                 stats[rows, 2] = dv.masked_logsumexp(topk_logits, valid_c).sub(lse).exp()
-            tail_lse = _tail_logsumexp_(logits, ids_c, valid_c) if tail == "bucket" else None
+            lse, tail_lse = _logsumexps_(logits, ids_c, valid_c, with_tail=tail == "bucket")
             del logits, capped
         else:
             lse = tail_lse = None
