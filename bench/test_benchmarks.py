@@ -24,7 +24,7 @@ CPU_CASES = [Case("cpu-small", 1024, 256, 16384, loss, div, tail, 64, None, "flo
              if loss == "topk" or tail == "bucket"]
 GPU_CASES = [Case(model, tokens, dim, vocab, loss, div, "bucket", topk, softcap, "bfloat16")
              for (model, (dim, vocab, softcap)), tokens, loss, div, topk in itertools.product(
-                 MODELS.items(), (4096, 16384), LOSSES, DIVERGENCES, (16, 64, 128))
+                 MODELS.items(), (4096, 16384, 32768), LOSSES, DIVERGENCES, (16, 64, 128))
              if (loss == "topk" or topk == 64) and (loss != "ce" or div == "reverse_kl")]
 
 

@@ -103,7 +103,7 @@ def topk_kd_loss(
 
     assert backend == "torch"
     loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
-        hidden2, weight, bias, ids, logprobs, labels1, opts["divergence"], opts["beta"],
+        hidden2, weight, bias, ids, logprobs, None, labels1, opts["divergence"], opts["beta"],
         opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
         opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
     loss = _reduce(loss_rows, counted, opts["reduction"])
@@ -194,13 +194,13 @@ def kd_loss(
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
 
     if topk is not None:
-        ids, logprobs = torch_backend.select_topk(
+        ids, logprobs, teacher_log_tail = torch_backend.select_topk(
             hidden2.detach(), weight.detach(), None if bias is None else bias.detach(),
             teacher_hidden2, teacher_weight, teacher_bias, topk, topk_from, opts["temperature"],
             opts["softcap"], teacher_softcap, config.torch_chunk_bytes)
         ids = torch.where(counted.unsqueeze(1), ids, -1)
         loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
-            hidden2, weight, bias, ids, logprobs, labels1, opts["divergence"], opts["beta"],
+            hidden2, weight, bias, ids, logprobs, teacher_log_tail, labels1, opts["divergence"], opts["beta"],
             opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
             opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
         topk_mass = stats[:, 2].detach() if return_stats else None

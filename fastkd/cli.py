@@ -3,11 +3,14 @@
 ``fastkd demo``: one forward+backward of the fused top-k reverse-KL loss and of the naive
 ``log_softmax(h @ Wᵀ)`` loss on the same random tensors, each in a fresh process, printing both
 losses and their peak extra memory. (The end-to-end distillation demo of DESIGN.md §5 replaces it
-when the trainer lands; ``cache``, ``train``, ``bench`` and ``eval`` come with their issues.)
+when the trainer lands; ``cache``, ``train`` and ``eval`` come with their issues.)
+
+``fastkd bench [ARGS]``: the benchmark runner of a checkout (``python -m bench ARGS``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,7 +34,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(bench_args: list[str]) -> int:
+    sys.path.insert(0, os.getcwd())  # bench/ lives in the checkout, not in the installed package
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        print("fastkd bench runs the benchmark suite of a fastkd checkout: run it from the "
+              "repository root (or use python -m bench there)", file=sys.stderr)
+        return 2
+    bench_main(bench_args)
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark runner
+        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="fastkd", description="fused knowledge-distillation losses")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="fused vs naive loss on random tensors: value and peak memory")
@@ -42,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(run=demo)
+    commands.add_parser("bench", help="the benchmark runner of a checkout (python -m bench); "
+                                      "its arguments follow, see fastkd bench --help")
     args = parser.parse_args(argv)
     return args.run(args)
 

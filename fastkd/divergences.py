@@ -12,7 +12,8 @@ For each divergence this module gives the per-row value ``L`` and the *bucket we
     ∂L/∂z_j = p_j · (G_{c(j)} − Ḡ) = (p_j / P_{c(j)}) · w_{c(j)} − p_j · W
 
 which is finite even where ``G_c = −Q_c/P_c`` (forward KL) would overflow: a singleton bucket has
-``p_j / P_c = 1``, and the tail bucket's ``P_T`` is floored at ``TAIL_FLOOR`` (below).
+``p_j / P_c = 1``, and the tail bucket's ``p_j / P_T ≤ 1`` with ``P_T`` floored far below any
+real mass (``STUDENT_TAIL_FLOOR``).
 
 Nothing here is chunked or fused; the float64 reference (``fastkd.reference``) and the ``torch``
 backend both call these functions, and the Triton/CUDA epilogues implement the same formulas.
@@ -27,16 +28,17 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAIL_MODES = ("bucket", "renormalize")
 TOPK_FROM = ("teacher", "student", "union")
 
-# The smallest tail mass fastkd represents, for student and teacher alike. Below it the tail mass
-# is not known to the precision of a float32 log-sum-exp difference (|lse| ~ 10-20 has an ulp of
-# ~1e-6) nor of a teacher's rounded top-k log-probs, and a smaller floor would only let rounding
-# noise into G_T = w_T / P_T.
-TAIL_FLOOR = 1e-6
-# log(1 - TAIL_FLOOR): the largest log top-k mass that leaves a tail of at least TAIL_FLOOR.
-MAX_TOPK_LOGMASS = math.log1p(-TAIL_FLOOR)
-LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
+# The teacher's tail is 1 − Σ Q_S of the top-k masses it reported. Where that leaves less than
+# TEACHER_TAIL_FLOOR (rounded log-probs may even sum above 1) the tail is not known: it is taken as
+# the floor and S rescaled so the K+1 buckets sum to one.
+TEACHER_TAIL_FLOOR = 1e-6
+MAX_TEACHER_TOPK_LOGMASS = math.log1p(-TEACHER_TAIL_FLOOR)
+# The student's tail is computed exactly; this floor only keeps G_T = w_T / P_T finite in float32
+# (|w_T| · 1e30 < 3e38). Rows below it are treated as P_T constant (with the matching gradient).
+STUDENT_TAIL_FLOOR = 1e-30
+LOG_STUDENT_TAIL_FLOOR = math.log(STUDENT_TAIL_FLOOR)
 # A teacher's top-k masses may sum above 1 by rounding (fp16/bf16 log-probs, a server's own
-# softmax). Up to this slack fastkd rescales them to 1 - TAIL_FLOOR; above it the input is rejected.
+# softmax). Up to this slack fastkd rescales them to 1 − TEACHER_TAIL_FLOOR; above it they are rejected.
 TOPK_MASS_SLACK = 0.02
 
 
@@ -45,13 +47,6 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is None:
         return logits
     return torch.tanh(logits / cap) * cap
-
-
-def softcap_derivative(capped: torch.Tensor, cap: float | None) -> torch.Tensor | float:
-    """d softcap(x)/dx expressed through the capped value ``s = softcap(x)``: ``1 − (s/cap)²``."""
-    if cap is None:
-        return 1.0
-    return 1.0 - (capped / cap).square()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +58,21 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def student_tail_logmass(lse_topk: torch.Tensor, lse_all: torch.Tensor) -> torch.Tensor:
-    """``log P_T`` of the tail bucket ``V∖S`` from the log-sum-exps over S and over the vocabulary.
+def tail_logmass(
+    lse_topk: torch.Tensor, lse_all: torch.Tensor, tail_lse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log P_T`` of the tail bucket ``V∖S``, and the rows where it sits at ``STUDENT_TAIL_FLOOR``.
 
-    ``log P_T = log1mexp(lse_S − lse_all)``, the argument clamped so that ``P_T ≥ TAIL_FLOOR``: a
-    rounded ``lse_S ≥ lse_all`` never produces ``log(0)``.
+    From ``log1mexp(lse_S − lse_all)`` (DESIGN.md §1) when only the log-sum-exps over S and over
+    the vocabulary are known. A backend that can sum over ``V∖S`` directly passes ``tail_lse``:
+    ``tail_lse − lse_all`` is then exact for a small tail, and the log1mexp form is still used
+    where the tail holds more than half the mass (there it is the more accurate of the two).
     """
-    return log1mexp(torch.clamp(lse_topk - lse_all, max=MAX_TOPK_LOGMASS))
+    via_topk = log1mexp(torch.clamp(lse_topk - lse_all, max=-STUDENT_TAIL_FLOOR))
+    log_tail = via_topk if tail_lse is None else torch.where(
+        via_topk > -math.log(2.0), via_topk, tail_lse - lse_all)
+    at_floor = log_tail <= LOG_STUDENT_TAIL_FLOOR
+    return torch.clamp(log_tail, min=LOG_STUDENT_TAIL_FLOOR), at_floor
 
 
 def teacher_topk_logmasses(
@@ -80,15 +83,15 @@ def teacher_topk_logmasses(
     Computed in float64 and returned in the dtype of ``teacher_logprobs``.
 
     ``log Q_T = log1mexp(logsumexp(teacher_logprobs))``. When the given masses leave less than
-    ``TAIL_FLOOR`` (they may sum to ≥ 1 by rounding, within ``TOPK_MASS_SLACK`` — larger sums are
-    rejected by validation), the top-k masses are scaled down so the K+1 buckets still sum to one
-    and the tail sits at the floor.
+    ``TEACHER_TAIL_FLOOR`` (they may sum to ≥ 1 by rounding, within ``TOPK_MASS_SLACK`` — larger
+    sums are rejected by validation), the top-k masses are scaled down so the K+1 buckets still
+    sum to one and the tail sits at the floor.
     """
     # In float64: the tail is 1 − Σ Q_S, a cancellation that float32 would resolve only to ~1e-7
     # absolute (a 3e-6 tail would be 2% off). It is (..., K) work, negligible next to the logits.
     lse = masked_logsumexp(teacher_logprobs.double(), valid)
-    excess = torch.clamp(lse - MAX_TOPK_LOGMASS, min=0.0).to(teacher_logprobs.dtype)
-    log_tail = log1mexp(torch.clamp(lse, max=MAX_TOPK_LOGMASS)).to(teacher_logprobs.dtype)
+    excess = torch.clamp(lse - MAX_TEACHER_TOPK_LOGMASS, min=0.0).to(teacher_logprobs.dtype)
+    log_tail = log1mexp(torch.clamp(lse, max=MAX_TEACHER_TOPK_LOGMASS)).to(teacher_logprobs.dtype)
     return teacher_logprobs - excess.unsqueeze(-1), log_tail
 
 
@@ -120,6 +123,7 @@ def topk_bucket_logmasses(
     valid: torch.Tensor,
     tail: str,
     student_tail_lse: torch.Tensor | None = None,
+    teacher_log_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bucket log-masses of a top-k set S for student and teacher (DESIGN.md §1, "Top-k modes").
 
@@ -130,39 +134,41 @@ def topk_bucket_logmasses(
         teacher_logprobs: ``(..., K)`` teacher log-probabilities at S (full-softmax log-probs).
         valid: ``(..., K)`` bool, False on unused (``-1``) slots.
         tail: ``"bucket"`` (K+1 buckets, the last one the tail ``V∖S``) or ``"renormalize"``.
-        student_tail_lse: ``(...)`` log-sum-exp of the student logits over ``V∖S``, when a
-            backend can compute it directly (exact); else ``log P_T`` comes from
-            ``log1mexp(lse_S − lse_all)`` (``student_tail_logmass``).
+        student_tail_lse: ``(...)`` log-sum-exp of the student logits over ``V∖S`` where a backend
+            sums it directly (see :func:`tail_logmass`).
+        teacher_log_tail: ``(...)`` the teacher's exact ``log Q_T`` where it is known (an online
+            teacher); else it comes from the top-k log-probs (:func:`teacher_topk_logmasses`).
 
     Returns ``(log_p, log_q, valid_buckets, kd_lse, at_floor)``: bucket log-masses ``(..., C)``
     with C = K+1 or K, their validity mask, the normaliser of the student's bucketed
-    distribution such that ``log P_j = z_j − kd_lse`` for every j in S, and the rows whose tail
-    sits at the floor. ``kd_lse`` is ``lse_S`` when renormalising; with a tail it is ``lse_all``,
-    except where S holds more than ``1 − TAIL_FLOOR`` of the mass: there ``P_T`` is the constant
-    ``TAIL_FLOOR`` and S is rescaled to the rest (``kd_lse = lse_S − log(1 − TAIL_FLOOR)``), as
-    the teacher's side is, so the K+1 buckets always sum to one and identical models give zero.
+    distribution such that ``log P_j = z_j − kd_lse`` for every j in S (``lse_all`` with a tail,
+    ``lse_S`` when renormalising), and the rows whose student tail sits at its floor.
     """
     lse_topk = masked_logsumexp(student_topk_logits, valid)
     if tail == "bucket":
-        if student_tail_lse is None:
-            log_tail = student_tail_logmass(lse_topk, student_lse)
-            at_floor = lse_topk - student_lse >= MAX_TOPK_LOGMASS
-        else:
-            log_tail = student_tail_lse - student_lse
-            at_floor = log_tail <= LOG_TAIL_FLOOR
-            log_tail = torch.clamp(log_tail, min=LOG_TAIL_FLOOR)
-        kd_lse = torch.where(at_floor, lse_topk - MAX_TOPK_LOGMASS, student_lse)
-        log_p = torch.cat([student_topk_logits - kd_lse.unsqueeze(-1), log_tail.unsqueeze(-1)], dim=-1)
-        log_q_topk, log_q_tail = teacher_topk_logmasses(teacher_logprobs, valid)
-        log_q = torch.cat([log_q_topk, log_q_tail.unsqueeze(-1)], dim=-1)
+        log_tail, at_floor = tail_logmass(lse_topk, student_lse, student_tail_lse)
+        log_p = torch.cat([student_topk_logits - student_lse.unsqueeze(-1), log_tail.unsqueeze(-1)], dim=-1)
+        if teacher_log_tail is None:
+            log_q_topk, teacher_log_tail = teacher_topk_logmasses(teacher_logprobs, valid)
+        else:  # exact, like the student's: only floored against log(0)
+            log_q_topk = teacher_logprobs
+            teacher_log_tail = torch.clamp(teacher_log_tail, min=LOG_STUDENT_TAIL_FLOOR)
+        log_q = torch.cat([log_q_topk, teacher_log_tail.unsqueeze(-1)], dim=-1)
         valid_buckets = torch.cat([valid, torch.ones_like(valid[..., :1])], dim=-1)
-        return log_p, log_q, valid_buckets, kd_lse, at_floor
+        return log_p, log_q, valid_buckets, student_lse, at_floor
     if tail == "renormalize":
         kd_lse = torch.where(torch.isfinite(lse_topk), lse_topk, 0.0)
         log_p = _masked(student_topk_logits - kd_lse.unsqueeze(-1), valid, 0.0)
         log_q = renormalized_logmasses(teacher_logprobs, valid)
         return log_p, log_q, valid, kd_lse, torch.zeros_like(kd_lse, dtype=torch.bool)
     raise ValueError(f"tail must be one of {TAIL_MODES}, got {tail!r}")
+
+
+def topk_mask(ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(..., V)`` bool, True at the valid ids of each row (the set S as a mask)."""
+    mask = torch.zeros(*ids.shape[:-1], vocab + 1, dtype=torch.bool, device=ids.device)
+    mask.scatter_(-1, torch.where(valid, ids, vocab), True)  # unused slots land in a spare column
+    return mask[..., :vocab]
 
 
 def select_topk(

@@ -21,8 +21,13 @@ def topk_kd_loss_reference(
     hidden, weight, teacher_ids, teacher_logprobs, *, divergence="reverse_kl", beta=0.5,
     tail="bucket", temperature=1.0, labels=None, ignore_index=-100, ce_weight=0.0, kd_weight=1.0,
     softcap=None, bias=None, reduction="mean", return_stats=False, compute_dtype=torch.float64,
+    teacher_log_tail=None,
 ):
-    """float64 reference of :func:`fastkd.topk_kd_loss` (same arguments and semantics)."""
+    """float64 reference of :func:`fastkd.topk_kd_loss` (same arguments and semantics).
+
+    The student's tail mass is summed over ``V∖S`` directly. ``teacher_log_tail (N,)``: the
+    teacher's exact ``log Q_T`` where known (online teacher), else it comes from the log-probs.
+    """
     h, counted, labels = _flatten(hidden, labels, ignore_index, compute_dtype)
     capped = _capped_logits(h, weight, bias, softcap)
     logits = capped / temperature
@@ -31,8 +36,10 @@ def topk_kd_loss_reference(
     valid = (ids >= 0) & counted.unsqueeze(-1)
     safe_ids = torch.where(valid, ids, 0)
     teacher_lp = teacher_logprobs.reshape(ids.shape).to(compute_dtype)
+    tail_lse = dv.masked_logsumexp(logits, ~dv.topk_mask(safe_ids, valid, logits.shape[-1]))
     log_p, log_q, valid_buckets, _, _ = dv.topk_bucket_logmasses(
-        logits.gather(1, safe_ids), lse, teacher_lp, valid, tail)
+        logits.gather(1, safe_ids), lse, teacher_lp, valid, tail, tail_lse,
+        None if teacher_log_tail is None else teacher_log_tail.reshape(-1).to(compute_dtype))
     kd = dv.divergence(log_p, log_q, valid_buckets, divergence, beta)
     loss = _combine(kd, capped, labels, counted, temperature, ce_weight, kd_weight, reduction)
     if not return_stats:
@@ -57,13 +64,18 @@ def kd_loss_reference(
         with torch.no_grad():
             student_logits = _capped_logits(h, weight, bias, softcap)
             ids = dv.select_topk(student_logits, teacher_logits, topk, topk_from)
-            safe_ids = ids.clamp(min=0)
-            teacher_topk = torch.where(ids >= 0, teacher_logprobs.gather(1, safe_ids), 0.0)
+            safe_ids, valid = ids.clamp(min=0), ids >= 0
+            teacher_topk = torch.where(valid, teacher_logprobs.gather(1, safe_ids), 0.0)
+            teacher_tail = dv.masked_logsumexp(
+                teacher_logprobs, ~dv.topk_mask(safe_ids, valid, teacher_logprobs.shape[-1]))
+            teacher_log_tail, _ = dv.tail_logmass(
+                dv.masked_logsumexp(teacher_topk, valid), torch.zeros_like(teacher_tail), teacher_tail)
         return topk_kd_loss_reference(
             h, weight, ids, teacher_topk, divergence=divergence, beta=beta, tail=tail,
             temperature=temperature, labels=labels, ignore_index=ignore_index,
             ce_weight=ce_weight, kd_weight=kd_weight, softcap=softcap, bias=bias,
-            reduction=reduction, return_stats=return_stats, compute_dtype=compute_dtype)
+            reduction=reduction, return_stats=return_stats, compute_dtype=compute_dtype,
+            teacher_log_tail=teacher_log_tail)
     capped = _capped_logits(h, weight, bias, softcap)
     logits = capped / temperature
     lse = torch.logsumexp(logits, dim=-1)

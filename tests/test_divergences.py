@@ -32,14 +32,22 @@ def test_log1mexp_is_accurate_on_both_branches():
         assert rel < tol, (dtype, rel)
 
 
-def test_student_tail_logmass_and_floor():
-    lse_all = torch.tensor([3.0, 3.0, 3.0], dtype=torch.float64)
-    lse_topk = torch.tensor([3.0 + math.log(0.25), 3.0, 3.0 + 1e-9], dtype=torch.float64)
-    tail = dv.student_tail_logmass(lse_topk, lse_all)
+def test_tail_logmass_paths_and_floor():
+    lse_all = torch.tensor([3.0, 3.0, 3.0, 3.0], dtype=torch.float64)
+    lse_topk = torch.tensor([3.0 + math.log(0.25), 3.0 + math.log(1 - 1e-12), 3.0, 3.0 + 1e-9], dtype=torch.float64)
+    # From log1mexp(lse_S − lse_all) alone: a rounded lse_S ≥ lse_all lands on the floor, finite.
+    tail, at_floor = dv.tail_logmass(lse_topk, lse_all)
     assert tail[0].item() == pytest.approx(math.log(0.75), rel=1e-14)
-    # S holds everything (or more, by rounding): the tail sits at the floor, finite.
-    assert tail[1].item() == pytest.approx(math.log(dv.TAIL_FLOOR), rel=1e-6)
-    assert tail[2].item() == tail[1].item()
+    assert tail[1].item() == pytest.approx(math.log(1e-12), rel=1e-3)
+    assert tail[2].item() == tail[3].item() == pytest.approx(dv.LOG_STUDENT_TAIL_FLOOR, rel=1e-9)
+    assert at_floor.tolist() == [False, False, True, True]
+    # With the tail's own log-sum-exp, a tiny tail is exact (here 1e-20, far below 1 − Σ_S resolution).
+    tail_lse = torch.tensor([3.0 + math.log(0.75), 3.0 + math.log(1e-20), -math.inf, 3.0 - 60.0], dtype=torch.float64)
+    tail, at_floor = dv.tail_logmass(lse_topk, lse_all, tail_lse)
+    assert tail[0].item() == pytest.approx(math.log(0.75), rel=1e-14)
+    assert tail[1].item() == pytest.approx(math.log(1e-20), rel=1e-12)
+    assert tail[2].item() == pytest.approx(dv.LOG_STUDENT_TAIL_FLOOR, rel=1e-12) and at_floor[2]
+    assert tail[3].item() == pytest.approx(-60.0, rel=1e-12) and not at_floor[3]
 
 
 def test_teacher_topk_masses_rescaled_within_slack():
@@ -49,7 +57,7 @@ def test_teacher_topk_masses_rescaled_within_slack():
     log_topk, log_tail = dv.teacher_topk_logmasses(torch.where(valid, logprobs, 0.0), valid)
     total = torch.where(valid, log_topk.exp(), 0.0).sum() + log_tail.exp().sum()
     assert total.item() == pytest.approx(1.0, abs=1e-15)
-    assert log_tail.exp().item() == pytest.approx(dv.TAIL_FLOOR, rel=1e-9)
+    assert log_tail.exp().item() == pytest.approx(dv.TEACHER_TAIL_FLOOR, rel=1e-9)
     assert (log_topk[0, 0] - log_topk[0, 1]).item() == pytest.approx(math.log(0.6 / 0.41), rel=1e-14)
     # Masses that leave a real tail are used as given.
     fine = torch.log(torch.tensor([[0.5, 0.2]], dtype=torch.float64))

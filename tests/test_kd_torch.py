@@ -131,7 +131,7 @@ def test_full_vocabulary_topk_equals_dense():
 def test_union_set_has_no_duplicates_and_covers_both():
     p = _problem(seed=13, ignore_frac=0.0)
     from fastkd.backends.torch_backend import select_topk
-    ids, logprobs = select_topk(p["hidden"].detach(), p["weight"].detach(), p["bias"].detach(),
+    ids, logprobs, log_tail = select_topk(p["hidden"].detach(), p["weight"].detach(), p["bias"].detach(),
                                 p["teacher_hidden"], p["teacher_weight"], p["teacher_bias"], 5,
                                 "union", 1.0, None, None, 1 << 20)
     student = (p["hidden"] @ p["weight"].T + p["bias"]).topk(5, dim=-1).indices
@@ -141,8 +141,12 @@ def test_union_set_has_no_duplicates_and_covers_both():
         chosen = [i for i in ids[row].tolist() if i >= 0]
         assert len(chosen) == len(set(chosen))
         assert set(chosen) == set(student[row].tolist()) | set(teacher[row].tolist())
-    expected = torch.log_softmax(teacher_logits, dim=-1).gather(1, ids.clamp(min=0))
-    torch.testing.assert_close(logprobs, torch.where(ids >= 0, expected, 0.0))
+    teacher_lp = torch.log_softmax(teacher_logits.double(), dim=-1)
+    expected = teacher_lp.gather(1, ids.clamp(min=0))
+    torch.testing.assert_close(logprobs, torch.where(ids >= 0, expected, 0.0).float())
+    in_set = torch.zeros_like(teacher_lp, dtype=torch.bool).scatter_(1, ids.clamp(min=0), ids >= 0)
+    exact_tail = torch.logsumexp(teacher_lp.masked_fill(in_set, float("-inf")), dim=-1)
+    torch.testing.assert_close(log_tail, exact_tail.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_stats():

@@ -216,9 +216,10 @@ def test_opcheck_topk_ops():
     problem = make_problem(6, 5, 17, 3, with_bias=True, ignore_frac=0.3, seed=43)
     ids = torch.where((problem["labels"] != -100).unsqueeze(1), problem["teacher_ids"], -1)
     for tail, ce_weight, with_stats in [("bucket", 0.5, True), ("renormalize", 0.0, False)]:
+        log_tail = torch.full((6,), -2.0) if tail == "bucket" else None
         args = (problem["hidden"], problem["weight"], problem["bias"], ids,
-                problem["teacher_logprobs"], problem["labels"], "jsd", 0.5, tail, 1.5, 3.0, -100,
-                ce_weight, 1.0, 1 << 20, with_stats)
+                problem["teacher_logprobs"], log_tail, problem["labels"], "jsd", 0.5, tail, 1.5, 3.0,
+                -100, ce_weight, 1.0, 1 << 20, with_stats)
         torch.library.opcheck(torch.ops.fastkd.topk_kd_forward.default, args)
 
 
@@ -238,3 +239,32 @@ def test_torch_compile_traces_through():
     torch.testing.assert_close(loss, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+# float32: the KL of nearby distributions (0.0096 at g=1) is a sum of O(0.3) terms: ~1e-7 absolute.
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5)])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("sharpness", [1.0, 20.0, 30.0])
+def test_confident_student_against_first_principles(divergence, sharpness, dtype, tol):
+    # Student logits [g, g, 0, 0] (weight = identity), S = {0, 1}, teacher masses 0.4 and 0.3 and
+    # a 0.3 tail. At g=30 the student's tail mass is 1e-13: the loss must keep growing with g and
+    # push mass back into the tail. Truth: explicit bucket sums in float64, gradients by autograd.
+    hidden = torch.tensor([[sharpness, sharpness, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64)
+    p_full = torch.softmax(hidden, dim=-1)
+    p = torch.stack([p_full[0, 0], p_full[0, 1], p_full[0, 2] + p_full[0, 3]])
+    if divergence == "forward_kl":
+        truth = (q * (q.log() - p.log())).sum()
+    elif divergence == "reverse_kl":
+        truth = (p * (p.log() - q.log())).sum()
+    else:
+        m = 0.5 * p + 0.5 * q
+        truth = 0.5 * (q * (q.log() - m.log())).sum() + 0.5 * (p * (p.log() - m.log())).sum()
+    (truth_grad,) = torch.autograd.grad(truth, hidden)
+
+    h = hidden.detach().to(dtype).requires_grad_()
+    loss = fastkd.topk_kd_loss(h, torch.eye(4, dtype=dtype), torch.tensor([[0, 1]]),
+                               q[:2].log().unsqueeze(0).to(dtype), divergence=divergence)
+    (grad,) = torch.autograd.grad(loss, h)
+    assert_rel_close(loss, truth, tol, "loss")
+    assert_rel_close(grad, truth_grad, tol, "grad hidden")

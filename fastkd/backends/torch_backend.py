@@ -9,10 +9,10 @@ forms the gradient with the §1 formula of DESIGN.md (``fastkd.divergences``):
 
     dz_j = (p_j / P_c(j)) · w_c(j) − p_j · W
 
-For top-k with a tail this is a dense part ``p · (G_T − W)`` plus a K-sparse correction
-``w_j − p_j · G_T`` on S; with ``tail="renormalize"`` only the K-sparse part ``w_j − p̃_j · W``
-exists, and without a CE term the whole loss is computed from the K gathered logits, with no pass
-over the vocabulary at all.
+For top-k with a tail this is ``p · (G_T − W)`` off S and ``w_j − p_j · W`` on S, the student's
+tail mass summed exactly over ``V∖S``; with ``tail="renormalize"`` only the K entries on S exist,
+and without a CE term the whole loss is computed from the K gathered logits, with no pass over the
+vocabulary at all.
 
 Every entry point is a ``torch.library.custom_op`` with a fake implementation, and the autograd
 formula is registered with ``torch.library.register_autograd``, so ``torch.compile`` traces through.
@@ -32,7 +32,7 @@ from torch import Tensor
 from .. import divergences as dv
 
 # Per-row state the top-k forward saves for its backward, packed in one (N, 4) tensor.
-_KD_LSE, _DENSE_COEF, _SPARSE_COEF, _LSE_CE = range(4)
+_KD_LSE, _DENSE_COEF, _TOPK_COEF, _LSE_CE = range(4)
 # Blocks of chunk x V alive at once, per path (the budget is divided by these).
 _TOPK_BLOCKS = 3
 _DENSE_BLOCKS = 7
@@ -79,11 +79,12 @@ class _Head:
 class _Grads:
     """Accumulators for the gradients of hidden, weight and bias."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, has_bias: bool, dtype):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype):
         self.hidden = torch.empty_like(hidden)
         self.weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        self.bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if has_bias else None
-        self.out_dtype = weight.dtype
+        self.bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if bias is not None else None
+        self.weight_dtype = weight.dtype
+        self.bias_dtype = None if bias is None else bias.dtype
 
     def add_dense(self, rows: slice, grad_logits: Tensor, hidden_chunk: Tensor, head: _Head) -> None:
         self.hidden[rows] = grad_logits @ head.weight
@@ -100,8 +101,8 @@ class _Grads:
             self.bias.index_add_(0, ids.reshape(-1), grad_topk.reshape(-1))
 
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
-        bias = self.bias if self.bias is not None else self.weight.new_empty(0)
-        return self.hidden, self.weight.to(self.out_dtype), bias.to(self.out_dtype)
+        bias = self.weight.new_empty(0) if self.bias is None else self.bias.to(self.bias_dtype)
+        return self.hidden, self.weight.to(self.weight_dtype), bias
 
 
 def _chunks(n_rows: int, row_bytes: int, budget: int):
@@ -132,27 +133,44 @@ def _add_cross_entropy_grad(grad: Tensor, capped: Tensor, lse_ce: Tensor, labels
     grad.scatter_add_(1, torch.where(counted, labels, 0).unsqueeze(1), -scale.unsqueeze(1))
 
 
-def _topk_epilogue(topk_logits, lse, tail_lse, teacher_logprobs, valid, tail, divergence, beta):
+def _topk_epilogue(topk_logits, lse, tail_lse, teacher_logprobs, teacher_log_tail, valid, tail,
+                   divergence, beta):
     """Loss and the saved gradient coefficients of one chunk, from its K gathered logits.
 
-    Returns ``(kd, w_S, kd_lse, dense, sparse)`` such that the gradient with respect to the
-    tempered logits is ``dz = p·dense + Σ_S (w_j − p_j·sparse) e_j`` with ``p = exp(z − kd_lse)``.
+    Returns ``(kd, w_S, kd_lse, dense, topk_coef)``: the gradient with respect to the tempered
+    logits is ``dz_j = p_j · dense`` off S and ``dz_j = w_j − p_j · topk_coef`` on S, with
+    ``p = exp(z − kd_lse)`` (DESIGN.md §1). The values on S are *set*, not added to the dense
+    part, so a huge ``G_T`` (a tiny student tail) cannot cancel catastrophically there.
     """
     log_p, log_q, valid_buckets, kd_lse, at_floor = dv.topk_bucket_logmasses(
-        topk_logits, lse, teacher_logprobs, valid, tail, tail_lse)
+        topk_logits, lse, teacher_logprobs, valid, tail, tail_lse, teacher_log_tail)
     kd = dv.divergence(log_p, log_q, valid_buckets, divergence, beta)
     w = dv.bucket_weights(log_p, log_q, valid_buckets, divergence, beta)
     total = w.sum(dim=-1)
     k = topk_logits.shape[-1]
     if tail == "renormalize":
         return kd, w, kd_lse, torch.zeros_like(total), total
-    # dz = p·(G_T − W) + Σ_S (w_j − p_j·G_T) e_j, with G_T = w_T / P_T. Where the tail sits at the
-    # floor P_T is constant and P_S = (1 − F)·softmax(z_S), so dz = Σ_S (w_j − p_j·W_S/(1 − F)) e_j.
-    g_tail = w[:, k] * torch.exp(-log_p[:, k])
+    # Off S: dz = p·(G_T − W), G_T = w_T / P_T. Where the student tail sits at its floor P_T is a
+    # constant, and only P_S = p_S moves: dz = −p·W_S off S, w_j − p_j·W_S on S.
     w_topk = w[:, :k]
-    dense = torch.where(at_floor, 0.0, g_tail - total)
-    sparse = torch.where(at_floor, w_topk.sum(dim=-1) / (1.0 - dv.TAIL_FLOOR), g_tail)
-    return kd, w_topk, kd_lse, dense, sparse
+    w_topk_total = w_topk.sum(dim=-1)
+    g_tail = w[:, k] * torch.exp(-log_p[:, k])
+    dense = torch.where(at_floor, -w_topk_total, g_tail - total)
+    topk_coef = torch.where(at_floor, w_topk_total, total)
+    return kd, w_topk, kd_lse, dense, topk_coef
+
+
+def _set_at_topk_(block: Tensor, ids: Tensor, valid: Tensor, values: Tensor) -> None:
+    """``block[n, ids[n, j]] = values[n, j]`` for the valid slots, in place; others untouched.
+
+    Unused slots write the value of their row's first valid slot to its id (or, in a row without
+    one, write ``block[n, 0]`` back), so every write to one position writes the same value.
+    """
+    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
+    index = torch.where(valid, ids, ids.gather(1, first))
+    values = torch.where(valid, values, values.gather(1, first))
+    values = torch.where(valid.any(dim=1, keepdim=True), values, block.gather(1, index))
+    block.scatter_(1, index, values)
 
 
 def _logsumexps_(logits: Tensor, ids: Tensor, valid: Tensor, with_tail: bool):
@@ -166,13 +184,7 @@ def _logsumexps_(logits: Tensor, ids: Tensor, valid: Tensor, with_tail: bool):
     lse = exps.sum(dim=1).log_().add_(row_max.squeeze(1))
     if not with_tail:
         return lse, None
-    # Unused slots point at a valid id of their row (or, in a row without one, all at ids[:, 0]
-    # and write its own value back), so that every write to one position writes the same value.
-    any_valid = valid.any(dim=1, keepdim=True)
-    first_valid = ids.gather(1, valid.to(torch.uint8).argmax(dim=1, keepdim=True))
-    index = torch.where(valid, ids, first_valid)
-    fill = torch.where(any_valid, 0.0, exps.gather(1, index[:, :1]))
-    exps.scatter_(1, index, fill.expand_as(index))
+    _set_at_topk_(exps, ids, valid, torch.zeros_like(ids, dtype=exps.dtype))
     tail_lse = exps.sum(dim=1).log_().add_(row_max.squeeze(1))
     return lse, tail_lse
 
@@ -184,13 +196,14 @@ def _logsumexps_(logits: Tensor, ids: Tensor, valid: Tensor, with_tail: bool):
 @torch.library.custom_op("fastkd::topk_kd_forward", mutates_args=())
 def topk_kd_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_ids: Tensor,
-    teacher_logprobs: Tensor, labels: Optional[Tensor], divergence: str, beta: float, tail: str,
-    temperature: float, softcap: Optional[float], ignore_index: int, ce_weight: float,
-    kd_weight: float, chunk_bytes: int, with_stats: bool,
+    teacher_logprobs: Tensor, teacher_log_tail: Optional[Tensor], labels: Optional[Tensor],
+    divergence: str, beta: float, tail: str, temperature: float, softcap: Optional[float],
+    ignore_index: int, ce_weight: float, kd_weight: float, chunk_bytes: int, with_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(loss_rows (N,), kd_rows (N,), state (N, 4), topk_weights (N, K), stats (N|0, 3))``.
 
-    ``stats`` columns are entropy, lse and top-k mass of the tempered student (empty unless
+    ``teacher_log_tail (N,)`` is the teacher's exact ``log Q_T`` when known (online teacher), else
+    None. ``stats`` columns are entropy, lse and top-k mass of the tempered student (empty unless
     ``with_stats``); ``state`` and ``topk_weights`` are what the backward needs.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -232,11 +245,13 @@ def topk_kd_forward(
         else:
             lse = tail_lse = None
             topk_logits = head.gathered_capped_logits(h, ids_c)[0].div_(temperature)
-        kd, w, kd_lse, dense, sparse = _topk_epilogue(
-            topk_logits, lse, tail_lse, teacher_logprobs[rows].to(dtype), valid_c, tail, divergence, beta)
+        teacher_tail = None if teacher_log_tail is None else teacher_log_tail[rows].to(dtype)
+        kd, w, kd_lse, dense, topk_coef = _topk_epilogue(
+            topk_logits, lse, tail_lse, teacher_logprobs[rows].to(dtype), teacher_tail, valid_c,
+            tail, divergence, beta)
         kd_rows[rows] = kd
         topk_weights[rows] = w
-        state[rows, _KD_LSE], state[rows, _DENSE_COEF], state[rows, _SPARSE_COEF] = kd_lse, dense, sparse
+        state[rows, _KD_LSE], state[rows, _DENSE_COEF], state[rows, _TOPK_COEF] = kd_lse, dense, topk_coef
 
     loss_rows += kd_weight * temperature**2 * kd_rows
     zero = loss_rows.new_zeros(())
@@ -246,8 +261,8 @@ def topk_kd_forward(
 
 
 @topk_kd_forward.register_fake
-def _(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta, tail,
-      temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, with_stats):
+def _(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_log_tail, labels, divergence,
+      beta, tail, temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, with_stats):
     dtype = compute_dtype(hidden, weight)
     n_rows = hidden.shape[0]
     rows = hidden.new_empty(n_rows, dtype=dtype)
@@ -266,7 +281,7 @@ def topk_kd_backward(
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden, weight)
     head = _Head(weight, bias, softcap, dtype)
-    grads = _Grads(hidden, weight, bias is not None, dtype)
+    grads = _Grads(hidden, weight, bias, dtype)
     counted = _counted(labels, n_rows, ignore_index, hidden.device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce
@@ -283,19 +298,18 @@ def topk_kd_backward(
     for rows in _chunks(n_rows, row_bytes, chunk_bytes):
         h, ids_c, scale = hidden[rows], ids[rows], kd_scale[rows]
         kd_lse = state[rows, _KD_LSE].unsqueeze(1)
-        sparse = state[rows, _SPARSE_COEF].unsqueeze(1)
+        topk_coef = state[rows, _TOPK_COEF].unsqueeze(1)
         if full_pass:
             capped = head.capped_logits(h)
             topk_probs = capped.gather(1, ids_c).div_(temperature).sub_(kd_lse).exp_()
-            correction = scale.unsqueeze(1) * (topk_weights[rows] - topk_probs * sparse)
-            correction = torch.where(valid[rows], correction, 0.0)
+            on_topk = scale.unsqueeze(1) * (topk_weights[rows] - topk_probs * topk_coef)
             if tail == "bucket":
                 grad = capped.div(temperature).sub_(kd_lse).exp_()
                 grad.mul_((scale * state[rows, _DENSE_COEF]).unsqueeze(1))
             else:
                 grad = torch.zeros_like(capped)
-            grad.scatter_add_(1, ids_c, correction)
-            del topk_probs, correction
+            _set_at_topk_(grad, ids_c, valid[rows], on_topk)
+            del topk_probs, on_topk
             if use_ce:
                 _add_cross_entropy_grad(grad, capped, state[rows, _LSE_CE], labels[rows],
                                         counted[rows], ce_weight * grad_rows[rows])
@@ -306,7 +320,7 @@ def topk_kd_backward(
         else:
             capped, weight_rows = head.gathered_capped_logits(h, ids_c)
             topk_probs = capped.div(temperature).sub_(kd_lse).exp_()
-            grad = scale.unsqueeze(1) * (topk_weights[rows] - topk_probs * sparse)
+            grad = scale.unsqueeze(1) * (topk_weights[rows] - topk_probs * topk_coef)
             grad = torch.where(valid[rows], grad, 0.0)
             head.apply_softcap_derivative(grad, capped)
             grads.add_gathered(rows, grad, ids_c, weight_rows, h, head)
@@ -321,8 +335,9 @@ def _(grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights,
 
 
 def _topk_setup_context(ctx, inputs, output):
-    (hidden, weight, bias, teacher_ids, _teacher_logprobs, labels, _divergence, _beta, tail,
-     temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, _with_stats) = inputs
+    (hidden, weight, bias, teacher_ids, _teacher_logprobs, _teacher_log_tail, labels, _divergence,
+     _beta, tail, temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes,
+     _with_stats) = inputs
     _loss_rows, _kd_rows, state, topk_weights, _stats = output
     ctx.save_for_backward(hidden, weight, bias, teacher_ids, labels, state, topk_weights)
     ctx.options = (tail, temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes)
@@ -332,8 +347,7 @@ def _topk_backward(ctx, grad_loss_rows, _grad_kd, _grad_state, _grad_weights, _g
     hidden, weight, bias, teacher_ids, labels, state, topk_weights = ctx.saved_tensors
     grad_hidden, grad_weight, grad_bias = topk_kd_backward(
         grad_loss_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, *ctx.options)
-    return (grad_hidden, grad_weight, grad_bias if bias is not None else None,
-            None, None, None, None, None, None, None, None, None, None, None, None, None)
+    return (grad_hidden, grad_weight, grad_bias if bias is not None else None) + (None,) * 14
 
 
 torch.library.register_autograd(
@@ -416,7 +430,7 @@ def dense_kd_backward(
     dtype = compute_dtype(hidden, weight)
     head = _Head(weight, bias, softcap, dtype)
     teacher_head = _Head(teacher_weight, teacher_bias, teacher_softcap, dtype)
-    grads = _Grads(hidden, weight, bias is not None, dtype)
+    grads = _Grads(hidden, weight, bias, dtype)
     counted = _counted(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.to(dtype), 0.0)
     kd_scale = kd_weight * temperature * grad_rows
@@ -479,8 +493,9 @@ def select_topk(
     teacher_weight: Tensor, teacher_bias: Optional[Tensor], k: int, topk_from: str,
     temperature: float, softcap: Optional[float], teacher_softcap: Optional[float],
     chunk_bytes: int,
-) -> tuple[Tensor, Tensor]:
-    """The set S per row (``(N, K')`` int64, ``-1`` unused) and the teacher's tempered log-probs there."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The set S per row (``(N, K')`` int64, ``-1`` unused), the teacher's tempered log-probs there,
+    and the teacher's exact tail log-mass ``log Q_T (N,)`` (summed over ``V∖S``)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden, weight)
     head = _Head(weight, bias, softcap, dtype)
@@ -488,22 +503,27 @@ def select_topk(
     width = 2 * k if topk_from == "union" else k
     ids = torch.empty((n_rows, width), dtype=torch.int64, device=hidden.device)
     logprobs = hidden.new_zeros((n_rows, width), dtype=dtype)
+    log_tail = hidden.new_zeros(n_rows, dtype=dtype)
     row_bytes = _TOPK_BLOCKS * vocab * (torch.finfo(dtype).bits // 8)
     for rows in _chunks(n_rows, row_bytes, chunk_bytes):
         teacher_logits = teacher_head.capped_logits(teacher_hidden[rows]).div_(temperature)
         student_logits = head.capped_logits(hidden[rows]) if topk_from != "teacher" else teacher_logits
         ids_c = dv.select_topk(student_logits, teacher_logits, k, topk_from)
         del student_logits
-        lse = torch.logsumexp(teacher_logits, dim=-1, keepdim=True)
-        gathered = teacher_logits.gather(1, ids_c.clamp(min=0)) - lse
+        valid_c = ids_c >= 0
+        topk_logits = teacher_logits.gather(1, ids_c.clamp(min=0))
+        lse, tail_lse = _logsumexps_(teacher_logits, ids_c.clamp(min=0), valid_c, with_tail=True)
         ids[rows] = ids_c
-        logprobs[rows] = torch.where(ids_c >= 0, gathered, 0.0)
-    return ids, logprobs
+        logprobs[rows] = torch.where(valid_c, topk_logits - lse.unsqueeze(1), 0.0)
+        log_tail[rows] = dv.tail_logmass(dv.masked_logsumexp(topk_logits, valid_c), lse, tail_lse)[0]
+    return ids, logprobs, log_tail
 
 
 @select_topk.register_fake
 def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k, topk_from, temperature,
       softcap, teacher_softcap, chunk_bytes):
     width = 2 * k if topk_from == "union" else k
+    dtype = compute_dtype(hidden, weight)
     return (hidden.new_empty((hidden.shape[0], width), dtype=torch.int64),
-            hidden.new_empty((hidden.shape[0], width), dtype=compute_dtype(hidden, weight)))
+            hidden.new_empty((hidden.shape[0], width), dtype=dtype),
+            hidden.new_empty(hidden.shape[0], dtype=dtype))
