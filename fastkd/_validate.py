@@ -24,7 +24,7 @@ MAX_LOGPROB = math.log1p(dv.TOPK_MASS_SLACK)
 def tensor(name, x, *, dtypes=None, integer=False, ndim=None, min_ndim=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+    if integer and x.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {x.dtype}")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
@@ -70,7 +70,7 @@ def options(*, divergence, beta, tail, temperature, ignore_index, ce_weight, kd_
     choice("tail", tail, dv.TAIL_MODES)
     choice("reduction", reduction, REDUCTIONS)
     choice("impl", impl, IMPLS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
@@ -79,7 +79,7 @@ def options(*, divergence, beta, tail, temperature, ignore_index, ce_weight, kd_
         beta=real("beta", beta, low=0.0, high=1.0),
         tail=tail,
         temperature=real("temperature", temperature, low=0.0, low_open=True),
-        ignore_index=ignore_index,
+        ignore_index=int(ignore_index),
         ce_weight=real("ce_weight", ce_weight, low=0.0),
         kd_weight=real("kd_weight", kd_weight, low=0.0),
         softcap=real("softcap", softcap, low=0.0, low_open=True, allow_none=True),

@@ -5,6 +5,7 @@ so ``reduction="mean"`` divides by the number of counted rows on the device (no 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -181,8 +182,9 @@ def kd_loss(
             "(pad or slice one LM head so both share a vocabulary)")
     check.same_device("hidden", hidden, teacher_hidden=teacher_hidden)
     if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab:
+        if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or not 1 <= topk <= vocab:
             raise ValueError(f"topk must be None or an int in [1, {vocab}], got {topk!r}")
+        topk = int(topk)
     check.labels_tensor(labels, hidden, opts["ce_weight"])
     backend = resolve_impl(opts["impl"], hidden.device)
     assert backend == "torch"

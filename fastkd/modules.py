@@ -1,6 +1,7 @@
 """``nn.Module`` wrappers of the functional losses: options at construction, tensors at call."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 from torch import Tensor, nn
@@ -50,8 +51,9 @@ class KDLoss(nn.Module):
             ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight, softcap=softcap,
             reduction=reduction, impl=impl, return_stats=return_stats)
         check.choice("topk_from", topk_from, ("teacher", "student", "union"))
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1):
             raise ValueError(f"topk must be None or a positive int, got {topk!r}")
+        topk = None if topk is None else int(topk)
         self.options.update(
             topk=topk, topk_from=topk_from,
             teacher_softcap=check.real("teacher_softcap", teacher_softcap, low=0.0, low_open=True,

@@ -44,6 +44,7 @@ BAD = [
     ("bias wrong V", lambda g: _with(bias=g["bias"][:-1]), ValueError, "bias must have shape (23,)"),
     ("ids float", lambda g: _with(teacher_ids=g["teacher_ids"].float()), TypeError, "teacher_ids must have an integer dtype"),
     ("ids bool", lambda g: _with(teacher_ids=g["teacher_ids"] > 0), TypeError, "teacher_ids must have an integer dtype"),
+    ("ids uint8", lambda g: _with(teacher_ids=g["teacher_ids"].to(torch.uint8)), TypeError, "(int32 or int64), got torch.uint8"),
     ("ids N mismatch", lambda g: _with(teacher_ids=g["teacher_ids"][:-1]), ValueError, "teacher_ids must have shape (6,) + (K,)"),
     ("ids K=0", lambda g: _with(teacher_ids=g["teacher_ids"][:, :0], teacher_logprobs=g["teacher_logprobs"][:, :0]),
      ValueError, "K >= 1"),
