@@ -9,7 +9,7 @@ import torch
 
 import fastkd
 from fastkd.reference import topk_kd_loss_reference
-from conftest import assert_rel_close, make_problem
+from conftest import assert_rel_close, make_problem, rel_error
 
 # Relative error allowed per input dtype. fastkd computes in float32 whatever the input dtype, so
 # the loss is as good as float32; gradients come back in the input dtype and carry its rounding.
@@ -87,8 +87,20 @@ def test_ce_mixing_and_reductions(divergence, tail, reduction, chunking):
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_input_dtypes(dtype, tail):
     problem = make_problem(N, D, V, K, dtype=dtype, with_bias=True, ignore_frac=0.2, seed=5)
-    _check_against_reference(problem, TOLERANCE[dtype], divergence="jsd", tail=tail,
-                             temperature=1.5, softcap=5.0, labels=problem["labels"], ce_weight=0.3)
+    options = dict(divergence="jsd", tail=tail, temperature=1.5, softcap=5.0,
+                   labels=problem["labels"], ce_weight=0.3)
+    loss, grads = _run(problem, "fastkd", **options)
+    # The reference runs on float64 copies of the (already rounded) inputs, so its gradients are
+    # not rounded to the input dtype: fastkd may lose at most twice that rounding, plus the table.
+    exact = {**problem, **{k: problem[k].detach().double().requires_grad_() for k in ("hidden", "weight", "bias")}}
+    ref_loss, ref_grads = _run(exact, "reference", **options)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_rel_close(loss, ref_loss, TOLERANCE[torch.float32] if dtype != torch.float64 else TOLERANCE[dtype], "loss")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert g.dtype == dtype
+        rounding = rel_error(r.to(dtype), r)
+        assert_rel_close(g, r, 2 * rounding + TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32],
+                         f"grad {name}")
 
 
 @pytest.mark.parametrize("n,d,v,k", [
@@ -126,11 +138,21 @@ def test_ignored_rows_get_exactly_zero(tail, ce_weight):
     loss = fastkd.topk_kd_loss(problem["hidden"], problem["weight"], ids, logprobs, tail=tail,
                                labels=problem["labels"], ce_weight=ce_weight, bias=problem["bias"],
                                reduction="none")
-    (grad_hidden,) = torch.autograd.grad(loss, problem["hidden"], torch.randn(loss.shape))
+    grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(0))
+    grad_hidden, grad_weight, grad_bias = torch.autograd.grad(
+        loss, [problem["hidden"], problem["weight"], problem["bias"]], grad_out)
     assert ignored.any() and (~ignored).any()
     assert (loss[ignored] == 0).all()
     assert (grad_hidden[ignored] == 0).all()
     assert (loss[~ignored] != 0).all() and (grad_hidden[~ignored] != 0).any(dim=1).all()
+    # Ignored rows add nothing to the weight and bias gradients: the same as without those rows.
+    kept = ~ignored
+    kept_loss = fastkd.topk_kd_loss(problem["hidden"][kept], problem["weight"], ids[kept], logprobs[kept],
+                                    tail=tail, labels=problem["labels"][kept], ce_weight=ce_weight,
+                                    bias=problem["bias"], reduction="none")
+    kept_weight, kept_bias = torch.autograd.grad(kept_loss, [problem["weight"], problem["bias"]], grad_out[kept])
+    torch.testing.assert_close(grad_weight, kept_weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_bias, kept_bias, rtol=1e-6, atol=1e-7)
 
 
 def test_every_row_ignored_is_zero_not_nan():
