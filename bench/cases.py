@@ -113,8 +113,8 @@ Builder = Callable[[dict, Case], Callable[[], torch.Tensor]]
 def _fastkd(impl: str) -> Builder:
     def build(x: dict, case: Case):
         try:
-            fastkd.resolve_impl(impl, x["hidden"].device)
-        except NotImplementedError as error:
+            fastkd.resolve_impl(impl, x["hidden"].device, x["hidden"].dtype)
+        except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:
             raise Missing(str(error)) from None
         if case.loss == "topk":
             return lambda: fastkd.topk_kd_loss(

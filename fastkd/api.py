@@ -5,7 +5,9 @@ so ``reduction="mean"`` divides by the number of counted rows on the device (no 
 """
 from __future__ import annotations
 
+import importlib.util
 import numbers
+import os
 from typing import Optional
 
 import torch
@@ -18,16 +20,43 @@ from .config import config
 from .stats import KDStats
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The backend ``impl`` names on ``device``; ``"auto"`` picks the fastest one available.
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend ``impl`` names for inputs on ``device`` of ``dtype``.
 
-    Only the ``torch`` backend exists in this version, so ``"auto"`` resolves to it everywhere.
+    ``"auto"``: ``"triton"`` for 16/32-bit inputs on a CUDA device when Triton is installed (it
+    never materialises ``chunk x V``), else ``"torch"`` (CPU tensors, float64, no Triton). The
+    ``"cuda"`` backend is not part of this version. ``"triton"`` needs a CUDA device, or the CPU
+    with ``TRITON_INTERPRET=1`` set before fastkd's kernels are first imported (the test lane).
     """
-    if impl in ("auto", "torch"):
+    if impl == "torch":
         return "torch"
+    if impl == "auto":
+        gpu = device.type == "cuda" and dtype != torch.float64
+        return "triton" if gpu and _triton_importable() else "torch"
+    if impl == "triton":
+        if not _triton_importable():
+            raise RuntimeError("impl='triton' needs the triton package (pip install triton); "
+                               "use impl='torch' or impl='auto'")
+        if dtype == torch.float64:
+            raise TypeError("impl='triton' takes float16, bfloat16 or float32 inputs, got float64; "
+                            "use impl='torch' for float64")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, got tensors on {device} (set TRITON_INTERPRET=1 "
+                "before importing fastkd to run the kernels in Triton's CPU interpreter, slowly)")
+        return "triton"
     raise NotImplementedError(
         f"impl={impl!r} is not available in this version of fastkd (the {impl} backend has not "
-        "landed yet); use impl='torch' or impl='auto'")
+        "landed yet); use impl='torch', impl='triton' or impl='auto'")
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton():
+    from .backends import triton_backend  # imported on first use: it compiles nothing at import
+    return triton_backend
 
 
 def topk_kd_loss(
@@ -93,7 +122,7 @@ def topk_kd_loss(
     n_rows, dim, vocab = check.head("", hidden, weight, bias)
     check.teacher_topk(teacher_ids, teacher_logprobs, hidden)
     check.labels_tensor(labels, hidden, opts["ce_weight"])
-    backend = resolve_impl(opts["impl"], hidden.device)
+    backend = resolve_impl(opts["impl"], hidden.device, hidden.dtype)
 
     hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
     topk = teacher_ids.shape[-1]
@@ -102,11 +131,17 @@ def topk_kd_loss(
     check.values(vocab, counted, labels1, ids, logprobs)
     ids = torch.where(counted.unsqueeze(1), ids, -1)  # ignored rows: no teacher data is read
 
-    assert backend == "torch"
-    loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
-        hidden2, weight, bias, ids, logprobs, None, labels1, opts["divergence"], opts["beta"],
-        opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
-        opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
+    if backend == "triton":
+        loss_rows, kd_rows, _state, _weights, stats = _triton().topk_kd_forward(
+            hidden2.contiguous(), weight.contiguous(), _contiguous(bias), ids, logprobs, None,
+            None, None, labels1, opts["divergence"], opts["beta"], opts["tail"],
+            opts["temperature"], opts["softcap"], None, opts["ignore_index"], opts["ce_weight"],
+            opts["kd_weight"], return_stats)
+    else:
+        loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
+            hidden2, weight, bias, ids, logprobs, None, labels1, opts["divergence"], opts["beta"],
+            opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
+            opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
     loss = _reduce(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
@@ -186,8 +221,7 @@ def kd_loss(
             raise ValueError(f"topk must be None or an int in [1, {vocab}], got {topk!r}")
         topk = int(topk)
     check.labels_tensor(labels, hidden, opts["ce_weight"])
-    backend = resolve_impl(opts["impl"], hidden.device)
-    assert backend == "torch"
+    backend = resolve_impl(opts["impl"], hidden.device, hidden.dtype)
 
     hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
     check.values(vocab, counted, labels1)
@@ -195,7 +229,11 @@ def kd_loss(
     teacher_weight = teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
 
-    if topk is not None:
+    if backend == "triton":
+        loss_rows, kd_rows, stats, topk_mass = _kd_loss_triton(
+            hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1, counted,
+            topk, topk_from, teacher_softcap, opts, return_stats)
+    elif topk is not None:
         ids, logprobs, teacher_log_tail = torch_backend.select_topk(
             hidden2.detach(), weight.detach(), None if bias is None else bias.detach(),
             teacher_hidden2, teacher_weight, teacher_bias, topk, topk_from, opts["temperature"],
@@ -218,6 +256,35 @@ def kd_loss(
         return loss
     stats = stats.detach()
     return loss, KDStats(kd=kd_rows.detach(), entropy=stats[:, 0], lse=stats[:, 1], topk_mass=topk_mass)
+
+
+def _kd_loss_triton(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                    counted, topk, topk_from, teacher_softcap, opts, return_stats):
+    """``kd_loss`` on the Triton backend: per-row losses, kd values, stats and top-k mass."""
+    tb = _triton()
+    hidden, weight, bias = hidden.contiguous(), weight.contiguous(), _contiguous(bias)
+    teacher_hidden, teacher_weight = teacher_hidden.contiguous(), teacher_weight.contiguous()
+    teacher_bias = _contiguous(teacher_bias)
+    if topk is None:
+        loss_rows, kd_rows, _state, stats = tb.dense_kd_forward(
+            hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+            opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"], teacher_softcap,
+            opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], return_stats)
+        return loss_rows, kd_rows, stats, None
+    ids = tb.select_topk(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                         teacher_hidden, teacher_weight, teacher_bias, topk, topk_from,
+                         opts["softcap"], teacher_softcap)
+    ids = torch.where(counted.unsqueeze(1), ids, -1)
+    loss_rows, kd_rows, _state, _weights, stats = tb.topk_kd_forward(
+        hidden, weight, bias, ids, None, teacher_hidden, teacher_weight, teacher_bias, labels,
+        opts["divergence"], opts["beta"], opts["tail"], opts["temperature"], opts["softcap"],
+        teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], return_stats)
+    topk_mass = stats[:, 2].detach() if return_stats else None
+    return loss_rows, kd_rows, stats, topk_mass
+
+
+def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.contiguous()
 
 
 def _flatten(hidden: Tensor, labels: Optional[Tensor], ignore_index: int):

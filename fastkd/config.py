@@ -17,10 +17,21 @@ class Config:
         torch_chunk_bytes: memory budget of the ``torch`` backend's per-chunk work blocks; the
             chunk height is this divided by the bytes of the ``chunk x V`` blocks a path keeps
             alive. Default 256 MiB.
+        deterministic: bit-identical gradients run to run. The ``triton`` backend then runs its
+            backward without atomics (one kernel owns each row block of the hidden-state
+            gradient, another each vocabulary tile of the weight gradient), at the cost of one more
+            recomputation of the logits. The ``torch`` backend is deterministic on the CPU either
+            way. Default False.
+        triton_grad_filter: skip, in the ``triton`` backward, gradient tiles whose largest entry is
+            below the input dtype's resolution (2⁻⁸ bf16, 2⁻¹¹ fp16, 2⁻²⁴ fp32): they would not
+            change a 16-bit gradient. ``"auto"`` (default) filters 16-bit inputs and not float32;
+            ``True``/``False`` force it on or off.
     """
 
     check_values: bool = True
     torch_chunk_bytes: int = 256 * 2**20
+    deterministic: bool = False
+    triton_grad_filter: object = "auto"
 
 
 config = Config()

@@ -1,8 +1,15 @@
 """Shared test helpers: relative-error assertions, random problem builders, the gpu marker."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (DESIGN.md §6, CPU lane). Triton
+# reads this when a kernel is decorated, so it is set before any test imports fastkd's kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

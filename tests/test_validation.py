@@ -92,9 +92,8 @@ def test_bad_input_is_rejected_before_any_kernel(name, change, error, words, goo
 
 
 def test_unavailable_backends_say_so(good):
-    for impl in ("triton", "cuda"):
-        with pytest.raises(NotImplementedError, match="impl='torch' or impl='auto'"):
-            _call({**good, "impl": impl})
+    with pytest.raises(NotImplementedError, match="impl='torch', impl='triton' or impl='auto'"):
+        _call({**good, "impl": "cuda"})
 
 
 def test_masses_slightly_above_one_are_tolerated(good):

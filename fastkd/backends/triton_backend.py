@@ -1,0 +1,433 @@
+"""Fused Triton backend (``impl="triton"``): streams over the vocabulary, never more than a tile.
+
+The kernels (``triton_kernels``) do every pass over ``h·Wᵀ``: the forward keeps, per row, online
+log-sum-exps over V and over ``V∖S`` (exact tail: S is excluded by membership, not subtracted),
+the logits at S, the CE statistics, and, for an online teacher, the teacher's in the same pass;
+the backward recomputes logit tiles, forms ``dz`` (DESIGN.md §1) and accumulates ``dh``, ``dW``,
+``db`` with ``tl.dot``. Everything of size ``(N, K)`` or ``(N,)`` between the passes — bucket
+masses, divergence, bucket weights, the per-row gradient coefficients — is the same PyTorch code
+as the ``torch`` backend (``torch_backend._topk_epilogue`` on top of ``fastkd.divergences``).
+
+No host synchronisation anywhere: loop bounds are shapes, and blocks of ignored rows are skipped
+inside the kernels. Inputs: float16/bfloat16/float32 (float64 is the ``torch`` backend's), on a
+CUDA device, or on the CPU under ``TRITON_INTERPRET=1`` (the test lane).
+
+Options (``fastkd.config``): ``deterministic`` (the backward without atomics: one kernel owns each
+row block of ``dh``, another each vocabulary tile of ``dW``; bit-identical run to run, one more
+logits recomputation) and ``triton_grad_filter`` (skip gradient tiles whose largest ``|dz|`` is
+below the input dtype's resolution; ``"auto"``: on for 16-bit inputs, off for float32).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .. import divergences as dv
+from ..config import config
+from . import triton_kernels as kern
+from .torch_backend import _topk_epilogue
+
+_KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# Resolution below which a gradient entry vanishes next to an O(1) one in the input dtype.
+_FILTER_EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+
+
+class _Launch:
+    """Tile sizes and dot precision for one call (small tiles for the CPU interpreter)."""
+
+    def __init__(self, hidden: Tensor, k: int = 1):
+        gpu = hidden.device.type == "cuda"
+        self.BM, self.BN, self.BD = (64, 128, 64) if gpu else (16, 32, 16)
+        self.KP = triton.next_power_of_2(max(k, 1))
+        self.num_warps = 8 if gpu else 4
+        # float32 inputs get IEEE float32 dots (tf32 would cost 3 decimal digits of the logits).
+        self.PRECISION = "ieee" if hidden.dtype == torch.float32 else "tf32"
+
+    def meta(self, **extra):
+        return dict(BM=self.BM, BN=self.BN, BD=self.BD, PRECISION=self.PRECISION,
+                    num_warps=self.num_warps, **extra)
+
+
+def _head_flags(bias: Optional[Tensor], cap: Optional[float], prefix: str = "") -> dict:
+    return {f"{prefix}HAS_BIAS": bias is not None, f"{prefix}HAS_CAP": cap is not None}
+
+
+def _counted(labels: Optional[Tensor], n_rows: int, ignore_index: int, device) -> Tensor:
+    if labels is None:
+        return torch.ones(n_rows, dtype=torch.bool, device=device)
+    return labels != ignore_index
+
+
+def _sorted_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Ids sorted per row as int32, unused slots (``-1``) set to ``vocab``; and the permutation."""
+    key = torch.where(ids >= 0, ids, vocab)
+    sorted_ids, perm = torch.sort(key, dim=1, stable=True)
+    return sorted_ids.to(torch.int32).contiguous(), perm
+
+
+def _dummy(device) -> Tensor:
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def _or_dummy(x: Optional[Tensor], device) -> Tensor:
+    return _dummy(device) if x is None else x.contiguous()
+
+
+def _filter(dtype: torch.dtype) -> tuple[bool, float]:
+    mode = config.triton_grad_filter
+    on = dtype != torch.float32 if mode == "auto" else bool(mode)
+    return on, _FILTER_EPS[dtype]
+
+
+def _cap(cap: Optional[float]) -> float:
+    return 1.0 if cap is None else float(cap)
+
+
+def _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) -> Tensor:
+    """``softcap(h·W_Sᵀ + b_S)`` at ``ids (N, K)`` (``-1``: unused, left 0), float32."""
+    n_rows, k = ids.shape
+    out = torch.zeros((n_rows, k), dtype=torch.float32, device=hidden.device)
+    if n_rows:
+        kern.gather_forward_kernel[(n_rows,)](
+            hidden, weight, _or_dummy(bias, hidden.device), ids.to(torch.int32).contiguous(), out,
+            n_rows, hidden.shape[1], k, _cap(softcap), **_head_flags(bias, softcap),
+            KP=launch.KP, BD=launch.BD)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# top-k (offline teacher log-probs, or an online teacher streamed in the same pass)
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::triton_topk_kd_forward", mutates_args=())
+def topk_kd_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_ids: Tensor,
+    teacher_logprobs: Optional[Tensor], teacher_hidden: Optional[Tensor],
+    teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor], labels: Optional[Tensor],
+    divergence: str, beta: float, tail: str, temperature: float, softcap: Optional[float],
+    teacher_softcap: Optional[float], ignore_index: int, ce_weight: float, kd_weight: float,
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As ``fastkd::topk_kd_forward`` of the torch backend: ``(loss_rows, kd_rows, state (N, 4),
+    topk_weights (N, K), stats (N|0, 3))``, float32. The teacher is either ``teacher_logprobs``
+    (offline) or ``teacher_hidden``/``teacher_weight``/``teacher_bias`` (online, exact tail)."""
+    n_rows, dim = hidden.shape
+    vocab, k = weight.shape[0], teacher_ids.shape[1]
+    device = hidden.device
+    launch = _Launch(hidden, k)
+    counted = _counted(labels, n_rows, ignore_index, device)
+    online = teacher_hidden is not None
+    use_ce = ce_weight != 0.0
+    full_pass = tail == "bucket" or use_ce or with_stats or online
+    sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
+    valid = sorted_ids < vocab
+    f32 = dict(dtype=torch.float32, device=device)
+
+    lse = tail_lse = lse_ce = target = mean_z = None
+    if full_pass:
+        lse, tail_lse, lse_ce, target, mean_z, t_lse, t_tail_lse = (
+            torch.zeros(n_rows, **f32) for _ in range(7))
+        topk_logits = torch.zeros((n_rows, k), **f32)
+        teacher_topk_logits = torch.zeros((n_rows, k), **f32)
+        if n_rows:
+            kern.topk_forward_kernel[(triton.cdiv(n_rows, launch.BM),)](
+                hidden, weight, _or_dummy(bias, device), _or_dummy(teacher_hidden, device),
+                _or_dummy(teacher_weight, device), _or_dummy(teacher_bias, device), sorted_ids,
+                _or_dummy(labels, device), lse, tail_lse, topk_logits, lse_ce, target, mean_z,
+                t_lse, t_tail_lse, teacher_topk_logits,
+                n_rows, vocab, dim, teacher_hidden.shape[1] if online else 1, k,
+                1.0 / temperature, _cap(softcap), _cap(teacher_softcap), ignore_index,
+                **_head_flags(bias, softcap), HAS_TEACHER=online,
+                **_head_flags(teacher_bias, teacher_softcap, "T_"), HAS_LABELS=labels is not None,
+                WITH_CE=use_ce, WITH_STATS=with_stats, **launch.meta(KP=launch.KP))
+    else:
+        ids = teacher_ids.gather(1, perm)
+        topk_logits = _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) / temperature
+
+    if online:
+        teacher_lp = torch.where(valid, teacher_topk_logits - t_lse.unsqueeze(1), 0.0)
+        teacher_log_tail = dv.tail_logmass(
+            dv.masked_logsumexp(teacher_topk_logits, valid), t_lse, t_tail_lse)[0]
+    else:
+        teacher_lp = teacher_logprobs.float().gather(1, perm)
+        teacher_log_tail = None
+    kd, w, kd_lse, dense, topk_coef = _topk_epilogue(
+        topk_logits, lse, tail_lse, teacher_lp, teacher_log_tail, valid, tail, divergence, beta)
+
+    zero = torch.zeros((), **f32)
+    kd_rows = torch.where(counted, kd, zero)
+    loss_rows = kd_weight * temperature**2 * kd_rows
+    if use_ce:
+        loss_rows = loss_rows + torch.where(counted, ce_weight * (lse_ce - target), zero)
+    else:
+        lse_ce = torch.zeros(n_rows, **f32)
+    state = torch.stack([kd_lse, dense, topk_coef, lse_ce], dim=1)
+    state = torch.where(counted.unsqueeze(1), state, zero)  # fully ignored blocks were never read
+    w = torch.where(counted.unsqueeze(1), w, zero)
+    topk_weights = torch.zeros_like(w).scatter_(1, perm, w)
+    if with_stats:
+        topk_mass = dv.masked_logsumexp(topk_logits, valid).sub(lse).exp()
+        stats = torch.stack([lse - mean_z, lse, topk_mass], dim=1)
+    else:
+        stats = torch.zeros((0, 3), **f32)
+    return loss_rows, kd_rows, state.contiguous(), topk_weights, stats
+
+
+@topk_kd_forward.register_fake
+def _(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_hidden, teacher_weight,
+      teacher_bias, labels, divergence, beta, tail, temperature, softcap, teacher_softcap,
+      ignore_index, ce_weight, kd_weight, with_stats):
+    n_rows = hidden.shape[0]
+    rows = hidden.new_empty(n_rows, dtype=torch.float32)
+    return (rows, torch.empty_like(rows), hidden.new_empty((n_rows, 4), dtype=torch.float32),
+            hidden.new_empty(teacher_ids.shape, dtype=torch.float32),
+            hidden.new_empty((n_rows if with_stats else 0, 3), dtype=torch.float32))
+
+
+def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launch, **flags) -> None:
+    """Runs the backward kernel: atomics (MODE 0), or the deterministic row/column pair (1 + 2)."""
+    if n_rows == 0:
+        return
+    row_blocks, col_blocks = triton.cdiv(n_rows, launch.BM), triton.cdiv(vocab, launch.BN)
+    if config.deterministic:
+        kern.backward_kernel[(row_blocks,)](*kernel_args, MODE=1, **flags, **launch.meta(KP=launch.KP))
+        kern.backward_kernel[(col_blocks,)](*kernel_args, MODE=2, **flags, **launch.meta(KP=launch.KP))
+    else:
+        kern.backward_kernel[(row_blocks, col_blocks)](*kernel_args, MODE=0, **flags,
+                                                        **launch.meta(KP=launch.KP))
+
+
+def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (torch.zeros(hidden.shape, **f32), torch.zeros(weight.shape, **f32),
+            torch.zeros(weight.shape[0] if bias is not None else 1, **f32))
+
+
+def _grad_results(grads, hidden, weight, bias):
+    dh, dw, db = grads
+    return (dh.to(hidden.dtype), dw.to(weight.dtype),
+            db.to(bias.dtype) if bias is not None else weight.new_empty(0))
+
+
+@torch.library.custom_op("fastkd::triton_topk_kd_backward", mutates_args=())
+def topk_kd_backward(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_ids: Tensor,
+    labels: Optional[Tensor], state: Tensor, topk_weights: Tensor, tail: str, temperature: float,
+    softcap: Optional[float], ignore_index: int, ce_weight: float, kd_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(d hidden, d weight, d bias or empty)`` of ``Σ_n grad_rows[n] · loss_rows[n]``."""
+    n_rows, dim = hidden.shape
+    vocab, k = weight.shape[0], teacher_ids.shape[1]
+    launch = _Launch(hidden, k)
+    counted = _counted(labels, n_rows, ignore_index, hidden.device)
+    grad_rows = torch.where(counted, grad_rows.float(), 0.0)
+    kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
+    use_ce = ce_weight != 0.0
+    grads = _grad_buffers(hidden, weight, bias)
+    sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
+    if tail == "bucket" or use_ce or config.deterministic:
+        filter_on, filter_eps = _filter(hidden.dtype)
+        device = hidden.device
+        args = (hidden, weight, _or_dummy(bias, device), _dummy(device), _dummy(device),
+                _dummy(device), sorted_ids, topk_weights.gather(1, perm).contiguous(),
+                _or_dummy(labels, device), state, kd_scale, (ce_weight * grad_rows).contiguous(),
+                *grads, n_rows, vocab, dim, 1, k, 1.0 / temperature, _cap(softcap), 1.0, 0.5,
+                filter_eps)
+        _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
+                         T_HAS_BIAS=False, T_HAS_CAP=False, DENSE_TEACHER=False,
+                         WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0, FILTER=filter_on)
+    elif n_rows:
+        # tail="renormalize" without CE: the gradient lives on S only, O(N·K·D).
+        capped = _gathered_capped_logits(hidden, weight, bias, teacher_ids, softcap, launch)
+        probs = torch.exp(capped / temperature - state[:, 0:1])
+        grad = kd_scale.unsqueeze(1) * (topk_weights - probs * state[:, 2:3])
+        if softcap is not None:
+            grad = grad * (1.0 - (capped / softcap) ** 2)
+        grad = torch.where(teacher_ids >= 0, grad, 0.0).contiguous()
+        kern.gather_backward_kernel[(n_rows,)](
+            hidden, weight, teacher_ids.to(torch.int32).contiguous(), grad, *grads, n_rows, dim, k,
+            HAS_BIAS=bias is not None, KP=launch.KP, BD=launch.BD)
+    return _grad_results(grads, hidden, weight, bias)
+
+
+@topk_kd_backward.register_fake
+def _(grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, tail, temperature,
+      softcap, ignore_index, ce_weight, kd_weight):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0] if bias is not None else 0))
+
+
+def _topk_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, teacher_ids, _lp, _th, _tw, _tb, labels, _divergence, _beta, tail,
+     temperature, softcap, _teacher_softcap, ignore_index, ce_weight, kd_weight, _with_stats) = inputs
+    ctx.save_for_backward(hidden, weight, bias, teacher_ids, labels, output[2], output[3])
+    ctx.options = (tail, temperature, softcap, ignore_index, ce_weight, kd_weight)
+
+
+def _topk_backward(ctx, grad_loss_rows, _grad_kd, _grad_state, _grad_weights, _grad_stats):
+    hidden, weight, bias, teacher_ids, labels, state, topk_weights = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = topk_kd_backward(
+        grad_loss_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, *ctx.options)
+    return (grad_hidden, grad_weight, grad_bias if bias is not None else None) + (None,) * 16
+
+
+torch.library.register_autograd(
+    "fastkd::triton_topk_kd_forward", _topk_backward, setup_context=_topk_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# online teacher, full vocabulary
+# ------------------------------------------------------------------------------------------------
+
+def _kind(divergence: str, beta: float) -> int:
+    return _KINDS[dv._resolve(divergence, beta)[0]]
+
+
+@torch.library.custom_op("fastkd::triton_dense_kd_forward", mutates_args=())
+def dense_kd_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
+    teacher_weight: Tensor, teacher_bias: Optional[Tensor], labels: Optional[Tensor],
+    divergence: str, beta: float, temperature: float, softcap: Optional[float],
+    teacher_softcap: Optional[float], ignore_index: int, ce_weight: float, kd_weight: float,
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(loss_rows, kd_rows, state (N, 4): lse, teacher lse, W = Σ w, lse_ce, stats (N|0, 2))``."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    launch = _Launch(hidden)
+    counted = _counted(labels, n_rows, ignore_index, device)
+    use_ce = ce_weight != 0.0
+    f32 = dict(dtype=torch.float32, device=device)
+    lse, t_lse, lse_ce, target, mean_z, kd, wsum = (torch.zeros(n_rows, **f32) for _ in range(7))
+    if n_rows:
+        for pass_ in (1, 2):
+            kern.dense_forward_kernel[(triton.cdiv(n_rows, launch.BM),)](
+                hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
+                _or_dummy(teacher_bias, device), _or_dummy(labels, device),
+                lse, t_lse, lse_ce, target, mean_z, kd, wsum,
+                n_rows, vocab, dim, teacher_hidden.shape[1],
+                1.0 / temperature, _cap(softcap), _cap(teacher_softcap), ignore_index, float(beta),
+                **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
+                HAS_LABELS=labels is not None, WITH_CE=use_ce, WITH_STATS=with_stats,
+                KIND=_kind(divergence, beta), PASS=pass_, **launch.meta())
+    zero = torch.zeros((), **f32)
+    kd_rows = torch.where(counted, kd, zero)
+    loss_rows = kd_weight * temperature**2 * kd_rows
+    if use_ce:
+        loss_rows = loss_rows + torch.where(counted, ce_weight * (lse_ce - target), zero)
+    state = torch.where(counted.unsqueeze(1), torch.stack([lse, t_lse, wsum, lse_ce], dim=1), zero)
+    if with_stats:
+        stats = torch.stack([lse - mean_z, lse], dim=1)
+    else:
+        stats = torch.zeros((0, 2), **f32)
+    return loss_rows, kd_rows, state.contiguous(), stats
+
+
+@dense_kd_forward.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, divergence, beta,
+      temperature, softcap, teacher_softcap, ignore_index, ce_weight, kd_weight, with_stats):
+    n_rows = hidden.shape[0]
+    rows = hidden.new_empty(n_rows, dtype=torch.float32)
+    return (rows, torch.empty_like(rows), hidden.new_empty((n_rows, 4), dtype=torch.float32),
+            hidden.new_empty((n_rows if with_stats else 0, 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastkd::triton_dense_kd_backward", mutates_args=())
+def dense_kd_backward(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+    labels: Optional[Tensor], state: Tensor, divergence: str, beta: float, temperature: float,
+    softcap: Optional[float], teacher_softcap: Optional[float], ignore_index: int,
+    ce_weight: float, kd_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(d hidden, d weight, d bias or empty)``; teacher tiles recomputed, frozen."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    launch = _Launch(hidden)
+    counted = _counted(labels, n_rows, ignore_index, device)
+    grad_rows = torch.where(counted, grad_rows.float(), 0.0)
+    grads = _grad_buffers(hidden, weight, bias)
+    filter_on, filter_eps = _filter(hidden.dtype)
+    args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
+            _or_dummy(teacher_bias, device), _dummy(device), _dummy(device),
+            _or_dummy(labels, device), state, (kd_weight * temperature * grad_rows).contiguous(),
+            (ce_weight * grad_rows).contiguous(), *grads, n_rows, vocab, dim,
+            teacher_hidden.shape[1], 1, 1.0 / temperature, _cap(softcap), _cap(teacher_softcap),
+            float(beta), filter_eps)
+    _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
+                     **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
+                     WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta),
+                     FILTER=filter_on)
+    return _grad_results(grads, hidden, weight, bias)
+
+
+@dense_kd_backward.register_fake
+def _(grad_rows, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, state,
+      divergence, beta, temperature, softcap, teacher_softcap, ignore_index, ce_weight, kd_weight):
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0] if bias is not None else 0))
+
+
+def _dense_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, divergence, beta,
+     temperature, softcap, teacher_softcap, ignore_index, ce_weight, kd_weight, _with_stats) = inputs
+    ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                          labels, output[2])
+    ctx.options = (divergence, beta, temperature, softcap, teacher_softcap, ignore_index,
+                   ce_weight, kd_weight)
+
+
+def _dense_backward(ctx, grad_loss_rows, _grad_kd, _grad_state, _grad_stats):
+    hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, state = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = dense_kd_backward(
+        grad_loss_rows, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+        state, *ctx.options)
+    return (grad_hidden, grad_weight, grad_bias if bias is not None else None) + (None,) * 13
+
+
+torch.library.register_autograd(
+    "fastkd::triton_dense_kd_forward", _dense_backward, setup_context=_dense_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# online teacher, top-k: the set S by a running top-k over streamed tiles
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::triton_select_topk", mutates_args=())
+def select_topk(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
+    teacher_weight: Tensor, teacher_bias: Optional[Tensor], k: int, topk_from: str,
+    softcap: Optional[float], teacher_softcap: Optional[float],
+) -> Tensor:
+    """S per row, ``(N, K')`` int64 with ``-1`` on unused slots (see ``divergences.select_topk``)."""
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    launch = _Launch(hidden, k)
+    launch.BN = max(launch.BN, launch.KP)  # tl.topk takes at most a tile's width
+    ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
+    student_ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
+    if n_rows:
+        kern.select_topk_kernel[(triton.cdiv(n_rows, launch.BM),)](
+            hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
+            _or_dummy(teacher_bias, device), ids, student_ids, n_rows, vocab, dim,
+            teacher_hidden.shape[1], k, _cap(softcap), _cap(teacher_softcap),
+            **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
+            FROM_TEACHER=topk_from != "student", FROM_STUDENT=topk_from != "teacher",
+            **launch.meta(KP=launch.KP))
+    if topk_from != "union":
+        return ids
+    seen = (student_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(dim=-1)
+    return torch.cat([ids, torch.where(seen, -1, student_ids)], dim=-1)
+
+
+@select_topk.register_fake
+def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k, topk_from, softcap,
+      teacher_softcap):
+    width = 2 * k if topk_from == "union" else k
+    return hidden.new_empty((hidden.shape[0], width), dtype=torch.int64)

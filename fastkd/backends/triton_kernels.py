@@ -1,0 +1,549 @@
+"""Triton kernels of the ``triton`` backend: they stream ``h·Wᵀ`` tiles, never more than a tile.
+
+Shapes (all contiguous): ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)``; an online teacher's
+``teacher_hidden (N, D_t)``, ``teacher_weight (V, D_t)``. A top-k set S arrives *sorted per row*
+as int32 ``ids (N, K)`` with the unused slots set to ``V`` (so they sort last and never match a
+column). Per tile the kernels find the ids that fall inside it from the row's count of ids below
+the tile (a compare over K) and then match those few ids to columns, so the set S costs
+``O(BM·K)`` plus ``O(BM·BN)`` per id actually present, never ``O(BM·BN·K)``.
+
+The math is DESIGN.md §1 (``fastkd.divergences``). The per-element parts live here: online
+log-sum-exps over the vocabulary and over ``V∖S`` (the exact tail, S excluded by membership),
+the entropy accumulator, the logits at S, and the gradient tile ``dz``:
+
+    top-k:  dz_j = s·(w_j − p_j·topk_coef) on S,  s·p_j·dense off S      (p = exp(z − kd_lse))
+    dense:  dz_j = s·(w_j − p_j·W),  w_j = p_j·G_j (forward KL −q_j, reverse KL p_j·(log p_j − log q_j),
+            JSD (1−β)·p_j·(log p_j − log m_j))
+    CE:     + s_ce·(softmax(capped)_j − 1[j = label])
+
+then ``× (1 − (capped/cap)²)`` under a softcap, and ``dh += dz·W``, ``dW += dzᵀ·h``, ``db += Σ dz``.
+The per-row coefficients (``kd_lse``, ``dense``, ``topk_coef``, ``W``, ``w_S``) come from the
+PyTorch epilogue on ``(N, K)`` tensors, which calls the math module.
+
+Backward modes (``MODE``): 0 = one program per (row block, vocabulary tile), atomics into float32
+``dh``/``dW`` (fast, order not fixed); 1 = one program per row block walking the vocabulary, owning
+its ``dh`` rows; 2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows.
+Modes 1 and 2 together are the deterministic backward (bit-identical run to run).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+JSD: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def _tanh(x):
+    # sign(x)·(1 − e^{−2|x|})/(1 + e^{−2|x|}): no overflow, accurate near 0.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                 HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """``softcap(h[rows]·W[cols]ᵀ + b[cols])`` as a float32 ``(BM, BN)`` tile."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        d_mask = d < D
+        h = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * D + d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_CAP:
+        acc = cap * _tanh(acc / cap)
+    return acc
+
+
+@triton.jit
+def _online_update(m, s, tile):
+    """One step of an online log-sum-exp: the new running max and the rescale of old sums."""
+    m_new = tl.maximum(m, tl.max(tile, axis=1))
+    return m_new, tl.exp(m - m_new)
+
+
+@triton.jit
+def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.constexpr):
+    """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile."""
+    k = tl.arange(0, KP)
+    ids = tl.load(ids_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k[None, :] < K),
+                  other=2147483647)
+    start = tl.sum((ids < v0).to(tl.int32), axis=1)
+    count = tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
+    return start, count
+
+
+# ------------------------------------------------------------------------------------------------
+# top-k forward: one pass over the vocabulary per row block
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def topk_forward_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, labels_ptr,
+    lse_ptr, tail_lse_ptr, zs_ptr, lse_ce_ptr, target_ptr, mean_z_ptr,
+    t_lse_ptr, t_tail_lse_ptr, t_zs_ptr,
+    # shapes
+    N, V, D, DT, K,
+    # meta
+    inv_temp, cap, t_cap, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TEACHER: tl.constexpr,
+    T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr,
+    WITH_CE: tl.constexpr, WITH_STATS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Per row: lse of ``z = softcap(h·Wᵀ+b)/τ`` over V and over ``V∖S``, ``z`` at the (sorted) S,
+    the CE log-sum-exp and target logit of the untempered logits, ``E_p[z]``; and the same lse,
+    tail lse and ``z_S`` for an online teacher streamed in the same pass."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+        counted = labels != ignore_index
+    else:
+        labels = tl.zeros((BM,), dtype=tl.int64) - 1
+        counted = row_mask
+    neg_inf = float("-inf")
+    masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
+    m = tl.full((BM,), neg_inf, tl.float32)
+    s = tl.zeros((BM,), tl.float32)
+    s_tail = tl.zeros((BM,), tl.float32)
+    s_z = tl.zeros((BM,), tl.float32)
+    m_ce = tl.full((BM,), neg_inf, tl.float32)
+    s_ce = tl.zeros((BM,), tl.float32)
+    target = tl.zeros((BM,), tl.float32)
+    mt = tl.full((BM,), neg_inf, tl.float32)
+    st = tl.zeros((BM,), tl.float32)
+    st_tail = tl.zeros((BM,), tl.float32)
+    # A block of ignored rows reads nothing (unless statistics, defined on every row, are asked).
+    if WITH_STATS or tl.max(counted.to(tl.int32)) > 0:
+        for v0 in range(0, V, BN):
+            cols = v0 + tl.arange(0, BN).to(tl.int64)
+            col_mask = cols < V
+            capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                                  HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
+            capped = tl.where(col_mask[None, :], capped, masked)
+            z = capped * inv_temp
+            if HAS_TEACHER:
+                tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
+                                  T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
+                tz = tl.where(col_mask[None, :], tz * inv_temp, masked)
+            # S ∩ tile: record z (and the teacher's) at each slot, and mark the columns.
+            start, count = _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN, KP)
+            in_s = tl.zeros((BM, BN), dtype=tl.int1)
+            for j in range(0, tl.max(count)):
+                hit = row_mask & (j < count)
+                slot = start + j
+                cand = tl.load(ids_ptr + rows * K + slot, mask=hit, other=-1)
+                eq = (cols[None, :] == cand[:, None]) & hit[:, None]
+                in_s = in_s | eq
+                tl.store(zs_ptr + rows * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
+                if HAS_TEACHER:
+                    tl.store(t_zs_ptr + rows * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
+            m_new, alpha = _online_update(m, s, z)
+            e = tl.exp(z - m_new[:, None])
+            s = s * alpha + tl.sum(e, axis=1)
+            s_tail = s_tail * alpha + tl.sum(tl.where(in_s, 0.0, e), axis=1)
+            if WITH_STATS:
+                s_z = s_z * alpha + tl.sum(e * z, axis=1)
+            m = m_new
+            if HAS_TEACHER:
+                mt_new, alpha_t = _online_update(mt, st, tz)
+                et = tl.exp(tz - mt_new[:, None])
+                st = st * alpha_t + tl.sum(et, axis=1)
+                st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
+                mt = mt_new
+            if WITH_CE:
+                mce_new, alpha_ce = _online_update(m_ce, s_ce, capped)
+                s_ce = s_ce * alpha_ce + tl.sum(tl.exp(capped - mce_new[:, None]), axis=1)
+                m_ce = mce_new
+                target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
+    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
+    tl.store(tail_lse_ptr + rows, m + tl.log(s_tail), mask=row_mask)
+    if WITH_STATS:
+        tl.store(mean_z_ptr + rows, s_z / s, mask=row_mask)
+    if WITH_CE:
+        tl.store(lse_ce_ptr + rows, m_ce + tl.log(s_ce), mask=row_mask)
+        tl.store(target_ptr + rows, target, mask=row_mask)
+    if HAS_TEACHER:
+        tl.store(t_lse_ptr + rows, mt + tl.log(st), mask=row_mask)
+        tl.store(t_tail_lse_ptr + rows, mt + tl.log(st_tail), mask=row_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# full-vocabulary online teacher: pass 1 (log-sum-exps), pass 2 (divergence and Σ w)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dense_terms(z, tz, lse, t_lse, beta, KIND: tl.constexpr):
+    """Per-element divergence terms and bucket weights ``w_j = p_j·G_j`` (DESIGN.md §1 table)."""
+    log_p = z - lse[:, None]
+    log_q = tz - t_lse[:, None]
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    if KIND == 0:  # forward KL
+        term = q * (log_q - log_p)
+        w = -q
+    elif KIND == 1:  # reverse KL
+        term = p * (log_p - log_q)
+        w = term
+    else:  # JSD(β), M = βQ + (1−β)P in log space
+        a = log_q + tl.log(beta)
+        b = log_p + tl.log(1.0 - beta)
+        hi = tl.maximum(a, b)
+        log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+        w = (1.0 - beta) * p * (log_p - log_m)
+        term = beta * q * (log_q - log_m) + w
+    return term, w, p
+
+
+@triton.jit
+def dense_forward_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr,
+    lse_ptr, t_lse_ptr, lse_ce_ptr, target_ptr, mean_z_ptr, kd_ptr, wsum_ptr,
+    # shapes
+    N, V, D, DT,
+    # meta
+    inv_temp, cap, t_cap, ignore_index, beta,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
+    HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr, WITH_STATS: tl.constexpr, KIND: tl.constexpr,
+    PASS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """PASS 1: student and teacher lse (+ CE, ``E_p[z]``). PASS 2, given them: the divergence and
+    ``W = Σ_j w_j`` per row (JSD's log M needs both normalisers, hence two passes)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+        counted = labels != ignore_index
+    else:
+        labels = tl.zeros((BM,), dtype=tl.int64) - 1
+        counted = row_mask
+    neg_inf = float("-inf")
+    masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
+    m = tl.full((BM,), neg_inf, tl.float32)
+    s = tl.zeros((BM,), tl.float32)
+    s_z = tl.zeros((BM,), tl.float32)
+    mt = tl.full((BM,), neg_inf, tl.float32)
+    st = tl.zeros((BM,), tl.float32)
+    m_ce = tl.full((BM,), neg_inf, tl.float32)
+    s_ce = tl.zeros((BM,), tl.float32)
+    target = tl.zeros((BM,), tl.float32)
+    kd = tl.zeros((BM,), tl.float32)
+    wsum = tl.zeros((BM,), tl.float32)
+    if PASS == 2:
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        t_lse = tl.load(t_lse_ptr + rows, mask=row_mask, other=0.0)
+    if WITH_STATS or tl.max(counted.to(tl.int32)) > 0:
+        for v0 in range(0, V, BN):
+            cols = v0 + tl.arange(0, BN).to(tl.int64)
+            col_mask = cols < V
+            capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                                  HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
+            capped = tl.where(col_mask[None, :], capped, masked)
+            z = capped * inv_temp
+            tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
+                              T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
+            tz = tl.where(col_mask[None, :], tz * inv_temp, masked)
+            if PASS == 1:
+                m_new, alpha = _online_update(m, s, z)
+                e = tl.exp(z - m_new[:, None])
+                s = s * alpha + tl.sum(e, axis=1)
+                if WITH_STATS:
+                    s_z = s_z * alpha + tl.sum(e * z, axis=1)
+                m = m_new
+                mt_new, alpha_t = _online_update(mt, st, tz)
+                st = st * alpha_t + tl.sum(tl.exp(tz - mt_new[:, None]), axis=1)
+                mt = mt_new
+                if WITH_CE:
+                    mce_new, alpha_ce = _online_update(m_ce, s_ce, capped)
+                    s_ce = s_ce * alpha_ce + tl.sum(tl.exp(capped - mce_new[:, None]), axis=1)
+                    m_ce = mce_new
+                    target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
+            else:
+                term, w, _p = _dense_terms(z, tz, lse, t_lse, beta, KIND)
+                kd += tl.sum(tl.where(col_mask[None, :], term, 0.0), axis=1)
+                wsum += tl.sum(tl.where(col_mask[None, :], w, 0.0), axis=1)
+    if PASS == 1:
+        tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
+        tl.store(t_lse_ptr + rows, mt + tl.log(st), mask=row_mask)
+        if WITH_STATS:
+            tl.store(mean_z_ptr + rows, s_z / s, mask=row_mask)
+        if WITH_CE:
+            tl.store(lse_ce_ptr + rows, m_ce + tl.log(s_ce), mask=row_mask)
+            tl.store(target_ptr + rows, target, mask=row_mask)
+    else:
+        tl.store(kd_ptr + rows, kd, mask=row_mask)
+        tl.store(wsum_ptr + rows, wsum, mask=row_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward: gradient tiles, then dh += dz·W, dW += dzᵀ·h, db += Σ dz
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grad_tile(
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr, labels_ptr, state_ptr,
+    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT, K,
+    inv_temp, cap, t_cap, beta,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
+    DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dz`` of one tile w.r.t. the uncapped logits, float32 ``(BM, BN)``, zero on masked entries.
+
+    ``state (N, 4)``: top-k: kd_lse, dense, topk_coef, lse_ce; dense teacher: lse, t_lse, W, lse_ce.
+    """
+    capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                          HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
+    kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
+    z = capped * inv_temp
+    c0 = tl.load(state_ptr + rows * 4, mask=row_mask, other=0.0)
+    c1 = tl.load(state_ptr + rows * 4 + 1, mask=row_mask, other=0.0)
+    c2 = tl.load(state_ptr + rows * 4 + 2, mask=row_mask, other=0.0)
+    if DENSE_TEACHER:
+        tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
+                          T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION) * inv_temp
+        _term, w, p = _dense_terms(z, tz, c0, c1, beta, KIND)
+        dz = kd_scale[:, None] * (w - p * c2[:, None])
+    else:
+        p = tl.exp(z - c0[:, None])
+        if WITH_TAIL:
+            dz = p * c1[:, None]
+        else:
+            dz = tl.zeros((BM, BN), tl.float32)
+        start, count = _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN, KP)
+        for j in range(0, tl.max(count)):
+            hit = row_mask & (j < count)
+            slot = start + j
+            cand = tl.load(ids_ptr + rows * K + slot, mask=hit, other=-1)
+            w_slot = tl.load(wts_ptr + rows * K + slot, mask=hit, other=0.0)
+            eq = (cols[None, :] == cand[:, None]) & hit[:, None]
+            dz = tl.where(eq, w_slot[:, None] - p * c2[:, None], dz)  # set, not add (see module doc)
+        dz = dz * kd_scale[:, None]
+    if WITH_CE:
+        lse_ce = tl.load(state_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
+        ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0)
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
+        dz += ce_scale[:, None] * (tl.exp(capped - lse_ce[:, None]) - onehot)
+    if HAS_CAP:
+        r = capped / cap
+        dz = dz * (1.0 - r * r)
+    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def backward_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr, labels_ptr, state_ptr,
+    kd_scale_ptr, ce_scale_ptr, dh_ptr, dw_ptr, db_ptr,
+    # shapes
+    N, V, D, DT, K,
+    # meta
+    inv_temp, cap, t_cap, beta, skip_below,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
+    DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
+    MODE: tl.constexpr, FILTER: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE)."""
+    if MODE == 0:
+        m_first = tl.program_id(0)
+        m_last = m_first + 1
+        n_first = tl.program_id(1)
+        n_last = n_first + 1
+    elif MODE == 1:
+        m_first = tl.program_id(0)
+        m_last = m_first + 1
+        n_first = 0
+        n_last = tl.cdiv(V, BN)
+    else:
+        m_first = 0
+        m_last = tl.cdiv(N, BM)
+        n_first = tl.program_id(0)
+        n_last = n_first + 1
+    for pm in range(m_first, m_last):
+        rows = pm * BM + tl.arange(0, BM).to(tl.int64)
+        row_mask = rows < N
+        kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
+        live = tl.max(tl.abs(kd_scale))
+        if WITH_CE:
+            live = tl.maximum(live, tl.max(tl.abs(tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0))))
+        if live > 0:  # a block of ignored rows has no gradient at all
+            for pn in range(n_first, n_last):
+                v0 = pn * BN
+                cols = v0 + tl.arange(0, BN).to(tl.int64)
+                col_mask = cols < V
+                dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr,
+                                labels_ptr, state_ptr, kd_scale_ptr, ce_scale_ptr, rows, row_mask,
+                                v0, cols, col_mask, D, DT, K, inv_temp, cap, t_cap, beta,
+                                HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL,
+                                WITH_CE, KIND, BM, BN, BD, KP, PRECISION)
+                keep = True
+                if FILTER:
+                    # relative to the block's largest row scale: entries are O(1)·scale at most
+                    keep = tl.max(tl.abs(dz)) >= skip_below * live
+                if keep:
+                    if HAS_BIAS and MODE != 1:
+                        db = tl.sum(dz, axis=0)
+                        if MODE == 0:
+                            tl.atomic_add(db_ptr + cols, db, mask=col_mask)
+                        else:
+                            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
+                    # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
+                    # many rows makes every entry tiny); the products are scaled back in float32.
+                    dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+                    for d0 in range(0, D, BD):
+                        d = d0 + tl.arange(0, BD)
+                        d_mask = d < D
+                        if MODE != 2:
+                            w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
+                                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                            dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
+                            dh_at = dh_ptr + rows[:, None] * D + d[None, :]
+                            dh_mask = row_mask[:, None] & d_mask[None, :]
+                            if MODE == 0:
+                                tl.atomic_add(dh_at, dh, mask=dh_mask)
+                            else:
+                                tl.store(dh_at, tl.load(dh_at, mask=dh_mask) + dh, mask=dh_mask)
+                        if MODE != 1:
+                            h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                            dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
+                            dw_at = dw_ptr + cols[:, None] * D + d[None, :]
+                            dw_mask = col_mask[:, None] & d_mask[None, :]
+                            if MODE == 0:
+                                tl.atomic_add(dw_at, dw, mask=dw_mask)
+                            else:
+                                tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# tail="renormalize" without CE: the K gathered logits only, O(N·K·D)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def gather_forward_kernel(
+    h_ptr, w_ptr, b_ptr, ids_ptr, zs_ptr,
+    N, D, K,
+    cap,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr,
+):
+    """``zs[n, k] = softcap(h[n]·W[ids[n, k]] + b[ids[n, k]])`` for the valid slots (ids < V)."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, KP)
+    ids = tl.load(ids_ptr + row * K + k, mask=k < K, other=-1).to(tl.int64)
+    valid = (ids >= 0) & (k < K)
+    acc = tl.zeros((KP,), tl.float32)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        d_mask = d < D
+        h = tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        acc = cap * _tanh(acc / cap)
+    tl.store(zs_ptr + row * K + k, acc, mask=k < K)
+
+
+@triton.jit
+def gather_backward_kernel(
+    h_ptr, w_ptr, ids_ptr, gz_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, D, K,
+    HAS_BIAS: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr,
+):
+    """``dh[n] = Σ_k gz[n,k]·W[ids[n,k]]``; ``dW[ids[n,k]] += gz[n,k]·h[n]`` (atomics); ``db`` likewise.
+
+    ``gz`` is the gradient w.r.t. the uncapped gathered logits, zero on unused slots."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, KP)
+    ids = tl.load(ids_ptr + row * K + k, mask=k < K, other=-1).to(tl.int64)
+    valid = (ids >= 0) & (k < K)
+    gz = tl.load(gz_ptr + row * K + k, mask=valid, other=0.0)
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + ids, gz, mask=valid)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        d_mask = d < D
+        mask2 = valid[:, None] & d_mask[None, :]
+        w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask2, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + row * D + d, tl.sum(gz[:, None] * w, axis=0), mask=d_mask)
+        h = tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2)
+
+
+# ------------------------------------------------------------------------------------------------
+# online top-k selection: a running top-k per row over streamed logit tiles
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sort_keys(x, cols, col_mask):
+    """int64 keys that order like the float32 values ``x``, with the column in the low 32 bits."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    key = (ordered << 32) | cols[None, :]
+    return tl.where(col_mask[None, :], key, -9223372036854775807)
+
+
+@triton.jit
+def _key_column(key):
+    """The column in the low 32 bits of a key (bit 31 is 0, so the arithmetic shift is exact)."""
+    return (key << 32) >> 32
+
+
+@triton.jit
+def select_topk_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, student_ids_ptr,
+    # shapes
+    N, V, D, DT, K,
+    # meta
+    cap, t_cap,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
+    FROM_TEACHER: tl.constexpr, FROM_STUDENT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The top-K column ids per row of the teacher's logits (→ ``ids``) and/or the student's
+    (→ ``student_ids`` when both are asked, else ``ids``). Temperature does not change a top-k."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    lowest = tl.full((BM, KP), -9223372036854775807, tl.int64)
+    best_t = lowest
+    best_s = lowest
+    for v0 in range(0, V, BN):
+        cols = v0 + tl.arange(0, BN).to(tl.int64)
+        col_mask = cols < V
+        if FROM_TEACHER:
+            tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
+                              T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
+            cand = tl.topk(_sort_keys(tz, cols, col_mask), KP, dim=1)
+            best_t = tl.topk(tl.reshape(tl.join(best_t, cand), (BM, 2 * KP)), KP, dim=1)
+        if FROM_STUDENT:
+            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                             HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
+            cand = tl.topk(_sort_keys(z, cols, col_mask), KP, dim=1)
+            best_s = tl.topk(tl.reshape(tl.join(best_s, cand), (BM, 2 * KP)), KP, dim=1)
+    k = tl.arange(0, KP)
+    out_mask = row_mask[:, None] & (k[None, :] < K)
+    at = rows[:, None] * K + k[None, :]
+    if FROM_TEACHER:
+        tl.store(ids_ptr + at, _key_column(best_t), mask=out_mask)
+        if FROM_STUDENT:
+            tl.store(student_ids_ptr + at, _key_column(best_s), mask=out_mask)
+    else:
+        tl.store(ids_ptr + at, _key_column(best_s), mask=out_mask)
