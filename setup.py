@@ -2,9 +2,12 @@
 
 Switches: ``FASTKD_SKIP_CUDA_BUILD=1`` never builds it; ``TORCH_CUDA_ARCH_LIST`` picks the GPU
 architectures (needed when no GPU is visible at build time); ``MAX_JOBS`` caps parallel nvcc jobs
-(default: the machine's cores, at most 8). Without the extension ``import fastkd`` works and
-``impl="cuda"`` says why it is unavailable. Build with ``pip install --no-build-isolation`` so the
-installed torch is the one the extension is built against.
+(default: the machine's cores, at most 8). Sources: every ``csrc/*.cu`` and ``csrc/*.cpp``
+(``csrc/host/`` is the CPU test harness, not part of the build), compiled with ninja. Without the
+extension ``import fastkd`` works and ``impl="cuda"`` either builds the same sources on first use
+(``fastkd/backends/cuda_build.py``, on a GPU machine with nvcc) or says why it is unavailable.
+Build with ``pip install --no-build-isolation`` so the installed torch is the one the extension is
+built against.
 """
 import glob
 import os
@@ -38,8 +41,12 @@ def cuda_build():
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 8))))
     extension = CUDAExtension(
         "fastkd._C", sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]})
+    print(f"fastkd: building the CUDA extension from {len(sources)} sources "
+          f"(TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPU')}, "
+          f"MAX_JOBS={os.environ['MAX_JOBS']})", file=sys.stderr)
+    return {"ext_modules": [extension],
+            "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
 setup(**cuda_build())

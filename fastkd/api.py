@@ -24,9 +24,11 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     """The backend ``impl`` names for inputs on ``device`` of ``dtype``.
 
     ``"auto"``: ``"triton"`` for 16/32-bit inputs on a CUDA device when Triton is installed (it
-    never materialises ``chunk x V``), else ``"torch"`` (CPU tensors, float64, no Triton). The
-    ``"cuda"`` backend is not part of this version. ``"triton"`` needs a CUDA device, or the CPU
-    with ``TRITON_INTERPRET=1`` set before fastkd's kernels are first imported (the test lane).
+    never materialises ``chunk x V``), else ``"torch"`` (CPU tensors, float64, no Triton).
+    ``"triton"`` needs a CUDA device, or the CPU with ``TRITON_INTERPRET=1`` set before fastkd's
+    kernels are first imported (the test lane). ``"cuda"`` (opt-in: ``"auto"`` does not pick it
+    until GPU benchmarks decide) needs fastkd's CUDA extension, prebuilt or buildable on first
+    use, and 16/32-bit CUDA tensors; without the extension it says how to build it.
     """
     if impl == "torch":
         return "torch"
@@ -45,9 +47,19 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
                 f"impl='triton' needs CUDA tensors, got tensors on {device} (set TRITON_INTERPRET=1 "
                 "before importing fastkd to run the kernels in Triton's CPU interpreter, slowly)")
         return "triton"
-    raise NotImplementedError(
-        f"impl={impl!r} is not available in this version of fastkd (the {impl} backend has not "
-        "landed yet); use impl='torch', impl='triton' or impl='auto'")
+    if impl == "cuda":
+        from .backends import cuda_build
+        reason = cuda_build.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"impl='cuda' needs fastkd's CUDA extension, which is unavailable: "
+                               f"{reason}; {cuda_build.BUILD_HINT}")
+        if dtype == torch.float64:
+            raise TypeError("impl='cuda' takes float16, bfloat16 or float32 inputs, got float64; "
+                            "use impl='torch' for float64")
+        if device.type != "cuda":
+            raise ValueError(f"impl='cuda' needs CUDA tensors, got tensors on {device}")
+        return "cuda"
+    raise ValueError(f"impl must be one of 'auto', 'torch', 'triton', 'cuda', got {impl!r}")
 
 
 def _triton_importable() -> bool:
@@ -57,6 +69,24 @@ def _triton_importable() -> bool:
 def _triton():
     from .backends import triton_backend  # imported on first use: it compiles nothing at import
     return triton_backend
+
+
+def _cuda():
+    from .backends import cuda_backend  # imported on first use: the extension loads on first call
+    return cuda_backend
+
+
+def _grads_in_forward(reduction: str, *tensors: Optional[Tensor]) -> bool:
+    """Whether the cuda backend computes the gradients in its forward (DESIGN.md §3): only for a
+    summing reduction (a uniform ``grad_output`` over the rows) and when a gradient is wanted."""
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return reduction != "none" and wanted
+
+
+def _cuda_vocab_pass(tail: str, ce_weight: float, return_stats: bool) -> bool:
+    """False where a top-k loss needs no pass over the vocabulary (renormalised, no CE, no stats):
+    then the torch backend's O(N·K·D) gathered path is all there is to do, for impl='cuda' too."""
+    return tail == "bucket" or ce_weight != 0.0 or return_stats
 
 
 def topk_kd_loss(
@@ -137,6 +167,13 @@ def topk_kd_loss(
             None, None, labels1, opts["divergence"], opts["beta"], opts["tail"],
             opts["temperature"], opts["softcap"], None, opts["ignore_index"], opts["ce_weight"],
             opts["kd_weight"], return_stats)
+    elif backend == "cuda" and _cuda_vocab_pass(opts["tail"], opts["ce_weight"], return_stats):
+        loss_rows, kd_rows, _state, _weights, stats = _cuda().topk_kd_forward(
+            hidden2.contiguous(), weight.contiguous(), _contiguous(bias), ids, logprobs, None,
+            labels1, opts["divergence"], opts["beta"], opts["tail"], opts["temperature"],
+            opts["softcap"], opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
+            config.cuda_chunk_bytes, return_stats,
+            _grads_in_forward(opts["reduction"], hidden, weight, bias))[:5]
     else:
         loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
             hidden2, weight, bias, ids, logprobs, None, labels1, opts["divergence"], opts["beta"],
@@ -239,11 +276,29 @@ def kd_loss(
             teacher_hidden2, teacher_weight, teacher_bias, topk, topk_from, opts["temperature"],
             opts["softcap"], teacher_softcap, config.torch_chunk_bytes)
         ids = torch.where(counted.unsqueeze(1), ids, -1)
-        loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
-            hidden2, weight, bias, ids, logprobs, teacher_log_tail, labels1, opts["divergence"], opts["beta"],
-            opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
-            opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
+        if backend == "cuda" and _cuda_vocab_pass(opts["tail"], opts["ce_weight"], return_stats):
+            loss_rows, kd_rows, _state, _weights, stats = _cuda().topk_kd_forward(
+                hidden2.contiguous(), weight.contiguous(), _contiguous(bias), ids, logprobs,
+                teacher_log_tail, labels1, opts["divergence"], opts["beta"], opts["tail"],
+                opts["temperature"], opts["softcap"], opts["ignore_index"], opts["ce_weight"],
+                opts["kd_weight"], config.cuda_chunk_bytes, return_stats,
+                _grads_in_forward(opts["reduction"], hidden, weight, bias))[:5]
+        else:
+            loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
+                hidden2, weight, bias, ids, logprobs, teacher_log_tail, labels1, opts["divergence"],
+                opts["beta"], opts["tail"], opts["temperature"], opts["softcap"],
+                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
+                config.torch_chunk_bytes, return_stats)
         topk_mass = stats[:, 2].detach() if return_stats else None
+    elif backend == "cuda":
+        loss_rows, kd_rows, _state, stats = _cuda().dense_kd_forward(
+            hidden2.contiguous(), weight.contiguous(), _contiguous(bias),
+            teacher_hidden2.contiguous(), teacher_weight.contiguous(), _contiguous(teacher_bias),
+            labels1, opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
+            teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
+            config.cuda_chunk_bytes, return_stats,
+            _grads_in_forward(opts["reduction"], hidden, weight, bias))[:4]
+        topk_mass = None
     else:
         loss_rows, kd_rows, _lse_ce, stats = torch_backend.dense_kd_forward(
             hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1,

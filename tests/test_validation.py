@@ -91,8 +91,10 @@ def test_bad_input_is_rejected_before_any_kernel(name, change, error, words, goo
     assert words in str(info.value), str(info.value)
 
 
-def test_unavailable_backends_say_so(good):
-    with pytest.raises(NotImplementedError, match="impl='torch', impl='triton' or impl='auto'"):
+def test_unavailable_backends_say_so(good, monkeypatch):
+    from fastkd.backends import cuda_build
+    monkeypatch.setattr(cuda_build, "unavailable_reason", lambda: "torch 0.0+cpu is a CPU-only build")
+    with pytest.raises(RuntimeError, match="CPU-only build.*pip install --no-build-isolation -e ."):
         _call({**good, "impl": "cuda"})
 
 
