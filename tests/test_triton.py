@@ -15,6 +15,12 @@ import torch
 import fastkd
 from fastkd.reference import kd_loss_reference, topk_kd_loss_reference
 from conftest import assert_rel_close, make_problem, rel_error
+# The torch backend's test matrices, run here against impl="triton" as well.
+from test_kd_torch import CASES as ONLINE_CASES
+from test_kd_torch import _loss_and_grads as _online_loss_and_grads
+from test_kd_torch import _plain_kd
+from test_kd_torch import _problem as _online_torch_problem
+from test_topk_torch import MATRIX as TOPK_MATRIX
 
 # Relative error allowed: float32 logits and gradients in both; the 16-bit budget is added to the
 # rounding of the reference's gradients to the input dtype (see test_sixteen_bit_inputs).
@@ -79,6 +85,42 @@ def test_topk_matches_reference(divergence, beta, tail, variant):
         options.update(temperature=2.5, softcap=3.0, labels=problem["labels"], ce_weight=0.4,
                        reduction="none")
     _compare(problem, TOLERANCE[torch.float32], **options)
+
+
+@pytest.mark.parametrize("div_beta,tail,temperature,softcap,ignore_frac", TOPK_MATRIX)
+def test_torch_backend_matrix(div_beta, tail, temperature, softcap, ignore_frac):
+    divergence, beta = div_beta
+    problem = _on_device(make_problem(N, D, V, K, with_bias=True, ragged=True, ignore_frac=ignore_frac,
+                                      seed=zlib.crc32(repr((div_beta, tail, temperature, softcap)).encode())))
+    _compare(problem, TOLERANCE[torch.float32], divergence=divergence, beta=beta, tail=tail,
+             temperature=temperature, softcap=softcap, labels=problem["labels"])
+
+
+@pytest.mark.parametrize("divergence,topk,topk_from,tail", ONLINE_CASES)
+def test_online_torch_backend_matrix(divergence, topk, topk_from, tail):
+    p = _on_device(_online_torch_problem(seed=5))
+    options = dict(divergence=divergence, topk=topk, topk_from=topk_from, tail=tail, temperature=1.6,
+                   softcap=5.0, teacher_softcap=8.0, ce_weight=0.2, reduction="none")
+    loss, grads = _online_loss_and_grads(lambda *a, **o: fastkd.kd_loss(*a, impl="triton", **o), p, **options)
+    ref_loss, ref_grads = _online_loss_and_grads(kd_loss_reference, p, **options)
+    assert_rel_close(loss, ref_loss, TOLERANCE[torch.float32], "loss")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert_rel_close(g, r, TOLERANCE[torch.float32], f"grad {name}")
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.9)])
+def test_dense_against_plain_log_softmax(divergence, beta):
+    p = _on_device(_online_torch_problem(seed=2))
+    options = dict(divergence=divergence, beta=beta, temperature=2.0, softcap=4.0, teacher_softcap=7.0,
+                   ce_weight=0.5)
+    loss = fastkd.kd_loss(p["hidden"], p["weight"], p["teacher_hidden"], p["teacher_weight"], bias=p["bias"],
+                          teacher_bias=p["teacher_bias"], labels=p["labels"], impl="triton", **options)
+    plain = _plain_kd(p, divergence, beta, 2.0, 4.0, 7.0, 0.5)
+    inputs = [p["hidden"], p["weight"], p["bias"]]
+    assert_rel_close(loss, plain, TOLERANCE[torch.float32], "loss vs plain log_softmax")
+    for name, g, r in zip(("hidden", "weight", "bias"), torch.autograd.grad(loss, inputs),
+                          torch.autograd.grad(plain, inputs)):
+        assert_rel_close(g, r, TOLERANCE[torch.float32], f"grad {name} vs plain log_softmax")
 
 
 @pytest.mark.parametrize("n,d,v,k", [
