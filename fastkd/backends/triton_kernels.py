@@ -80,6 +80,20 @@ def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.conste
     return start, count
 
 
+@triton.jit
+def _row_block(labels_ptr, N, ignore_index, HAS_LABELS: tl.constexpr, BM: tl.constexpr):
+    """This program's rows (int64), which exist, their labels (-1 without) and which are counted."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+        counted = labels != ignore_index
+    else:
+        labels = tl.zeros((BM,), dtype=tl.int64) - 1
+        counted = row_mask
+    return rows, row_mask, labels, counted
+
+
 # ------------------------------------------------------------------------------------------------
 # top-k forward: one pass over the vocabulary per row block
 # ------------------------------------------------------------------------------------------------
@@ -102,15 +116,7 @@ def topk_forward_kernel(
     """Per row: lse of ``z = softcap(h·Wᵀ+b)/τ`` over V and over ``V∖S``, ``z`` at the (sorted) S,
     the CE log-sum-exp and target logit of the untempered logits, ``E_p[z]``; and the same lse,
     tail lse and ``z_S`` for an online teacher streamed in the same pass."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    row_mask = rows < N
-    if HAS_LABELS:
-        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-        counted = labels != ignore_index
-    else:
-        labels = tl.zeros((BM,), dtype=tl.int64) - 1
-        counted = row_mask
+    rows, row_mask, labels, counted = _row_block(labels_ptr, N, ignore_index, HAS_LABELS, BM)
     neg_inf = float("-inf")
     masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
     m = tl.full((BM,), neg_inf, tl.float32)
@@ -221,15 +227,7 @@ def dense_forward_kernel(
 ):
     """PASS 1: student and teacher lse (+ CE, ``E_p[z]``). PASS 2, given them: the divergence and
     ``W = Σ_j w_j`` per row (JSD's log M needs both normalisers, hence two passes)."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
-    row_mask = rows < N
-    if HAS_LABELS:
-        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
-        counted = labels != ignore_index
-    else:
-        labels = tl.zeros((BM,), dtype=tl.int64) - 1
-        counted = row_mask
+    rows, row_mask, labels, counted = _row_block(labels_ptr, N, ignore_index, HAS_LABELS, BM)
     neg_inf = float("-inf")
     masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
     m = tl.full((BM,), neg_inf, tl.float32)
