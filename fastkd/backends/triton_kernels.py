@@ -63,7 +63,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
 
 
 @triton.jit
-def _online_update(m, s, tile):
+def _online_update(m, tile):
     """One step of an online log-sum-exp: the new running max and the rescale of old sums."""
     m_new = tl.maximum(m, tl.max(tile, axis=1))
     return m_new, tl.exp(m - m_new)
@@ -154,7 +154,7 @@ def topk_forward_kernel(
                 tl.store(zs_ptr + rows * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
                 if HAS_TEACHER:
                     tl.store(t_zs_ptr + rows * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
-            m_new, alpha = _online_update(m, s, z)
+            m_new, alpha = _online_update(m, z)
             e = tl.exp(z - m_new[:, None])
             s = s * alpha + tl.sum(e, axis=1)
             s_tail = s_tail * alpha + tl.sum(tl.where(in_s, 0.0, e), axis=1)
@@ -162,13 +162,13 @@ def topk_forward_kernel(
                 s_z = s_z * alpha + tl.sum(e * z, axis=1)
             m = m_new
             if HAS_TEACHER:
-                mt_new, alpha_t = _online_update(mt, st, tz)
+                mt_new, alpha_t = _online_update(mt, tz)
                 et = tl.exp(tz - mt_new[:, None])
                 st = st * alpha_t + tl.sum(et, axis=1)
                 st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
                 mt = mt_new
             if WITH_CE:
-                mce_new, alpha_ce = _online_update(m_ce, s_ce, capped)
+                mce_new, alpha_ce = _online_update(m_ce, capped)
                 s_ce = s_ce * alpha_ce + tl.sum(tl.exp(capped - mce_new[:, None]), axis=1)
                 m_ce = mce_new
                 target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
@@ -255,17 +255,17 @@ def dense_forward_kernel(
                               T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
             tz = tl.where(col_mask[None, :], tz * inv_temp, masked)
             if PASS == 1:
-                m_new, alpha = _online_update(m, s, z)
+                m_new, alpha = _online_update(m, z)
                 e = tl.exp(z - m_new[:, None])
                 s = s * alpha + tl.sum(e, axis=1)
                 if WITH_STATS:
                     s_z = s_z * alpha + tl.sum(e * z, axis=1)
                 m = m_new
-                mt_new, alpha_t = _online_update(mt, st, tz)
+                mt_new, alpha_t = _online_update(mt, tz)
                 st = st * alpha_t + tl.sum(tl.exp(tz - mt_new[:, None]), axis=1)
                 mt = mt_new
                 if WITH_CE:
-                    mce_new, alpha_ce = _online_update(m_ce, s_ce, capped)
+                    mce_new, alpha_ce = _online_update(m_ce, capped)
                     s_ce = s_ce * alpha_ce + tl.sum(tl.exp(capped - mce_new[:, None]), axis=1)
                     m_ce = mce_new
                     target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
