@@ -319,3 +319,20 @@ def test_int64_offsets_beyond_two_to_the_31():
     assert_rel_close(loss, ref, 1e-3, "loss at N·V > 2^31")
     assert_rel_close(loss[-64:], ref[-64:], 1e-3, "last rows")
     assert os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.float16, torch.float32),
+                                                      (torch.float32, torch.float16)])
+def test_mixed_dtypes(hidden_dtype, weight_dtype):
+    # Activations and LM head in different dtypes (autocast-style): computed in the wider one.
+    problem = _on_device(make_problem(N, D, V, K, with_bias=True, seed=37))
+    problem["hidden"] = problem["hidden"].detach().to(hidden_dtype).requires_grad_()
+    problem["weight"] = problem["weight"].detach().to(weight_dtype).requires_grad_()
+    for tail in ("bucket", "renormalize"):
+        loss, grads = _topk(problem, "triton", tail=tail, labels=problem["labels"], ce_weight=0.2)
+        exact = {**problem, **{k: problem[k].detach().double().requires_grad_() for k in ("hidden", "weight", "bias")}}
+        ref_loss, ref_grads = _topk(exact, "reference", tail=tail, labels=problem["labels"], ce_weight=0.2)
+        assert_rel_close(loss, ref_loss, TOLERANCE[torch.float32], f"loss ({tail})")
+        for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+            assert g.dtype == problem[name].dtype
+            assert_rel_close(g, r, 2 * rel_error(r.to(g.dtype), r) + TOLERANCE[torch.float32], f"grad {name} ({tail})")

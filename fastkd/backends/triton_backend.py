@@ -51,6 +51,13 @@ class _Launch:
                     num_warps=self.num_warps, **extra)
 
 
+def _common(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Both operands of a head in one dtype (``tl.dot`` needs that): the wider of the two, so a
+    float32 weight with bfloat16 activations is not rounded; contiguous."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return hidden.to(dtype).contiguous(), weight.to(dtype).contiguous()
+
+
 def _head_flags(bias: Optional[Tensor], cap: Optional[float], prefix: str = "") -> dict:
     return {f"{prefix}HAS_BIAS": bias is not None, f"{prefix}HAS_CAP": cap is not None}
 
@@ -117,9 +124,12 @@ def topk_kd_forward(
     n_rows, dim = hidden.shape
     vocab, k = weight.shape[0], teacher_ids.shape[1]
     device = hidden.device
+    hidden, weight = _common(hidden, weight)
+    online = teacher_hidden is not None
+    if online:
+        teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden, k)
     counted = _counted(labels, n_rows, ignore_index, device)
-    online = teacher_hidden is not None
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats or online
     sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
@@ -221,12 +231,14 @@ def topk_kd_backward(
     """Gradients ``(d hidden, d weight, d bias or empty)`` of ``Σ_n grad_rows[n] · loss_rows[n]``."""
     n_rows, dim = hidden.shape
     vocab, k = weight.shape[0], teacher_ids.shape[1]
+    grads = _grad_buffers(hidden, weight, bias)
+    results_like = (hidden, weight, bias)
+    hidden, weight = _common(hidden, weight)
     launch = _Launch(hidden, k)
     counted = _counted(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
     use_ce = ce_weight != 0.0
-    grads = _grad_buffers(hidden, weight, bias)
     sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
     if tail == "bucket" or use_ce or config.deterministic:
         filter_on, filter_eps = _filter(hidden.dtype)
@@ -250,7 +262,7 @@ def topk_kd_backward(
         kern.gather_backward_kernel[(n_rows,)](
             hidden, weight, teacher_ids.to(torch.int32).contiguous(), grad, *grads, n_rows, dim, k,
             HAS_BIAS=bias is not None, KP=launch.KP, BD=launch.BD)
-    return _grad_results(grads, hidden, weight, bias)
+    return _grad_results(grads, *results_like)
 
 
 @topk_kd_backward.register_fake
@@ -298,6 +310,8 @@ def dense_kd_forward(
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
+    hidden, weight = _common(hidden, weight)
+    teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden)
     counted = _counted(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
@@ -348,10 +362,13 @@ def dense_kd_backward(
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
+    grads = _grad_buffers(hidden, weight, bias)
+    results_like = (hidden, weight, bias)
+    hidden, weight = _common(hidden, weight)
+    teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden)
     counted = _counted(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
-    grads = _grad_buffers(hidden, weight, bias)
     filter_on, filter_eps = _filter(hidden.dtype)
     args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
             _or_dummy(teacher_bias, device), _dummy(device), _dummy(device),
@@ -363,7 +380,7 @@ def dense_kd_backward(
                      **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
                      WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta),
                      FILTER=filter_on)
-    return _grad_results(grads, hidden, weight, bias)
+    return _grad_results(grads, *results_like)
 
 
 @dense_kd_backward.register_fake
@@ -408,6 +425,8 @@ def select_topk(
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
+    hidden, weight = _common(hidden, weight)
+    teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden, k)
     launch.BN = max(launch.BN, launch.KP)  # tl.topk takes at most a tile's width
     ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)

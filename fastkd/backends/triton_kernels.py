@@ -129,8 +129,9 @@ def topk_forward_kernel(
     mt = tl.full((BM,), neg_inf, tl.float32)
     st = tl.zeros((BM,), tl.float32)
     st_tail = tl.zeros((BM,), tl.float32)
-    # A block of ignored rows reads nothing (unless statistics, defined on every row, are asked).
-    if WITH_STATS or tl.max(counted.to(tl.int32)) > 0:
+    if WITH_STATS:  # statistics are defined on every row, ignored or not
+        counted = row_mask
+    if tl.max(counted.to(tl.int32)) > 0:  # a block of ignored rows reads nothing
         for v0 in range(0, V, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
@@ -243,7 +244,9 @@ def dense_forward_kernel(
     if PASS == 2:
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         t_lse = tl.load(t_lse_ptr + rows, mask=row_mask, other=0.0)
-    if WITH_STATS or tl.max(counted.to(tl.int32)) > 0:
+    if WITH_STATS:
+        counted = row_mask
+    if tl.max(counted.to(tl.int32)) > 0:
         for v0 in range(0, V, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
@@ -389,10 +392,11 @@ def backward_kernel(
                                 v0, cols, col_mask, D, DT, K, inv_temp, cap, t_cap, beta,
                                 HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL,
                                 WITH_CE, KIND, BM, BN, BD, KP, PRECISION)
-                keep = True
                 if FILTER:
                     # relative to the block's largest row scale: entries are O(1)·scale at most
                     keep = tl.max(tl.abs(dz)) >= skip_below * live
+                else:
+                    keep = live > 0
                 if keep:
                     if HAS_BIAS and MODE != 1:
                         db = tl.sum(dz, axis=0)
