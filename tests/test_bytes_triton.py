@@ -23,7 +23,7 @@ import torch
 import fastkd
 from fastkd.bytes import ByteVocab
 from fastkd.bytes.reference import byte_kd_loss_reference, byte_logprobs_reference
-from conftest import assert_rel_close
+from conftest import assert_rel_close, rel_error
 
 TOLERANCE = {torch.float32: 3e-5, torch.float16: 3e-3}
 
@@ -147,6 +147,29 @@ def test_triton_byte_logprobs_against_reference(triton_results, index):
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert g.dtype == hidden.dtype
         assert_rel_close(g, r, tol, f"grad {name}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-interpreter case; the GPU lane has its own")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
+def test_triton_mixed_dtypes_and_tiny_row_scales(weight_dtype):
+    # float16 activations with a float32 head (computed in float32) or a float16 one, and a
+    # gradient of 1e-5 per entry (a mean over many rows): small 16-bit gradients stay accurate to
+    # their own rounding (dz is scaled to O(1) per tile before its 16-bit cast).
+    vocab, hidden, weight, bias, grad_out, options = case_tensors(3)
+    hidden = hidden.requires_grad_()
+    weight = weight.to(weight_dtype).requires_grad_()
+    out = fastkd.byte_logprobs(hidden, weight, vocab, impl="triton", **options)
+    grads = torch.autograd.grad(torch.where(torch.isfinite(out), out, 0.0), [hidden, weight], grad_out * 1e-5)
+    leaves = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref = byte_logprobs_reference(leaves[0], leaves[1], vocab, **options)
+    finite = torch.isfinite(ref)
+    assert_rel_close(torch.where(finite, out, 0.0), torch.where(finite, ref, 0.0), TOLERANCE[torch.float32],
+                     "byte log-probs")
+    ref_grads = torch.autograd.grad(torch.where(finite, ref, 0.0), leaves, grad_out.double() * 1e-5)
+    for name, g, r, dtype in zip(("hidden", "weight"), grads, ref_grads, (torch.float16, weight_dtype)):
+        assert g.dtype == dtype
+        # float16 gradients this small are subnormal: allow twice the reference's own rounding.
+        assert_rel_close(g, r, 2 * rel_error(r.to(dtype), r) + TOLERANCE[torch.float16], f"grad {name}")
 
 
 def test_triton_byte_kd_loss_against_reference(triton_results):

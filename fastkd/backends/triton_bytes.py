@@ -166,19 +166,22 @@ def _byte_lse_backward_kernel(
         dz = dz * (1.0 - capped * capped)
     if HAS_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
-    dz = dz.to(hidden_ptr.dtype.element_ty)
+    # Scaled to O(1) before a 16-bit cast (a mean over many rows makes every entry tiny and fp16
+    # would flush it to zero); the products are scaled back in float32.
+    scale = tl.maximum(tl.max(tl.abs(dz)), 1e-30)
+    dz = (dz / scale).to(hidden_ptr.dtype.element_ty)
     for k in range(0, dim, BLOCK_D):
         dims = k + tl.arange(0, BLOCK_D)
         dim_mask = dims < dim
         w = tl.load(weight_ptr + cols[:, None] * stride_weight + dims[None, :],
                     mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * dim + dims[None, :],
-                      tl.dot(dz, w, input_precision=DOT_PRECISION),
+                      tl.dot(dz, w, input_precision=DOT_PRECISION) * scale,
                       mask=row_mask[:, None] & dim_mask[None, :])
         h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_weight_ptr + cols[:, None] * dim + dims[None, :],
-                      tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION),
+                      tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION) * scale,
                       mask=col_mask[:, None] & dim_mask[None, :])
 
 
@@ -249,7 +252,9 @@ def byte_lse(
 ) -> Tensor:
     """Bucket log-sum-exps ``(N, 257)`` float32; ``range_start``/``part_bucket`` from
     ``ByteVocab.range_plan(block_sizes(device)["BLOCK_V"], G, device)``."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    # tl.dot needs one operand dtype: the wider of the two (a float32 head is not rounded).
+    common = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.to(common).contiguous(), weight.to(common).contiguous()
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
     blocks = block_sizes(hidden.device)
@@ -282,7 +287,10 @@ def byte_lse_backward(
     bucket_lse: Tensor, temperature: float, softcap: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight, d bias or empty)`` of ``Σ grad · bucket_lse``."""
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+    hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
+    # tl.dot needs one operand dtype: the wider of the two (a float32 head is not rounded).
+    common = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.to(common).contiguous(), weight.to(common).contiguous()
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -302,8 +310,8 @@ def byte_lse_backward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
             BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"])
-    return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
-            grad_bias.to(bias.dtype if bias is not None else weight.dtype))
+    return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype),
+            grad_bias.to(bias.dtype if bias is not None else weight_dtype))
 
 
 @byte_lse_backward.register_fake
