@@ -6,6 +6,9 @@ losses and their peak extra memory. (The end-to-end distillation demo of DESIGN.
 when the trainer lands; ``cache``, ``train`` and ``eval`` come with their issues.)
 
 ``fastkd bench [ARGS]``: the benchmark runner of a checkout (``python -m bench ARGS``).
+
+``fastkd cache capture|import-vllm|import-dataset|verify ...``: offline teacher caches
+(docs/cache.md); ``fastkd cache --teacher ...`` is short for ``fastkd cache capture --teacher ...``.
 """
 from __future__ import annotations
 
@@ -46,10 +49,103 @@ def bench(bench_args: list[str]) -> int:
     return 0
 
 
+_CACHE_ACTIONS = ("capture", "import-vllm", "import-dataset", "verify")
+
+
+def cache(args: argparse.Namespace) -> int:
+    from . import cache as kd_cache
+
+    if args.action == "verify":
+        reader = kd_cache.TeacherCache(args.dir, verify=True, allow_incomplete=True)
+        manifest = reader.manifest
+        state = "complete" if manifest["complete"] else "INCOMPLETE"
+        print(f"{args.dir}: {manifest['kind']} cache of {manifest['teacher']!r}, {len(manifest['shards'])} "
+              f"shards, {manifest['sequences']} sequences, {manifest['tokens']} tokens, {state}; "
+              "every sha256 matches")
+        return 0
+    tokenizer = None
+    if getattr(args, "tokenizer", None):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.action == "import-vllm":
+        manifest = kd_cache.import_vllm(args.input, args.out, topk=args.topk, vocab_size=args.vocab_size,
+                                        tokenizer=tokenizer, dtype=args.dtype, temperature=args.temperature,
+                                        teacher=args.teacher, shard_tokens=args.shard_tokens)
+    elif args.action == "import-dataset":
+        manifest = kd_cache.import_dataset(args.input, args.out, topk=args.topk, vocab_size=args.vocab_size,
+                                           tokenizer=tokenizer, dtype=args.dtype,
+                                           temperature=args.temperature, teacher=args.teacher,
+                                           alignment=args.alignment, shard_tokens=args.shard_tokens)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.model_dtype]
+        model = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+        texts = kd_cache.load_texts(args.data, text_field=args.text_field)
+
+        def report(entry):
+            print(f"wrote {entry['file']}: {entry['sequences']} sequences, {entry['tokens']} tokens", flush=True)
+
+        manifest = kd_cache.capture(model, tokenizer, texts, args.out, topk=args.topk, dtype=args.dtype,
+                                    temperature=args.temperature, max_length=args.max_length,
+                                    shard_tokens=args.shard_tokens, batch_size=args.batch_size,
+                                    resume=args.resume, teacher_name=args.teacher,
+                                    byte_level=args.byte_level, on_shard=report)
+    print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['sequences']} sequences, "
+          f"{manifest['tokens']} tokens")
+    return 0
+
+
+def _add_cache_parser(commands) -> None:
+    p = commands.add_parser("cache", help="teacher caches: capture, import-vllm, import-dataset, verify "
+                                          "(docs/cache.md)")
+    actions = p.add_subparsers(dest="action", required=True)
+    c = actions.add_parser("capture", help="run a Hugging Face teacher over a dataset")
+    c.add_argument("--teacher", required=True, help="local path or hub name of the teacher causal LM")
+    c.add_argument("--tokenizer", default=None, help="tokenizer path (default: the teacher's)")
+    c.add_argument("--data", required=True, help=".txt (one sequence per line) or .jsonl (--text-field)")
+    c.add_argument("--text-field", default="text")
+    c.add_argument("--out", required=True, help="cache directory")
+    c.add_argument("--topk", type=int, default=64)
+    c.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="stored log-prob format")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--max-length", type=int, default=512)
+    c.add_argument("--shard-tokens", type=int, default=1 << 20)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--byte-level", action="store_true", help="byte-level cache (cross-tokenizer)")
+    c.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted capture in --out")
+    for name, source in (("import-vllm", "vLLM prompt_logprobs JSON lines"),
+                         ("import-dataset", ".jsonl/.parquet with input_ids, target_token_ids, target_logprobs")):
+        i = actions.add_parser(name, help=f"import {source}")
+        i.add_argument("input", help=source)
+        i.add_argument("--out", required=True)
+        i.add_argument("--topk", type=int, required=True)
+        i.add_argument("--vocab-size", type=int, default=None, help="teacher V (default: len(--tokenizer))")
+        i.add_argument("--tokenizer", default=None, help="teacher tokenizer, for the fingerprint")
+        i.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+        i.add_argument("--temperature", type=float, default=1.0, help="temperature of the log-probs (recorded)")
+        i.add_argument("--teacher", default=name.split("-")[1], help="teacher name (recorded)")
+        i.add_argument("--shard-tokens", type=int, default=1 << 20)
+        if name == "import-dataset":
+            i.add_argument("--alignment", default="logits", choices=["logits", "tokens"],
+                           help="entry t predicts token t+1 (logits) or token t (tokens)")
+    v = actions.add_parser("verify", help="check a cache's manifest and every shard's sha256")
+    v.add_argument("dir")
+    p.set_defaults(run=cache)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark runner
         return bench(argv[1:])
+    if argv[:1] == ["cache"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
+        argv = ["cache", "capture"] + argv[1:]  # fastkd cache --teacher ... = fastkd cache capture ...
     parser = argparse.ArgumentParser(prog="fastkd", description="fused knowledge-distillation losses")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="fused vs naive loss on random tensors: value and peak memory")
@@ -62,6 +158,7 @@ def main(argv=None) -> int:
     p.set_defaults(run=demo)
     commands.add_parser("bench", help="the benchmark runner of a checkout (python -m bench); "
                                       "its arguments follow, see fastkd bench --help")
+    _add_cache_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
