@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -24,6 +25,9 @@ MAX_LOGPROB = math.log1p(dv.TOPK_MASS_SLACK)
 def tensor(name, x, *, dtypes=None, integer=False, ndim=None, min_ndim=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if _is_dtensor(x):
+        raise TypeError(f"{name} is a DTensor (a sharded parameter, e.g. an LM head in its own FSDP2 "
+                        f"unit); pass {name}.full_tensor(), which gathers it differentiably")
     if integer and x.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {x.dtype}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -33,6 +37,12 @@ def tensor(name, x, *, dtypes=None, integer=False, ndim=None, min_ndim=None):
     if min_ndim is not None and x.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
     return x
+
+
+def _is_dtensor(x) -> bool:
+    # a DTensor can only exist once its module is imported: no import (and no cost) otherwise
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def same_device(reference_name, reference, **others):

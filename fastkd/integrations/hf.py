@@ -220,9 +220,14 @@ def _gather_sharded(tensor: Optional[Tensor]) -> Optional[Tensor]:
     """A DTensor (FSDP2 shard) gathered to a full, differentiable tensor; anything else as it is."""
     if tensor is None or not torch.distributed.is_available():
         return tensor
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial
 
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    # The head's own FSDP unit never sees its output used, so its post-backward reduce-scatter
+    # does not run: the gather's backward must average the per-rank gradients itself, as FSDP's
+    # own reduction would (Partial("avg")); the default would keep each rank's own contribution.
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * len(tensor.placements))
 
 
 def _slice_vocab(weight: Tensor, bias: Optional[Tensor], vocab_size, model_name: str):
