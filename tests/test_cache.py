@@ -172,6 +172,20 @@ def test_round_trip_bit_exact(captured):
             assert np.array_equal(handle.get_tensor("topk"), shard["topk"])
 
 
+def test_pickled_cache_does_not_carry_mapped_shards(captured):
+    # A DataLoader worker receives the manifest and maps shards itself, never a copied shard.
+    import pickle
+    out, manifest = captured
+    cache = TeacherCache(out)
+    first = cache[0]
+    assert cache._shards  # a shard is mapped now
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone._shards == {}
+    again = clone[0]
+    for key in ("input_ids", "teacher_ids", "teacher_logprobs"):
+        assert torch.equal(again[key], first[key])
+
+
 def test_corrupted_and_missing_shards(captured, tmp_path):
     out, manifest = captured
     copy = tmp_path / "copy"
@@ -317,6 +331,10 @@ def test_import_vllm(tmp_path):
     manifest = import_vllm(_write_jsonl(tmp_path / "v.jsonl", records), out, topk=2, vocab_size=20,
                            temperature=0.7, shard_tokens=10)
     assert len(manifest["shards"]) == 1 and manifest["temperature"] == 0.7 and manifest["tokenizer_fingerprint"] is None
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="temperature"):
+            import_vllm(_write_jsonl(tmp_path / "v.jsonl", records), tmp_path / "bad", topk=2, vocab_size=20,
+                        temperature=bad)
     manifest = import_vllm(_write_jsonl(tmp_path / "v.jsonl", records), tmp_path / "v2", topk=2,
                            vocab_size=20, shard_tokens=2)
     assert len(manifest["shards"]) == 2

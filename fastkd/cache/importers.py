@@ -128,6 +128,13 @@ def _lines(path) -> Iterator[tuple[int, dict]]:
             yield number, record
 
 
+def _temperature(temperature) -> float:
+    """The recorded temperature: a real number > 0 (it is what the log-probs were computed at)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be a real number > 0, got {temperature!r}")
+    return float(temperature)
+
+
 def import_vllm(path, out, *, topk: int, vocab_size: Optional[int] = None, tokenizer=None,
                 dtype: str = "fp16", temperature: float = 1.0, teacher: str = "vllm",
                 shard_tokens: int = 1 << 20) -> dict:
@@ -146,6 +153,7 @@ def import_vllm(path, out, *, topk: int, vocab_size: Optional[int] = None, token
         shard_tokens: tokens per shard (at least), default 2^20.
     """
     topk, shard_tokens, fingerprint, vocab_size = _common(topk, dtype, vocab_size, tokenizer, shard_tokens)
+    temperature = _temperature(temperature)
     manifest = fmt.new_manifest("topk", teacher=teacher, fingerprint=fingerprint, fingerprint_kind="tokenizer",
                                 vocab_size=vocab_size, topk=topk, temperature=temperature, dtype=dtype,
                                 source={"importer": "vllm", "file": Path(path).name})
@@ -217,6 +225,7 @@ def import_dataset(path, out, *, topk: int, vocab_size: Optional[int] = None, to
     if alignment not in ("logits", "tokens"):
         raise ValueError(f"alignment must be 'logits' or 'tokens', got {alignment!r}")
     topk, shard_tokens, fingerprint, vocab_size = _common(topk, dtype, vocab_size, tokenizer, shard_tokens)
+    temperature = _temperature(temperature)
     manifest = fmt.new_manifest("topk", teacher=teacher, fingerprint=fingerprint, fingerprint_kind="tokenizer",
                                 vocab_size=vocab_size, topk=topk, temperature=temperature, dtype=dtype,
                                 source={"importer": "dataset", "file": Path(path).name, "alignment": alignment})

@@ -77,6 +77,13 @@ class TeacherCache(Dataset):
         self._length = total
         self._shards: dict[int, dict] = {}
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the manifest, not opened memory maps (pickling one would copy the
+        # whole shard into every worker); each worker maps the shards it reads itself.
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
     def _check_fingerprint(self, name: str, fingerprint: str) -> None:
         recorded = self.manifest.get("tokenizer_fingerprint")
         if recorded is None:
