@@ -208,7 +208,7 @@ def test_host_topk_stats_match_float64(host_ext, code, vocab):
     rows, k, temperature, cap = 6, 5, 1.7, 4.0
     logits = _buffer(rows, vocab, BUFFER_DTYPES[code], seed=vocab + code)
     ids = _ids(rows, vocab, k, seed=1)
-    sorted_ids, _perm = cuda_backend._sorted_ids(ids, vocab)
+    sorted_ids, _perm = cuda_backend.sorted_topk_ids(ids, vocab)
     out = torch.zeros(4, rows)
     host_ext.topk_stats(logits.data_ptr(), code, rows, vocab, sorted_ids.data_ptr(), k,
                         1 / temperature, cap, True, True, True, *(o.data_ptr() for o in out), 0)
@@ -231,7 +231,7 @@ def test_host_topk_grad_matches_float64(host_ext, code, with_tail):
     dtype = BUFFER_DTYPES[code]
     logits = _buffer(rows, vocab, dtype, seed=3)
     ids = _ids(rows, vocab, k, seed=4)
-    sorted_ids, perm = cuda_backend._sorted_ids(ids, vocab)
+    sorted_ids, perm = cuda_backend.sorted_topk_ids(ids, vocab)
     gen = torch.Generator().manual_seed(5)
     values = torch.randn(rows, k, generator=gen)
     kd_lse, dense_scale, ce_scale = (torch.randn(rows, generator=gen) for _ in range(3))

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .. import divergences as dv
 from . import cuda_build
-from .torch_backend import _topk_epilogue
+from .torch_backend import _topk_epilogue, counted_rows, sorted_topk_ids
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -107,21 +107,8 @@ def _check_buffer_dtype(hidden: Tensor) -> int:
     return _DTYPE_CODES[hidden.dtype]
 
 
-def _counted(labels: Optional[Tensor], n_rows: int, ignore_index: int, device) -> Tensor:
-    if labels is None:
-        return torch.ones(n_rows, dtype=torch.bool, device=device)
-    return labels != ignore_index
-
-
 def _safe_labels(labels: Optional[Tensor], counted: Tensor) -> Optional[Tensor]:
     return None if labels is None else torch.where(counted, labels, 0).long().contiguous()
-
-
-def _sorted_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """Ids sorted per row as int32, unused slots (``-1``) set to ``vocab``; and the permutation."""
-    key = torch.where(ids >= 0, ids, vocab)
-    sorted_ids, perm = torch.sort(key, dim=1, stable=True)
-    return sorted_ids.to(torch.int32).contiguous(), perm
 
 
 class _Head:
@@ -227,13 +214,13 @@ def topk_kd_forward(
     code = _check_buffer_dtype(hidden)
     launch = _Launch(device)
     head = _Head(weight, bias, dtype)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     with_tail = tail == "bucket"
     safe_labels = _safe_labels(labels, counted)
     valid = teacher_ids >= 0
     safe_ids = teacher_ids.clamp(min=0)
-    sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
+    sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
     f32 = dict(dtype=torch.float32, device=device)
     lse, tail_lse, lse_ce, mean_z, target, kd_rows = (torch.zeros(n_rows, **f32) for _ in range(6))
     state = torch.zeros((n_rows, 4), **f32)
@@ -320,7 +307,7 @@ def topk_kd_backward(
     code = _check_buffer_dtype(hidden)
     launch = _Launch(device)
     head = _Head(weight, bias, dtype)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     with_tail = tail == "bucket"
     safe_labels = _safe_labels(labels, counted)
@@ -328,7 +315,7 @@ def topk_kd_backward(
     kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
     valid = teacher_ids >= 0
     safe_ids = teacher_ids.clamp(min=0)
-    sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
+    sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
     grads = _Grads(hidden, weight, bias, dtype)
     step = chunk_rows(n_rows, vocab, hidden.element_size(), chunk_bytes)
     buffer = torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device)
@@ -419,7 +406,7 @@ def dense_kd_forward(
     launch = _Launch(device)
     head = _Head(weight, bias, dtype)
     teacher_head = _Head(teacher_weight, teacher_bias, dtype)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     safe_labels = _safe_labels(labels, counted)
     kind = _kind(divergence, beta)
@@ -495,7 +482,7 @@ def dense_kd_backward(
     launch = _Launch(device)
     head = _Head(weight, bias, dtype)
     teacher_head = _Head(teacher_weight, teacher_bias, dtype)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     safe_labels = _safe_labels(labels, counted)
     g = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g

@@ -111,10 +111,19 @@ def _chunks(n_rows: int, row_bytes: int, budget: int):
         yield slice(start, min(n_rows, start + step))
 
 
-def _counted(labels: Optional[Tensor], n_rows: int, ignore_index: int, device) -> Tensor:
+def counted_rows(labels: Optional[Tensor], n_rows: int, ignore_index: int, device) -> Tensor:
+    """``(N,)`` bool: the rows that count (every row when ``labels`` is None). Shared by the backends."""
     if labels is None:
         return torch.ones(n_rows, dtype=torch.bool, device=device)
     return labels != ignore_index
+
+
+def sorted_topk_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Ids sorted per row as int32 with unused slots (``-1``) set to ``vocab`` so they sort last,
+    and the permutation (``sorted = ids.gather(1, perm)``): how the Triton and CUDA kernels find S."""
+    key = torch.where(ids >= 0, ids, vocab)
+    sorted_ids, perm = torch.sort(key, dim=1, stable=True)
+    return sorted_ids.to(torch.int32).contiguous(), perm
 
 
 def _cross_entropy(capped: Tensor, labels: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,7 +218,7 @@ def topk_kd_forward(
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden, weight)
     head = _Head(weight, bias, softcap, dtype)
-    counted = _counted(labels, n_rows, ignore_index, hidden.device)
+    counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats
 
@@ -282,7 +291,7 @@ def topk_kd_backward(
     dtype = compute_dtype(hidden, weight)
     head = _Head(weight, bias, softcap, dtype)
     grads = _Grads(hidden, weight, bias, dtype)
-    counted = _counted(labels, n_rows, ignore_index, hidden.device)
+    counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce
     grad_rows = torch.where(counted, grad_rows.to(dtype), 0.0)
@@ -383,7 +392,7 @@ def dense_kd_forward(
     dtype = compute_dtype(hidden, weight)
     head = _Head(weight, bias, softcap, dtype)
     teacher_head = _Head(teacher_weight, teacher_bias, teacher_softcap, dtype)
-    counted = _counted(labels, n_rows, ignore_index, hidden.device)
+    counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     use_ce = ce_weight != 0.0
 
     loss_rows = hidden.new_zeros(n_rows, dtype=dtype)
@@ -431,7 +440,7 @@ def dense_kd_backward(
     head = _Head(weight, bias, softcap, dtype)
     teacher_head = _Head(teacher_weight, teacher_bias, teacher_softcap, dtype)
     grads = _Grads(hidden, weight, bias, dtype)
-    counted = _counted(labels, n_rows, ignore_index, hidden.device)
+    counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.to(dtype), 0.0)
     kd_scale = kd_weight * temperature * grad_rows
     row_bytes = _DENSE_BLOCKS * vocab * (torch.finfo(dtype).bits // 8)

@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import divergences as dv
 from ..config import config
 from . import triton_kernels as kern
-from .torch_backend import _topk_epilogue
+from .torch_backend import _topk_epilogue, counted_rows, sorted_topk_ids
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Resolution below which a gradient entry vanishes next to an O(1) one in the input dtype.
@@ -60,19 +60,6 @@ def _common(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def _head_flags(bias: Optional[Tensor], cap: Optional[float], prefix: str = "") -> dict:
     return {f"{prefix}HAS_BIAS": bias is not None, f"{prefix}HAS_CAP": cap is not None}
-
-
-def _counted(labels: Optional[Tensor], n_rows: int, ignore_index: int, device) -> Tensor:
-    if labels is None:
-        return torch.ones(n_rows, dtype=torch.bool, device=device)
-    return labels != ignore_index
-
-
-def _sorted_ids(ids: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """Ids sorted per row as int32, unused slots (``-1``) set to ``vocab``; and the permutation."""
-    key = torch.where(ids >= 0, ids, vocab)
-    sorted_ids, perm = torch.sort(key, dim=1, stable=True)
-    return sorted_ids.to(torch.int32).contiguous(), perm
 
 
 def _dummy(device) -> Tensor:
@@ -129,10 +116,10 @@ def topk_kd_forward(
     if online:
         teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden, k)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats or online
-    sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
+    sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
     valid = sorted_ids < vocab
     f32 = dict(dtype=torch.float32, device=device)
 
@@ -235,11 +222,11 @@ def topk_kd_backward(
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     launch = _Launch(hidden, k)
-    counted = _counted(labels, n_rows, ignore_index, hidden.device)
+    counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
     use_ce = ce_weight != 0.0
-    sorted_ids, perm = _sorted_ids(teacher_ids, vocab)
+    sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
     if tail == "bucket" or use_ce or config.deterministic:
         filter_on, filter_eps = _filter(hidden.dtype)
         device = hidden.device
@@ -313,7 +300,7 @@ def dense_kd_forward(
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     f32 = dict(dtype=torch.float32, device=device)
     lse, t_lse, lse_ce, target, mean_z, kd, wsum = (torch.zeros(n_rows, **f32) for _ in range(7))
@@ -367,7 +354,7 @@ def dense_kd_backward(
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden)
-    counted = _counted(labels, n_rows, ignore_index, device)
+    counted = counted_rows(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     filter_on, filter_eps = _filter(hidden.dtype)
     args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,

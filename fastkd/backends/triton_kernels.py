@@ -63,10 +63,21 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
 
 
 @triton.jit
-def _online_update(m, tile):
-    """One step of an online log-sum-exp: the new running max and the rescale of old sums."""
+def _online_lse(m, s, tile):
+    """One tile of an online log-sum-exp: the new running max and sum ``Σ exp(x − m)``, the factor
+    ``alpha`` that rescales any other sum kept against the old max, and the tile's ``exp(x − m)``."""
     m_new = tl.maximum(m, tl.max(tile, axis=1))
-    return m_new, tl.exp(m - m_new)
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(tile - m_new[:, None])
+    return m_new, s * alpha + tl.sum(e, axis=1), alpha, e
+
+
+@triton.jit
+def _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels):
+    """One tile of the CE statistics of the untempered logits: online lse and the label's logit."""
+    m_ce, s_ce, _alpha, _e = _online_lse(m_ce, s_ce, capped)
+    target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
+    return m_ce, s_ce, target
 
 
 @triton.jit
@@ -155,24 +166,15 @@ def topk_forward_kernel(
                 tl.store(zs_ptr + rows * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
                 if HAS_TEACHER:
                     tl.store(t_zs_ptr + rows * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
-            m_new, alpha = _online_update(m, z)
-            e = tl.exp(z - m_new[:, None])
-            s = s * alpha + tl.sum(e, axis=1)
+            m, s, alpha, e = _online_lse(m, s, z)
             s_tail = s_tail * alpha + tl.sum(tl.where(in_s, 0.0, e), axis=1)
             if WITH_STATS:
                 s_z = s_z * alpha + tl.sum(e * z, axis=1)
-            m = m_new
             if HAS_TEACHER:
-                mt_new, alpha_t = _online_update(mt, tz)
-                et = tl.exp(tz - mt_new[:, None])
-                st = st * alpha_t + tl.sum(et, axis=1)
+                mt, st, alpha_t, et = _online_lse(mt, st, tz)
                 st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
-                mt = mt_new
             if WITH_CE:
-                mce_new, alpha_ce = _online_update(m_ce, capped)
-                s_ce = s_ce * alpha_ce + tl.sum(tl.exp(capped - mce_new[:, None]), axis=1)
-                m_ce = mce_new
-                target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
+                m_ce, s_ce, target = _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels)
     tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
     tl.store(tail_lse_ptr + rows, m + tl.log(s_tail), mask=row_mask)
     if WITH_STATS:
@@ -258,20 +260,12 @@ def dense_forward_kernel(
                               T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
             tz = tl.where(col_mask[None, :], tz * inv_temp, masked)
             if PASS == 1:
-                m_new, alpha = _online_update(m, z)
-                e = tl.exp(z - m_new[:, None])
-                s = s * alpha + tl.sum(e, axis=1)
+                m, s, alpha, e = _online_lse(m, s, z)
                 if WITH_STATS:
                     s_z = s_z * alpha + tl.sum(e * z, axis=1)
-                m = m_new
-                mt_new, alpha_t = _online_update(mt, tz)
-                st = st * alpha_t + tl.sum(tl.exp(tz - mt_new[:, None]), axis=1)
-                mt = mt_new
+                mt, st, _alpha_t, _et = _online_lse(mt, st, tz)
                 if WITH_CE:
-                    mce_new, alpha_ce = _online_update(m_ce, capped)
-                    s_ce = s_ce * alpha_ce + tl.sum(tl.exp(capped - mce_new[:, None]), axis=1)
-                    m_ce = mce_new
-                    target += tl.sum(tl.where(cols[None, :] == labels[:, None], capped, 0.0), axis=1)
+                    m_ce, s_ce, target = _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels)
             else:
                 term, w, _p = _dense_terms(z, tz, lse, t_lse, beta, KIND)
                 kd += tl.sum(tl.where(col_mask[None, :], term, 0.0), axis=1)

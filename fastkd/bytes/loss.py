@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import _validate as check
 from .. import divergences as dv
 from ..backends import torch_bytes
+from ..backends.torch_backend import counted_rows
 from ..config import config
 from .align import ByteAlignment
 from .vocab import N_BUCKETS, ByteVocab
@@ -305,8 +306,8 @@ def byte_kd_loss(
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     labels1 = None if labels is None else labels.reshape(-1).long()
     teacher_labels1 = None if teacher_labels is None else teacher_labels.reshape(-1).long()
-    counted = _counted(labels1, n_student, ignore, hidden.device)
-    teacher_counted = _counted(teacher_labels1, n_teacher, ignore, hidden.device)
+    counted = counted_rows(labels1, n_student, ignore, hidden.device)
+    teacher_counted = counted_rows(teacher_labels1, n_teacher, ignore, hidden.device)
     check.values(vocab, counted, labels1)
     if teacher_byte_logprobs is None and teacher_labels1 is not None:
         check.values(teacher_weight.shape[0], teacher_counted, teacher_labels1)
@@ -363,12 +364,6 @@ def byte_kd_loss(
         return loss_rows
     total = loss_rows.sum()
     return total if opts["reduction"] == "sum" else total / counted.sum().clamp(min=1)
-
-
-def _counted(labels: Optional[Tensor], n_rows: int, ignore_index: int, device) -> Tensor:
-    if labels is None:
-        return torch.ones(n_rows, dtype=torch.bool, device=device)
-    return labels != ignore_index
 
 
 def _check_teacher(hidden, teacher_hidden, teacher_weight, teacher_byte_vocab, teacher_bias,
