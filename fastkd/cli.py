@@ -1,9 +1,10 @@
 """The ``fastkd`` command.
 
-``fastkd demo``: one forward+backward of the fused top-k reverse-KL loss and of the naive
-``log_softmax(h @ Wᵀ)`` loss on the same random tensors, each in a fresh process, printing both
-losses and their peak extra memory. (The end-to-end distillation demo of DESIGN.md §5 replaces it
-when the trainer lands; ``cache``, ``train`` and ``eval`` come with their issues.)
+``fastkd demo [--out DIR]``: distillation end to end, offline, on the CPU (fastkd/demo.py): a local
+corpus and teacher, three students distilled against their CE-only twins, the comparison table.
+
+``fastkd train CONFIG.yaml [--key value ...]``: the trainer (docs/train.md); ``fastkd eval`` with
+the same arguments reports the held-out CE and KL to the teacher of the config's student.
 
 ``fastkd bench [ARGS]``: the benchmark runner of a checkout (``python -m bench ARGS``).
 
@@ -18,22 +19,35 @@ import sys
 
 
 def demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo import DemoPlan, run_demo
 
-    from .memory import measure
+    run_demo(out=args.out, workdir=args.workdir, plan=DemoPlan(seed=args.seed))
+    return 0
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"fastkd demo: top-k reverse KL (K={args.topk}, tail bucket), forward+backward on {device}, "
-          f"N={args.tokens} tokens, D={args.dim}, V={args.vocab}, {args.dtype}")
-    rows = [measure(impl, args.tokens, args.dim, args.vocab, args.topk, device, args.dtype)
-            for impl in ("fused", "naive")]
-    fused, naive = rows
-    print(f"{'loss':<28}{'value':>14}{'peak extra MB':>16}")
-    for name, row in (("fastkd.topk_kd_loss (torch)", fused), ("naive log_softmax", naive)):
-        print(f"{name:<28}{row['loss']:>14.6f}{row['peak_extra_bytes'] / 2**20:>16.1f}")
-    ratio = naive["peak_extra_bytes"] / max(fused["peak_extra_bytes"], 1)
-    print(f"same loss to {abs(fused['loss'] - naive['loss']):.1e}; fused needs 1/{ratio:.1f} of the "
-          f"naive peak memory (measured by {fused['method']})")
+
+def train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .train import Trainer, TrainConfig
+    from .train.config import config_help
+
+    if args.help_config:
+        print("fastkd train CONFIG.yaml [--key value ...]; the keys:\n" + config_help())
+        return 0
+    if args.config is None:
+        print("fastkd train: give a CONFIG.yaml (fastkd train --help-config lists the keys)", file=sys.stderr)
+        return 2
+    try:
+        config = TrainConfig.load(args.config, overrides)
+    except (ValueError, TypeError) as error:
+        print(f"fastkd {args.command}: {error}", file=sys.stderr)
+        return 2
+    if args.command == "eval":
+        import json
+
+        print(json.dumps(Trainer(config).evaluate(), indent=2))
+        return 0
+    summary = Trainer(config).train()
+    print(f"fastkd train: {summary['step']} steps, final loss {summary['loss']:.4f}; "
+          f"eval {summary['eval'] or '-'}; outputs in {summary['output_dir']}")
     return 0
 
 
@@ -148,18 +162,28 @@ def main(argv=None) -> int:
         argv = ["cache", "capture"] + argv[1:]  # fastkd cache --teacher ... = fastkd cache capture ...
     parser = argparse.ArgumentParser(prog="fastkd", description="fused knowledge-distillation losses")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="fused vs naive loss on random tensors: value and peak memory")
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p = commands.add_parser("demo", help="distil a small local teacher into three students, offline, on the "
+                                         "CPU: held-out CE and KL against CE-only twins, loss peak memory")
+    p.add_argument("--out", default=None, help="also write the table to OUT/results.json")
+    p.add_argument("--workdir", default=None, help="keep the corpus, models, caches and runs here "
+                                                   "(default: a temporary directory, removed)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
+    for name, what in (("train", "train a student (docs/train.md)"),
+                       ("eval", "held-out CE and KL to the teacher of a config's student")):
+        t = commands.add_parser(name, help=what, description=f"fastkd {name} CONFIG.yaml [--key value ...]: "
+                                "any key of the config can be overridden on the command line")
+        t.add_argument("config", nargs="?", help="YAML file of TrainConfig keys")
+        t.add_argument("--help-config", action="store_true", help="list the config keys and exit")
+        t.set_defaults(run=train)
     commands.add_parser("bench", help="the benchmark runner of a checkout (python -m bench); "
                                       "its arguments follow, see fastkd bench --help")
     _add_cache_parser(commands)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("train", "eval"):
+        return args.run(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.run(args)
 
 

@@ -1,0 +1,303 @@
+"""The trainer's configuration: one flat dataclass, read from YAML and ``--key value`` overrides.
+
+``fastkd train run.yaml --lr 3e-4 --lora true`` loads ``run.yaml`` into :class:`TrainConfig`, applies
+the overrides (parsed by the type of each field), checks every value and the combinations of the
+chosen mode, and names the key of anything wrong. ``fastkd train --help-config`` lists the keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+MODES = ("offline", "online", "on_policy", "cross_tokenizer", "sft")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``fastkd train``; the help text of each key is in its field metadata."""
+
+    # --- what is trained, from what -------------------------------------------------------------
+    mode: str = _doc("offline (teacher top-k cache) | online (teacher model in-process) | on_policy "
+                     "(student rollouts with probability lmbda, scored by the teacher) | "
+                     "cross_tokenizer (byte-level loss, teacher with another tokenizer) | sft "
+                     "(cross-entropy only: the baseline, or training a teacher)", "offline")
+    student: str = _doc("student model: a local directory or a hub name (AutoModelForCausalLM)", "")
+    teacher: Optional[str] = _doc("teacher model (online, on_policy, cross_tokenizer without a cache)", None)
+    tokenizer: Optional[str] = _doc("student tokenizer; default: the student's", None)
+    teacher_tokenizer: Optional[str] = _doc("teacher tokenizer (cross_tokenizer); default: the teacher's", None)
+    cache: Optional[str] = _doc("teacher cache directory (offline; byte-level cache for cross_tokenizer)", None)
+    data: Optional[str] = _doc("training texts: .txt (a text per line), .jsonl/.json, .parquet, or a "
+                               "`datasets` name as hf:NAME[:SPLIT] (downloads only when asked so)", None)
+    eval_data: Optional[str] = _doc("held-out texts, same formats as data", None)
+    eval_cache: Optional[str] = _doc("held-out teacher cache (offline: KL to the teacher's top-k)", None)
+    text_field: str = _doc("the text column of jsonl/parquet/datasets data", "text")
+    max_length: int = _doc("tokens per sequence at most (longer ones are truncated)", 512)
+
+    # --- the loss -------------------------------------------------------------------------------
+    divergence: str = _doc("reverse_kl | forward_kl | jsd", "reverse_kl")
+    beta: float = _doc("JSD weight in [0, 1]", 0.5)
+    topk: Optional[int] = _doc("online teachers: K ids per row (None: full vocabulary; on_policy: 64)", None)
+    topk_from: Optional[str] = _doc("teacher | student | union (None: teacher; on_policy: student)", None)
+    tail: str = _doc("bucket (exact tail mass) | renormalize", "bucket")
+    temperature: float = _doc("distillation temperature tau > 0 (loss scaled by tau^2)", 1.0)
+    ce_weight: float = _doc("weight of the cross-entropy on the data's next tokens", 0.0)
+    kd_weight: float = _doc("weight of the distillation term", 1.0)
+    chunk_weight: float = _doc("cross_tokenizer: weight of the chunk-likelihood term", 0.0)
+    token_fraction: float = _doc("train on this fraction of each batch's tokens, in (0, 1]", 1.0)
+    token_select: str = _doc("how tokens are chosen when token_fraction < 1: entropy (the student's "
+                             "most uncertain) | divergence (farthest from the teacher)", "entropy")
+    impl: str = _doc("fastkd backend: auto | torch | triton | cuda", "auto")
+
+    # --- on-policy rollouts ----------------------------------------------------------------------
+    lmbda: float = _doc("on_policy: probability that a step trains on student rollouts", 0.5)
+    prompt_tokens: int = _doc("on_policy: tokens of each data sequence kept as the prompt", 16)
+    max_new_tokens: int = _doc("on_policy: tokens the student samples after the prompt", 32)
+    rollout_temperature: float = _doc("on_policy: sampling temperature of the rollouts", 1.0)
+
+    # --- the model ------------------------------------------------------------------------------
+    lora: bool = _doc("train LoRA adapters (peft) instead of every weight", False)
+    lora_r: int = _doc("LoRA rank", 16)
+    lora_alpha: float = _doc("LoRA alpha", 32.0)
+    lora_dropout: float = _doc("LoRA dropout", 0.0)
+    lora_targets: str = _doc("LoRA target modules: all-linear or a comma-separated list", "all-linear")
+    bf16: bool = _doc("bf16 autocast for the forward passes", False)
+    gradient_checkpointing: bool = _doc("recompute activations in the backward", False)
+
+    # --- optimisation ---------------------------------------------------------------------------
+    max_steps: int = _doc("optimizer steps", 100)
+    batch_size: int = _doc("sequences per micro-batch and process", 8)
+    grad_accum: int = _doc("micro-batches per optimizer step", 1)
+    lr: float = _doc("peak learning rate (AdamW)", 1e-4)
+    weight_decay: float = _doc("AdamW weight decay", 0.0)
+    adam_betas: str = _doc("AdamW betas, 'b1,b2'", "0.9,0.999")
+    warmup_steps: int = _doc("linear warm-up steps", 0)
+    lr_schedule: str = _doc("after warm-up: cosine | linear | constant", "cosine")
+    min_lr_ratio: float = _doc("the schedule's final learning rate as a fraction of lr", 0.0)
+    max_grad_norm: Optional[float] = _doc("clip the gradient norm to this (None: no clipping)", 1.0)
+    seed: int = _doc("seed of the initial LoRA weights, the data order and the rollouts", 0)
+
+    # --- evaluation, checkpoints, logs ----------------------------------------------------------
+    eval_every: int = _doc("evaluate every N steps (0: only at the end)", 0)
+    eval_batches: Optional[int] = _doc("batches per evaluation (None: all of eval_data)", None)
+    save_every: int = _doc("checkpoint every N steps (0: only at the end)", 0)
+    keep_checkpoints: Optional[int] = _doc("checkpoints kept (None: all)", 2)
+    output_dir: str = _doc("checkpoints, metrics.jsonl, loss_curve.png and the final model", "fastkd-run")
+    resume: str = _doc("auto (the last checkpoint in output_dir, if any) | never | a checkpoint directory", "auto")
+    log_every: int = _doc("write metrics every N steps", 1)
+    progress: bool = _doc("show a progress bar", True)
+    tensorboard: bool = _doc("also log to TensorBoard under output_dir/tb (when installed)", True)
+    save_final: bool = _doc("save the trained model (safetensors) to output_dir/final", True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path=None, overrides: Optional[list[str]] = None, **values: Any) -> "TrainConfig":
+        """A config from a YAML file (optional), then ``--key value`` overrides, then ``values``."""
+        merged: dict[str, Any] = {}
+        if path is not None:
+            merged.update(_read_yaml(Path(path)))
+        merged.update(parse_overrides(overrides or []))
+        merged.update(values)
+        unknown = sorted(set(merged) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; `fastkd train --help-config` lists them")
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return _betas(self.adam_betas)
+
+    @property
+    def resolved_topk(self) -> tuple[Optional[int], str]:
+        """``(topk, topk_from)`` with the mode's defaults (on_policy: the student's top 64)."""
+        if self.mode == "on_policy":
+            topk = 64 if self.topk is None else self.topk
+            return (None if topk == 0 else topk), self.topk_from or "student"
+        return (None if self.topk in (None, 0) else self.topk), self.topk_from or "teacher"
+
+    def validate(self) -> None:
+        """Checks types, ranges and the mode's required keys; raises ``ValueError``/``TypeError``."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.type))
+        _one_of("mode", self.mode, MODES)
+        _one_of("divergence", self.divergence, DIVERGENCES)
+        _one_of("tail", self.tail, ("bucket", "renormalize"))
+        _one_of("token_select", self.token_select, ("entropy", "divergence"))
+        _one_of("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        _one_of("impl", self.impl, ("auto", "torch", "triton", "cuda"))
+        if self.topk_from is not None:
+            _one_of("topk_from", self.topk_from, ("teacher", "student", "union"))
+        if not self.student:
+            raise ValueError("student: a model directory or hub name is required")
+        for name in ("max_length", "max_steps", "batch_size", "grad_accum", "lora_r", "log_every",
+                     "prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "ce_weight", "kd_weight",
+                     "chunk_weight", "weight_decay", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta", "lmbda", "lora_dropout", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("temperature", "lr", "rollout_temperature", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.token_fraction <= 1:
+            raise ValueError(f"token_fraction must be in (0, 1], got {self.token_fraction}")
+        if self.topk is not None and self.topk < 0:
+            raise ValueError(f"topk must be None, 0 (full vocabulary) or a positive int, got {self.topk}")
+        for name in ("eval_batches", "keep_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm}")
+        _betas(self.adam_betas)
+        self._check_mode()
+
+    def _check_mode(self) -> None:
+        mode = self.mode
+        if self.cache and mode not in ("offline", "cross_tokenizer"):
+            raise ValueError(f"cache: mode {mode} does not read a teacher cache (offline and "
+                             "cross_tokenizer do)")
+        if mode == "offline":
+            if not self.cache:
+                raise ValueError("cache: mode offline trains from a teacher cache; set cache (`fastkd cache`)")
+            if self.topk is not None:
+                raise ValueError("topk: mode offline uses the K ids stored in the cache; leave topk unset")
+        elif mode == "cross_tokenizer":
+            if not (self.teacher or self.cache):
+                raise ValueError("teacher: mode cross_tokenizer needs a teacher model or a byte-level cache")
+            if not (self.data or self.cache):
+                raise ValueError("data: set the training texts (data) or a byte-level cache (cache)")
+            if self.token_fraction < 1:
+                raise ValueError("token_fraction: token selection applies to the top-k and full-vocabulary "
+                                 "losses, not to the byte loss of cross_tokenizer; leave it at 1")
+            if self.topk is not None:
+                raise ValueError("topk: the byte loss of cross_tokenizer has no top-k; leave topk unset")
+        else:
+            if mode in ("online", "on_policy") and not self.teacher:
+                raise ValueError(f"teacher: mode {mode} needs a teacher model")
+            if not self.data:
+                raise ValueError(f"data: mode {mode} needs the training texts (data)")
+        if mode == "sft" and self.ce_weight == 0:
+            self.ce_weight = 1.0  # sft is cross-entropy only: the default weights mean exactly that
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--lr", "3e-4", "--lora=true"]`` → ``{"lr": "3e-4", "lora": "true"}`` (typed later)."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"override {arg!r}: expected --key value or --key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"override --{key}: no value given")
+            value, i = args[i + 1], i + 1
+        values[key.replace("-", "_")] = value
+        i += 1
+    return values
+
+
+def config_help() -> str:
+    """The keys, their defaults and their help, one per line."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  {f.name:<24} (default {f.default!r})  {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"config: {path} is not a file")
+    with open(path, encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle)
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config: {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+    return loaded
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the field's type; strings (from the command line) are parsed."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise TypeError(f"{name} must be a {base.__name__}, got None")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise TypeError(f"{name} must be an int, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        return int(value)
+    if base is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise TypeError(f"{name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if base is str:
+        if isinstance(value, Path):
+            return str(value)
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _one_of(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        b1, b2 = (float(part) for part in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"adam_betas must be two numbers 'b1,b2', got {text!r}") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"adam_betas must be in [0, 1), got {text!r}")
+    return b1, b2
+

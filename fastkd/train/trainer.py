@@ -1,0 +1,592 @@
+"""The thin trainer: a readable loop over Hugging Face causal LMs, built on fastkd's losses.
+
+One optimizer step:
+
+1. draw ``grad_accum`` micro-batches (the order is seeded and resumable); in ``on_policy`` mode
+   each is, with probability ``lmbda``, replaced by the student's own continuations of its prompts;
+2. count the rows that will be trained on (``ceil(token_fraction · counted)`` per micro-batch), so
+   the step's loss is a mean over the whole accumulated batch;
+3. per micro-batch: the student (and an online teacher, without gradients) run up to their LM
+   heads (:func:`fastkd.integrations.hidden_and_head`), the fused loss gives one value per row
+   (top-k, full-vocabulary, byte-level or CE only), token selection keeps the chosen rows, and the
+   sum goes backward;
+4. clip, AdamW, the warm-up + cosine/linear/constant schedule; metrics, evaluation and
+   checkpoints at their intervals.
+
+Everything that decides the next step (weights, optimizer, schedule, every process's RNG, the
+data position) is in each checkpoint (:mod:`fastkd.train.checkpoint`), so a resumed run computes
+the same losses as one that never stopped. Multi-GPU runs go through ``accelerate launch`` (DDP or
+FSDP2): the batch is split across processes, gradients are averaged by the wrapper.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..api import kd_loss, topk_kd_loss
+from ..integrations.hf import hidden_and_head
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import (CausalCollator, CrossCollator, OrderSampler, cached_cross_items, cross_items, load_texts,
+                   pad_token_id, text_items)
+
+
+class Trainer:
+    """Builds the models, data and optimizer of a :class:`TrainConfig`; :meth:`train` runs it.
+
+    Args:
+        config: the run.
+        accelerator: an ``accelerate.Accelerator`` (default: a new one; ``accelerate launch``
+            configures it for DDP/FSDP2 and mixed precision).
+        on_step: called as ``on_step(trainer, record)`` after every optimizer step (``record``: the
+            step's metrics); may raise to stop a run (the tests use it to simulate a crash).
+    """
+
+    def __init__(self, config: TrainConfig, *, accelerator=None,
+                 on_step: Optional[Callable[["Trainer", dict], None]] = None):
+        from accelerate import Accelerator
+
+        self.config = cfg = config
+        self.acc = acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        self.on_step = on_step
+        self.out = Path(cfg.output_dir)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
+        self.tokenizer = _load_tokenizer(cfg.tokenizer or cfg.student)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.student = self._load_student()
+        self.teacher = self._load_teacher()
+        self.shared_vocab = self._shared_vocab()
+        self.items, self.collate, self.eval_items = self._build_data()
+        self.sampler = OrderSampler(len(self.items), cfg.seed)
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        if self.teacher is not None:
+            self.teacher.to(acc.device)
+        self.step = 0
+        self.history: list[dict] = []
+        torch.manual_seed(cfg.seed + 1 + acc.process_index)  # rollouts differ across processes
+        random.seed(cfg.seed + acc.process_index)
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+    def _load_student(self):
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        model = AutoModelForCausalLM.from_pretrained(cfg.student).float()  # fp32 master weights
+        if len(self.tokenizer) > model.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"tokenizer: {len(self.tokenizer)} ids but the student's LM head has "
+                             f"{model.get_output_embeddings().weight.shape[0]} rows")
+        if cfg.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.lora:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ValueError("lora: LoRA training needs peft (pip install peft)") from None
+            targets = "all-linear" if cfg.lora_targets == "all-linear" else [
+                t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
+        return model.train()
+
+    def _load_teacher(self):
+        cfg = self.config
+        if cfg.mode == "sft" or not cfg.teacher or (cfg.mode == "cross_tokenizer" and cfg.cache):
+            return None
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
+        teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).to(dtype)
+        teacher.eval().requires_grad_(False)
+        if cfg.mode == "cross_tokenizer":
+            self.teacher_tokenizer = _load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
+        else:
+            from ..cache.format import tokenizer_fingerprint
+
+            other = cfg.teacher_tokenizer or cfg.teacher
+            try:
+                teacher_tok = _load_tokenizer(other)
+            except (OSError, ValueError):
+                teacher_tok = None  # a teacher directory without a tokenizer: the student's is assumed
+            if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(self.tokenizer):
+                raise ValueError(f"teacher: {other} has another tokenizer than the student; mode "
+                                 f"{cfg.mode} needs the same one (use mode cross_tokenizer)")
+        return teacher
+
+    def _shared_vocab(self) -> Optional[int]:
+        """The rows both heads keep when the student and an online teacher share a tokenizer."""
+        if self.teacher is None or self.config.mode == "cross_tokenizer":
+            return None
+        v_s = self.student.get_output_embeddings().weight.shape[0]
+        v_t = self.teacher.get_output_embeddings().weight.shape[0]
+        return None if v_s == v_t else min(v_s, v_t)
+
+    def _build_data(self):
+        cfg = self.config
+        if cfg.mode == "offline":
+            from ..cache import CacheCollator, TeacherCache
+
+            cache = TeacherCache(cfg.cache, tokenizer=self.tokenizer)
+            items = [cache[i] for i in range(len(cache))]
+            eval_items = None
+            if cfg.eval_cache:
+                eval_cache = TeacherCache(cfg.eval_cache, tokenizer=self.tokenizer)
+                eval_items = [eval_cache[i] for i in range(len(eval_cache))]
+            elif cfg.eval_data:
+                eval_items = text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
+            collate = CacheCollator(self.pad_id, max_length=cfg.max_length)
+            self.eval_collate = CausalCollator(self.pad_id) if cfg.eval_data and not cfg.eval_cache else collate
+            return items, collate, eval_items
+        if cfg.mode == "cross_tokenizer":
+            from ..bytes import ByteVocab
+
+            self.byte_vocab = ByteVocab.from_tokenizer(self.tokenizer, vocab_size=self.student.get_output_embeddings().weight.shape[0])
+            if self.teacher is not None:
+                self.teacher_vocab = ByteVocab.from_tokenizer(
+                    self.teacher_tokenizer, vocab_size=self.teacher.get_output_embeddings().weight.shape[0])
+                build = lambda texts: cross_items(self.tokenizer, self.byte_vocab,  # noqa: E731
+                                                  texts, cfg.max_length, self.teacher_tokenizer, self.teacher_vocab)
+                collate = CrossCollator(self.pad_id, pad_token_id(self.teacher_tokenizer))
+                items = build(load_texts(cfg.data, cfg.text_field))
+            else:
+                from ..cache import TeacherCache
+
+                cache = TeacherCache(cfg.cache)
+                if cache.kind != "bytes":
+                    raise ValueError(f"cache: mode cross_tokenizer needs a byte-level cache, {cfg.cache} is {cache.kind}")
+                items = cached_cross_items(self.tokenizer, self.byte_vocab, cache, cfg.max_length)
+                collate = CrossCollator(self.pad_id, 0)
+                build = None
+            eval_items = None
+            if cfg.eval_data:
+                if build is not None:
+                    eval_items = build(load_texts(cfg.eval_data, cfg.text_field))
+                else:
+                    eval_items = text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
+            self.eval_collate = collate if build is not None else CausalCollator(self.pad_id)
+            return items, collate, eval_items
+        collate = CausalCollator(self.pad_id)
+        self.eval_collate = collate
+        items = text_items(self.tokenizer, load_texts(cfg.data, cfg.text_field), cfg.max_length)
+        eval_items = (text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
+                      if cfg.eval_data else None)
+        return items, collate, eval_items
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(progress, 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    # ------------------------------------------------------------------------------------------
+    # batches
+    # ------------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        cfg, acc = self.config, self.acc
+        indices = self.sampler.take(cfg.batch_size * acc.num_processes)
+        mine = indices[acc.process_index * cfg.batch_size:(acc.process_index + 1) * cfg.batch_size]
+        return self.collate([self.items[i] for i in mine])
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.acc.device
+        return {k: (v.to(device) if isinstance(v, Tensor) or hasattr(v, "to") and k == "alignment" else v)
+                for k, v in batch.items()}
+
+    def _rollout(self, batch: dict) -> dict:
+        """The student's continuations of each sequence's first ``prompt_tokens`` tokens; labels
+        cover the generated tokens only (up to and including an end-of-sequence token)."""
+        cfg = self.config
+        model = self.acc.unwrap_model(self.student)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        prompts = [batch["input_ids"][b, :max(1, min(cfg.prompt_tokens, n - 1))] for b, n in enumerate(lengths)]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):  # left-padded for generation
+            ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+        eos = self.tokenizer.eos_token_id
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.acc.autocast():
+            out = model.generate(input_ids=ids.to(self.acc.device), attention_mask=mask.to(self.acc.device),
+                                 do_sample=True, temperature=cfg.rollout_temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id,
+                                 eos_token_id=eos, synced_gpus=self.acc.num_processes > 1)
+        model.train(was_training)
+        items = []
+        for b, p in enumerate(prompts):
+            new = out[b, width:].cpu()
+            if eos is not None and (new == eos).any():
+                new = new[:int((new == eos).nonzero()[0]) + 1]
+            items.append({"input_ids": torch.cat([p, new]), "prompt_length": len(p)})
+        return CausalCollator(self.pad_id)(items)
+
+    def _step_batches(self) -> list[tuple[dict, bool]]:
+        cfg = self.config
+        batches = []
+        for micro in range(cfg.grad_accum):
+            batch = self._next_batch()
+            # the on-policy coin is the same on every process (FSDP generates in lockstep)
+            on_policy = (cfg.mode == "on_policy"
+                         and random.Random(cfg.seed * 1_000_003 + self.step * 1009 + micro).random() < cfg.lmbda)
+            if on_policy:
+                batch = self._rollout(batch)
+            batches.append((self._to_device(batch), on_policy))
+        return batches
+
+    # ------------------------------------------------------------------------------------------
+    # the loss
+    # ------------------------------------------------------------------------------------------
+    def _kept_rows(self, batch: dict) -> int:
+        labels = batch["labels"] if self.config.mode == "cross_tokenizer" else batch["labels"][:, 1:]
+        counted = int((labels != -100).sum())
+        return math.ceil(self.config.token_fraction * counted)
+
+    def _options(self, on_policy: bool) -> dict:
+        cfg = self.config
+        ce = 0.0 if on_policy else cfg.ce_weight  # no CE on the student's own samples
+        return dict(divergence=cfg.divergence, beta=cfg.beta, tail=cfg.tail, temperature=cfg.temperature,
+                    ce_weight=ce, kd_weight=cfg.kd_weight, impl=cfg.impl)
+
+    def _loss_rows(self, model, batch: dict, on_policy: bool = False) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """Per-row loss ``(N,)``, per-row divergence ``(N,)`` (None for CE only), counted mask."""
+        cfg = self.config
+        if cfg.mode == "cross_tokenizer":
+            options = self._options(False)
+            del options["tail"]
+            return self._byte_rows(model, batch, options)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, 1:]
+        s = hidden_and_head(model, vocab_size=self.shared_vocab, **inputs)
+        hidden = s["hidden"][:, :-1]
+        head = dict(bias=s["bias"], softcap=s["softcap"], labels=labels, reduction="none", return_stats=True)
+        if cfg.mode == "sft":
+            ids = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
+            rows, stats = topk_kd_loss(hidden, s["weight"], ids, torch.zeros(ids.shape, device=labels.device),
+                                       ce_weight=cfg.ce_weight, kd_weight=0.0, impl=cfg.impl, **head)
+            return rows, stats, labels.reshape(-1) != -100
+        options = self._options(on_policy)
+        if cfg.mode == "offline":
+            rows, stats = topk_kd_loss(hidden, s["weight"], batch["teacher_ids"][:, :-1],
+                                       batch["teacher_logprobs"][:, :-1], **options, **head)
+        else:
+            with torch.no_grad():
+                t = hidden_and_head(self.teacher, vocab_size=self.shared_vocab, **inputs)
+            topk, topk_from = cfg.resolved_topk
+            rows, stats = kd_loss(hidden, s["weight"], t["hidden"][:, :-1], t["weight"], topk=topk,
+                                  topk_from=topk_from, teacher_bias=t["bias"], teacher_softcap=t["softcap"],
+                                  **options, **head)
+        return rows, stats, labels.reshape(-1) != -100
+
+    def _byte_rows(self, model, batch: dict, options: dict, student: Optional[dict] = None):
+        from ..bytes import byte_kd_loss
+
+        s = student or hidden_and_head(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        teacher = {}
+        if "teacher_input_ids" in batch:
+            with torch.no_grad():
+                t = hidden_and_head(self.teacher, input_ids=batch["teacher_input_ids"],
+                                    attention_mask=batch["teacher_attention_mask"])
+            teacher = dict(teacher_hidden=t["hidden"], teacher_weight=t["weight"], teacher_bias=t["bias"],
+                           teacher_softcap=t["softcap"], teacher_byte_vocab=self.teacher_vocab,
+                           teacher_labels=batch["teacher_labels"])
+        else:
+            teacher = dict(teacher_byte_logprobs=batch["teacher_byte_logprobs"],
+                           teacher_token_logprobs=batch["teacher_token_logprobs"])
+        rows = byte_kd_loss(s["hidden"], s["weight"], self.byte_vocab, batch["alignment"], labels=batch["labels"],
+                            bias=s["bias"], softcap=s["softcap"], chunk_weight=self.config.chunk_weight,
+                            reduction="none", **teacher, **options)
+        return rows, None, batch["labels"].reshape(-1) != -100
+
+    def _select(self, rows: Tensor, stats, counted: Tensor) -> Tensor:
+        """0/1 weights of the rows trained on: the counted ones, or the top ``token_fraction`` of
+        them by the student's entropy or by the divergence (ties: the first rows)."""
+        cfg = self.config
+        keep = counted.to(rows.dtype)
+        if cfg.token_fraction >= 1:
+            return keep
+        score = (stats.entropy if cfg.token_select == "entropy" else stats.kd).reshape(-1).float()
+        score = score.masked_fill(~counted, float("-inf"))
+        k = math.ceil(cfg.token_fraction * int(counted.sum()))
+        keep = torch.zeros_like(keep)
+        keep[score.topk(k, sorted=False).indices] = 1
+        return keep
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Runs (or resumes) the configured steps; returns a summary (last metrics, eval, paths)."""
+        cfg, acc = self.config, self.acc
+        self._maybe_resume()
+        from .metrics import MetricsLog
+
+        log = MetricsLog(self.out, enabled=acc.is_main_process, tensorboard=cfg.tensorboard,
+                         resume_step=self.step, progress=cfg.progress, total=cfg.max_steps)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        started, tokens = time.perf_counter(), 0
+        last_eval: dict = {}
+        try:
+            while self.step < cfg.max_steps:
+                batches = self._step_batches()
+                kept = [self._kept_rows(b) for b, _ in batches]
+                total = max(sum(kept), 1)
+                loss_sum, kd_sum, rollouts = 0.0, 0.0, 0
+                for i, (batch, on_policy) in enumerate(batches):
+                    sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(self.student)
+                    with sync:
+                        with acc.autocast():
+                            rows, stats, counted = self._loss_rows(self.student, batch, on_policy)
+                        keep = self._select(rows, stats, counted)
+                        loss = (rows.float() * keep).sum() / total
+                        acc.backward(loss)
+                    loss_sum += float(loss.detach())
+                    if stats is not None:
+                        kd_sum += float((stats.kd.reshape(-1) * keep).sum()) / total
+                    rollouts += on_policy
+                grad_norm = None
+                if cfg.max_grad_norm is not None:
+                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                tokens += sum(kept)
+                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens": sum(kept),
+                          "elapsed_s": time.perf_counter() - started}
+                if cfg.mode != "sft":
+                    record["kd"] = kd_sum
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                if cfg.mode == "on_policy":
+                    record["rollout_batches"] = rollouts
+                self.history.append(record)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    log.write(record)
+                log.advance(record)
+                if self.eval_items and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    last_eval = self.evaluate()
+                    log.write({"step": self.step, **last_eval})
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self, record)
+            if self.eval_items:
+                last_eval = self.evaluate()
+                log.write({"step": self.step, **last_eval})
+            checkpoint = self.save_checkpoint()
+            if cfg.save_final:
+                self.save_model(self.out / "final")
+        finally:
+            log.close()
+        if acc.is_main_process:
+            log.plot(self.out / "loss_curve.png")
+        return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
+                "eval": last_eval, "checkpoint": str(checkpoint), "output_dir": str(self.out),
+                "tokens": tokens}
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out CE (nats per token, and per UTF-8 byte when the texts are known) and KL to the
+        teacher: full-vocabulary ``KL(teacher ‖ student)`` per token with an online teacher, over
+        the teacher's top-k plus tail bucket with an eval cache, over next-byte distributions at
+        aligned rows in cross_tokenizer mode; every process evaluates its share, sums are reduced."""
+        cfg, acc = self.config, self.acc
+        if not self.eval_items:
+            raise ValueError("eval_data (or eval_cache): nothing to evaluate on")
+        model = self.student
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(5, dtype=torch.float64)  # ce, tokens, bytes, kl, kl rows
+        batches = range(0, len(self.eval_items), cfg.batch_size)
+        batches = list(batches)[acc.process_index::acc.num_processes]
+        if cfg.eval_batches is not None:
+            batches = batches[:cfg.eval_batches]
+        kl_name = None
+        for start in batches:
+            batch = self._to_device(self.eval_collate(self.eval_items[start:start + cfg.batch_size]))
+            with acc.autocast():
+                ce, n, kl, kl_name = self._eval_batch(model, batch)
+            sums += torch.tensor([ce, n, batch.get("n_bytes", 0), kl or 0.0, n if kl is not None else 0],
+                                 dtype=torch.float64)
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
+        model.train(was_training)
+        ce, n, n_bytes, kl, kl_rows = sums.tolist()
+        out = {"eval_ce": ce / max(n, 1), "eval_tokens": int(n)}
+        if n_bytes:
+            out["eval_ce_per_byte"] = ce / n_bytes
+        if kl_name is not None and kl_rows:
+            out[kl_name] = kl / kl_rows
+        return out
+
+    def _eval_batch(self, model, batch: dict):
+        cfg = self.config
+        if cfg.mode == "cross_tokenizer" and "alignment" in batch:
+            s = hidden_and_head(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            ce = _ce_sum(s["hidden"], s, batch["labels"], cfg.impl)
+            rows, _, counted = self._byte_rows(model, batch, dict(divergence="forward_kl", ce_weight=0.0,
+                                                                    kd_weight=1.0, impl=cfg.impl), student=s)
+            return ce, int(counted.sum()), float(rows.sum()), "eval_byte_kl"
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"][:, 1:]
+        s = hidden_and_head(model, vocab_size=self.shared_vocab, **inputs)
+        hidden = s["hidden"][:, :-1]
+        ce = _ce_sum(hidden, s, labels, cfg.impl)
+        n = int((labels != -100).sum())
+        if "teacher_ids" in batch:
+            kl = topk_kd_loss(hidden, s["weight"], batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
+                              bias=s["bias"], softcap=s["softcap"], labels=labels, divergence="forward_kl",
+                              reduction="sum", impl=cfg.impl)
+            return ce, n, float(kl), "eval_kl_topk"
+        if self.teacher is not None and cfg.mode != "cross_tokenizer":
+            t = hidden_and_head(self.teacher, vocab_size=self.shared_vocab, **inputs)
+            kl = kd_loss(hidden, s["weight"], t["hidden"][:, :-1], t["weight"], bias=s["bias"], softcap=s["softcap"],
+                         teacher_bias=t["bias"], teacher_softcap=t["softcap"], labels=labels,
+                         divergence="forward_kl", reduction="sum", impl=cfg.impl)
+            return ce, n, float(kl), "eval_kl"
+        return ce, n, None, None
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _model_state(self) -> dict:
+        model = self.acc.unwrap_model(self.student)
+        if self.config.lora:
+            return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return self.acc.get_state_dict(self.student) if self._fsdp() else model.state_dict()
+
+    def _fsdp(self) -> bool:
+        return "FSDP" in str(self.acc.distributed_type)
+
+    def save_checkpoint(self) -> Path:
+        """Writes ``output_dir/checkpoint-{step}`` (atomic, checksummed); returns its path."""
+        from accelerate.utils import gather_object
+
+        acc = self.acc
+        rng = ckpt.rng_state()
+        rngs = gather_object([rng]) if acc.num_processes > 1 else [rng]
+        model_state = self._model_state()
+        optimizer_state = self._optimizer_state()
+        path = self.out / f"checkpoint-{self.step:08d}"
+        if acc.is_main_process:
+            state = {"model": model_state, "optimizer": optimizer_state,
+                     "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                     "trainer": {"step": self.step, "sampler": self.sampler.state_dict(),
+                                 "config": self.config.to_dict(), "history": self.history,
+                                 "processes": acc.num_processes}}
+            path = ckpt.save_checkpoint(self.out, self.step, state, keep=self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def _optimizer_state(self) -> dict:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.acc.unwrap_model(self.student), self.optimizer.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _maybe_resume(self) -> None:
+        cfg = self.config
+        if cfg.resume == "never":
+            # starting over replaces the run in output_dir: its checkpoints (some of a later step
+            # than this run will reach) must not be picked up by a later resume=auto
+            if self.acc.is_main_process:
+                for old in ckpt.list_checkpoints(self.out):
+                    ckpt.delete_checkpoint(old)
+            self.acc.wait_for_everyone()
+            return
+        path = ckpt.latest_checkpoint(self.out) if cfg.resume == "auto" else Path(cfg.resume)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path)
+        trainer = state["trainer"]
+        if trainer["processes"] != self.acc.num_processes:
+            raise ValueError(f"resume: {path} was written by {trainer['processes']} processes, this run has "
+                             f"{self.acc.num_processes}; an exact resume needs the same number")
+        changed = [k for k, v in trainer["config"].items()
+                   if k not in _RESUMABLE and getattr(cfg, k, None) != v]
+        if changed:
+            raise ValueError(f"resume: {path} was trained with other settings ({', '.join(sorted(changed))}); "
+                             "use a new output_dir or resume=never")
+        model = self.acc.unwrap_model(self.student)
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            set_model_state_dict(model, state["model"], options=options)
+            set_optimizer_state_dict(model, self.optimizer.optimizer, state["optimizer"], options=options)
+        else:
+            model.load_state_dict(state["model"], strict=not cfg.lora)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(trainer["sampler"])
+        self.step, self.history = int(trainer["step"]), list(trainer["history"])
+        ckpt.set_rng_state(state["rng"][self.acc.process_index])
+        if self.acc.is_main_process:
+            print(f"fastkd train: resumed from {path} at step {self.step}")
+
+    def save_model(self, directory: Path) -> None:
+        """The trained student (or its LoRA adapter) and tokenizer, ``save_pretrained`` in safetensors."""
+        acc = self.acc
+        state = acc.get_state_dict(self.student) if self._fsdp() else None
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.student)
+            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+        acc.wait_for_everyone()
+
+
+# Keys a resumed run may change (where to log, how often, how long).
+_RESUMABLE = {"resume", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
+              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache"}
+
+
+def _ce_sum(hidden: Tensor, head: dict, labels: Tensor, impl: str) -> float:
+    """Summed next-token CE of the counted rows, fused (no logits tensor)."""
+    ids = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
+    value = topk_kd_loss(hidden, head["weight"], ids, torch.zeros(ids.shape, device=labels.device),
+                         bias=head["bias"], softcap=head["softcap"], labels=labels, ce_weight=1.0,
+                         kd_weight=0.0, reduction="sum", impl=impl)
+    return float(value)
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def train(config: TrainConfig, **kwargs) -> dict:
+    """``Trainer(config, **kwargs).train()``."""
+    return Trainer(config, **kwargs).train()
+
