@@ -96,6 +96,7 @@ def mode_config(a, name: str, out: Path) -> dict:
         "lora": dict(lora=True, lora_r=8, lr=1e-2),
         "grad_accum": dict(grad_accum=2, batch_size=4),
         "grad_ckpt": dict(gradient_checkpointing=True),
+        "bf16": dict(bf16=True),
     }
     online.update(cases[name])
     return online
@@ -103,7 +104,7 @@ def mode_config(a, name: str, out: Path) -> dict:
 
 EVAL_KEY = {"offline": "eval_kl_topk", "cross_online": "eval_byte_kl", "sft": None, "cross_cache": None}
 MODES = ["sft", "offline", "online", "online_topk_entropy", "online_topk_divergence", "on_policy_lmbda1",
-         "on_policy_lmbda05", "on_policy_full_vocab", "cross_online", "cross_cache", "lora", "grad_accum", "grad_ckpt"]
+         "on_policy_lmbda05", "on_policy_full_vocab", "cross_online", "cross_cache", "lora", "grad_accum", "grad_ckpt", "bf16"]
 
 
 def read_metrics(out) -> list[dict]:

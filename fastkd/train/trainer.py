@@ -51,10 +51,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, accelerator=None,
                  on_step: Optional[Callable[["Trainer", dict], None]] = None):
-        from accelerate import Accelerator
-
         self.config = cfg = config
-        self.acc = acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        self.acc = acc = accelerator or _accelerator(cfg.bf16)
         self.on_step = on_step
         self.out = Path(cfg.output_dir)
         if acc.is_main_process:
@@ -569,6 +567,19 @@ class Trainer:
 # Keys a resumed run may change (where to log, how often, how long).
 _RESUMABLE = {"resume", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
               "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache"}
+
+
+def _accelerator(bf16: bool):
+    """An ``Accelerator`` for this run. accelerate keeps one process-wide state; a run in the same
+    process as an earlier one with another precision (tests, the demo) gets that state reset (the
+    process group, ``PartialState``, is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    wanted = "bf16" if bf16 else "no"
+    if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=wanted)
 
 
 def _ce_sum(hidden: Tensor, head: dict, labels: Tensor, impl: str) -> float:
