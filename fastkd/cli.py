@@ -35,19 +35,38 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.config is None:
         print("fastkd train: give a CONFIG.yaml (fastkd train --help-config lists the keys)", file=sys.stderr)
         return 2
-    try:
+    try:  # a bad config or set-up is one line, not a traceback
         config = TrainConfig.load(args.config, overrides)
+        if args.command == "eval":
+            return _evaluate(config, overrides)
+        trainer = Trainer(config)
     except (ValueError, TypeError) as error:
         print(f"fastkd {args.command}: {error}", file=sys.stderr)
         return 2
-    if args.command == "eval":
-        import json
+    summary = trainer.train()
+    if trainer.acc.is_main_process:
+        print(f"fastkd train: {summary['step']} steps, final loss {summary['loss']:.4f}; "
+              f"eval {summary['eval'] or '-'}; outputs in {summary['output_dir']}")
+    return 0
 
-        print(json.dumps(Trainer(config).evaluate(), indent=2))
-        return 0
-    summary = Trainer(config).train()
-    print(f"fastkd train: {summary['step']} steps, final loss {summary['loss']:.4f}; "
-          f"eval {summary['eval'] or '-'}; outputs in {summary['output_dir']}")
+
+def _evaluate(config, overrides: list[str]) -> int:
+    """``fastkd eval``: the trained student of the config (``output_dir/final``, a LoRA adapter
+    included) when it exists and ``--student`` is not given, else ``student``."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .train import Trainer
+
+    final = Path(config.output_dir) / "final"
+    if final.is_dir() and not any(arg.split("=")[0] == "--student" for arg in overrides):
+        config = dataclasses.replace(config, student=str(final), lora=False)
+    trainer = Trainer(config)
+    metrics = trainer.evaluate()
+    if trainer.acc.is_main_process:
+        print(f"fastkd eval: {config.student}", file=sys.stderr)
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -126,7 +126,7 @@ def run_demo(out: Optional[Path] = None, workdir: Optional[Path] = None, plan: O
                                          divergence="forward_kl", ce_weight=1.0, kd_weight=1.0, **options)
                 train(config)
                 scores[variant] = _evaluate(Trainer, TrainConfig, run_dir / "final", teacher_dir, spec.tokenizer,
-                                            tokenizers, setup.heldout_data, work / "eval", common)
+                                            setup.heldout_data, work / "eval", common)
             student = transformers.AutoModelForCausalLM.from_pretrained(path)
             rows.append({"student": spec.name, "tokenizer": spec.tokenizer, "teacher_params": teacher_params,
                          "student_params": assets.count_parameters(student),
@@ -138,7 +138,7 @@ def run_demo(out: Optional[Path] = None, workdir: Optional[Path] = None, plan: O
         tokens, dim, vocab, topk = plan.memory_shape
         device = "cuda" if torch.cuda.is_available() else "cpu"
         fused, naive = (measure(impl, tokens, dim, vocab, topk, device, "float32") for impl in ("fused", "naive"))
-        teacher_ce = _evaluate(Trainer, TrainConfig, teacher_dir, None, "same", tokenizers, setup.heldout_data,
+        teacher_ce = _evaluate(Trainer, TrainConfig, teacher_dir, None, "same", setup.heldout_data,
                                work / "eval", common)["ce"]
         results = {"rows": rows,
                    "memory": {"fused_loss_peak_mb": fused["peak_extra_bytes"] / 2**20,
@@ -161,19 +161,15 @@ def run_demo(out: Optional[Path] = None, workdir: Optional[Path] = None, plan: O
     return results
 
 
-def _evaluate(Trainer, TrainConfig, student_dir: Path, teacher_dir: Optional[Path], kind: str, tokenizers: dict,
-              heldout: Path, work: Path, common: dict) -> dict:
+def _evaluate(Trainer, TrainConfig, student_dir: Path, teacher_dir: Optional[Path], kind: str, heldout: Path,
+              work: Path, common: dict) -> dict:
     """Held-out CE (nats per byte) and, for a same-tokenizer student, KL(teacher ‖ student) per token."""
-    if teacher_dir is None:
+    if teacher_dir is None or kind != "same":  # CE only: the KL across vocabularies is not defined
         config = TrainConfig(mode="sft", student=str(student_dir), data=str(heldout), eval_data=str(heldout),
                              output_dir=str(work), **common)
-    elif kind == "same":
+    else:
         config = TrainConfig(mode="online", student=str(student_dir), teacher=str(teacher_dir), data=str(heldout),
                              eval_data=str(heldout), output_dir=str(work), **common)
-    else:
-        config = TrainConfig(mode="cross_tokenizer", student=str(student_dir), teacher=str(teacher_dir),
-                             teacher_tokenizer=str(tokenizers["same"]), data=str(heldout), eval_data=str(heldout),
-                             output_dir=str(work), **common)
     metrics = Trainer(config).evaluate()
     return {"ce": metrics["eval_ce_per_byte"], "kl": metrics.get("eval_kl")}
 

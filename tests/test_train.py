@@ -364,6 +364,13 @@ GOOD = dict(mode="online", student="s", teacher="t", data="d.jsonl")
     (dict(GOOD, adam_betas="0.9"), ValueError, "adam_betas"),
     (dict(GOOD, lr_schedule="step"), ValueError, "lr_schedule"),
     (dict(GOOD, temperature=float("nan")), TypeError, "temperature"),
+    (dict(GOOD, eval_cache="c"), ValueError, "eval_cache"),
+    (dict(GOOD, mode="offline", cache="c"), ValueError, "teacher"),
+    (dict(GOOD, mode="sft"), ValueError, "teacher"),
+    (dict(GOOD, teacher_tokenizer="t"), ValueError, "teacher_tokenizer"),
+    (dict(GOOD, topk_from="student"), ValueError, "topk_from"),
+    (dict(GOOD, mode="sft", teacher=None, token_fraction=0.5, token_select="divergence"), ValueError, "token_select"),
+    (dict(GOOD, ce_weight=0.0, kd_weight=0.0), ValueError, "kd_weight"),
 ])
 def test_config_errors_name_the_key(values, error, key):
     with pytest.raises(error, match=key):
@@ -408,3 +415,66 @@ def test_cli_train_and_eval(assets, tmp_path):
     done = subprocess.run(command + ["train", str(tmp_path / "run.yaml"), "--token_fraction", "2"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and "token_fraction must be in (0, 1]" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# review fixes: cache temperature, abandoned checkpoints, schedule-changing resumes, bytes counted
+# ----------------------------------------------------------------------------------------------
+def test_cache_temperature_must_match(assets, tmp_path):
+    values = mode_config(assets, "offline", tmp_path)
+    values.update(temperature=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        Trainer(TrainConfig(**values))
+
+
+def test_explicit_resume_abandons_later_checkpoints(finished_run, tmp_path):
+    import shutil
+
+    cfg, losses = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(cfg.output_dir, out)
+    values = cfg.to_dict()
+    values.update(output_dir=str(out), resume=str(out / "checkpoint-00000002"), max_steps=3)
+    trainer = Trainer(TrainConfig(**values))
+    trainer.train()
+    assert [r["loss"] for r in trainer.history[:2]] == losses[:2]
+    assert [checkpoint_step(p) for p in list_checkpoints(out)] == [2, 3]  # step 4 of the old run is gone
+
+
+def test_max_steps_may_change_on_resume_only_with_a_constant_schedule(finished_run, tmp_path):
+    import shutil
+
+    cfg, _ = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(cfg.output_dir, out)
+    values = cfg.to_dict()
+    values.update(output_dir=str(out), lr_schedule="cosine")
+    shutil.rmtree(out)
+    Trainer(TrainConfig(**values)).train()
+    values.update(max_steps=8)
+    with pytest.raises(ValueError, match="max_steps"):
+        Trainer(TrainConfig(**values)).train()
+
+
+def test_bytes_counted_for_ce_per_byte(assets):
+    from transformers import AutoTokenizer
+
+    from fastkd.train.data import encode
+
+    tok = AutoTokenizer.from_pretrained(assets.tt)
+    text = "Zoë has 12 🍎 and gets 3 more, so Zoë has 15."
+    ids, n_bytes = encode(tok, text, 512)
+    assert ids[0] == tok.bos_token_id and n_bytes == len(text.encode("utf-8"))  # BOS: every byte predicted
+    cut_ids, cut_bytes = encode(tok, text, 6)
+    assert len(cut_ids) == 6 and 0 < cut_bytes < n_bytes
+    assert cut_bytes == len(tok.decode(cut_ids[1:]).encode("utf-8"))
+    import copy
+
+    from tokenizers import processors
+
+    bare = copy.deepcopy(tok)  # a tokenizer without BOS: its first token is never predicted
+    bare.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    bare_ids, bare_bytes = encode(bare, text, 512)
+    assert bare_ids == ids[1:]
+    first_end = bare(text, return_offsets_mapping=True)["offset_mapping"][0][1]
+    assert bare_bytes == len(text[first_end:].encode("utf-8")) < n_bytes

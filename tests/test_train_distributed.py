@@ -79,7 +79,7 @@ def assets(tmp_path_factory):
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("dist_assets")
-    setup = da.build_demo_setup(root, n_teacher=200, n_student=48, n_heldout=16)
+    setup = da.build_demo_setup(root, n_teacher=200, n_student=48, n_heldout=18)  # 5 eval batches of 4
     vocab = len(AutoTokenizer.from_pretrained(setup.teacher_tokenizer))
     script = root / "train_script.py"
     script.write_text(SCRIPT, encoding="utf-8")
@@ -234,6 +234,16 @@ def test_accelerate_two_processes_train_and_resume(assets, tmp_path):
     assert '"processes"' in json.dumps(state["parts"]["trainer"])
     evals = [json.loads(line) for line in (ref_out / "metrics.jsonl").read_text().splitlines() if "eval_ce" in line]
     assert len(evals) == 1 and evals[0]["eval_kl"] > 0 and evals[0]["eval_tokens"] > 0
+    # 5 eval batches on 2 processes (3 + 2, one repeated with weight 0): the same figures as one
+    # process evaluating the final weights
+    from fastkd.train import TrainConfig, Trainer
+
+    values = json.loads(ref_cfg.read_text(encoding="utf-8"))
+    values.update(student=str(ref_out / "final"), output_dir=str(tmp_path / "eval-one"))
+    single = Trainer(TrainConfig(**values)).evaluate()
+    assert single["eval_tokens"] == evals[0]["eval_tokens"]
+    for key in ("eval_ce", "eval_ce_per_byte", "eval_kl"):
+        assert abs(single[key] - evals[0][key]) <= 1e-5 * abs(single[key]), (key, single, evals[0])
     assert (ref_out / "final" / "model.safetensors").is_file() and (ref_out / "loss_curve.png").stat().st_size > 0
 
     crashed = launch(assets, cfg, crash_at=6)

@@ -59,7 +59,7 @@ class TrainConfig:
     impl: str = _doc("fastkd backend: auto | torch | triton | cuda", "auto")
 
     # --- on-policy rollouts ----------------------------------------------------------------------
-    lmbda: float = _doc("on_policy: probability that a step trains on student rollouts", 0.5)
+    lmbda: float = _doc("on_policy: probability that a micro-batch is replaced by student rollouts", 0.5)
     prompt_tokens: int = _doc("on_policy: tokens of each data sequence kept as the prompt", 16)
     max_new_tokens: int = _doc("on_policy: tokens the student samples after the prompt", 32)
     rollout_temperature: float = _doc("on_policy: sampling temperature of the rollouts", 1.0)
@@ -195,6 +195,21 @@ class TrainConfig:
                 raise ValueError(f"teacher: mode {mode} needs a teacher model")
             if not self.data:
                 raise ValueError(f"data: mode {mode} needs the training texts (data)")
+        if self.eval_cache and mode != "offline":
+            raise ValueError(f"eval_cache: only mode offline evaluates against a cache; use eval_data in mode {mode}")
+        if self.teacher and (mode in ("offline", "sft") or (mode == "cross_tokenizer" and self.cache)):
+            raise ValueError(f"teacher: mode {mode}{' with a cache' if self.cache else ''} uses no teacher model; "
+                             "remove teacher (or the cache)")
+        if self.teacher_tokenizer and mode != "cross_tokenizer":
+            raise ValueError("teacher_tokenizer: only mode cross_tokenizer has a teacher with another tokenizer")
+        if self.topk_from is not None and mode not in ("online", "on_policy"):
+            raise ValueError(f"topk_from: mode {mode} has no online top-k set; remove topk_from")
+        if self.topk_from is not None and self.resolved_topk[0] is None:
+            raise ValueError("topk_from: it chooses the ids of a top-k set; set topk as well")
+        if mode == "sft" and self.token_fraction < 1 and self.token_select == "divergence":
+            raise ValueError("token_select: mode sft has no teacher to diverge from; use entropy")
+        if mode != "sft" and self.ce_weight == 0 and self.kd_weight == 0:
+            raise ValueError("kd_weight/ce_weight: both are 0, the loss would be 0")
         if mode == "sft" and self.ce_weight == 0:
             self.ce_weight = 1.0  # sft is cross-entropy only: the default weights mean exactly that
 

@@ -73,13 +73,30 @@ def pad_token_id(tokenizer) -> int:
 # items and collators
 # ------------------------------------------------------------------------------------------------
 
+def encode(tokenizer, text: str, max_length: int) -> tuple[list[int], Optional[int]]:
+    """Token ids of ``text`` (truncated) and the UTF-8 bytes its predicted tokens (all but the
+    first) cover, for CE per byte: a truncated text counts only what was kept, and a tokenizer
+    without BOS does not count its unpredicted first token. Fast tokenizers give the bytes from
+    their offsets; a slow one gives the whole text's bytes when nothing was cut, else None."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        spans = [(a, b) for a, b in encoded["offset_mapping"][1:] if b > a]
+        if not spans:
+            return ids, 0
+        first, last = min(a for a, _ in spans), max(b for _, b in spans)
+        return ids, len(text[:last].encode("utf-8")) - len(text[:first].encode("utf-8"))
+    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    return ids, (len(text.encode("utf-8")) if len(ids) < max_length else None)
+
+
 def text_items(tokenizer, texts: Sequence[str], max_length: int) -> list[dict]:
-    """``{"input_ids", "n_bytes"}`` per text (``n_bytes``: UTF-8 bytes, for nats per byte)."""
+    """``{"input_ids", "n_bytes"}`` per text of at least 2 tokens (``n_bytes``: see :func:`encode`)."""
     items = []
     for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        ids, n_bytes = encode(tokenizer, text, max_length)
         if len(ids) >= 2:
-            items.append({"input_ids": torch.tensor(ids, dtype=torch.int64), "n_bytes": len(text.encode("utf-8"))})
+            items.append({"input_ids": torch.tensor(ids, dtype=torch.int64), "n_bytes": n_bytes})
     if not items:
         raise ValueError("data: no text has at least 2 tokens")
     return items
@@ -103,7 +120,7 @@ class CausalCollator:
             ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
             labels[row, item.get("prompt_length", 0):len(seq)] = seq[item.get("prompt_length", 0):]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if all("n_bytes" in item for item in items):
+        if all(item.get("n_bytes") is not None for item in items):
             batch["n_bytes"] = sum(item["n_bytes"] for item in items)
         return batch
 
@@ -127,29 +144,39 @@ def cross_items(student_tok, student_vocab, texts: Sequence[str], max_length: in
     return items
 
 
-def cached_cross_items(student_tok, student_vocab, cache, max_length: int) -> list[dict]:
-    """A byte-level cache's items with the student's tokenisation of each cached text."""
-    items = []
-    for index in range(len(cache)):
-        cached = cache[index]
-        item = _student_side(student_tok, student_vocab, cached["text"], max_length)
-        if item is None:
-            continue
-        item["teacher_byte_logprobs"] = cached["teacher_byte_logprobs"]
-        item["teacher_token_logprobs"] = cached["teacher_token_logprobs"]
-        item["teacher_offsets"] = cached["teacher_byte_offsets"].numpy()
-        items.append(item)
-    if not items:
-        raise ValueError("cache: no cached text has at least 2 student tokens")
-    return items
+class CachedCrossItems:
+    """A byte-level cache's sequences with the student's tokenisation of each cached text.
+
+    The student side (ids, byte offsets) is computed once; the teacher's arrays stay in the
+    memory-mapped cache and are read on access, so the cache is never held in memory whole.
+    """
+
+    def __init__(self, student_tok, student_vocab, cache, max_length: int):
+        self.cache, self.index, self.student = cache, [], []
+        for position in range(len(cache)):
+            side = _student_side(student_tok, student_vocab, cache[position]["text"], max_length)
+            if side is not None:
+                self.index.append(position)
+                self.student.append(side)
+        if not self.index:
+            raise ValueError("cache: no cached text has at least 2 student tokens")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        cached = self.cache[self.index[k]]
+        return {**self.student[k], "teacher_byte_logprobs": cached["teacher_byte_logprobs"],
+                "teacher_token_logprobs": cached["teacher_token_logprobs"],
+                "teacher_offsets": cached["teacher_byte_offsets"].numpy()}
 
 
 def _student_side(tokenizer, vocab, text: str, max_length: int) -> Optional[dict]:
-    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    ids, n_bytes = encode(tokenizer, text, max_length)
     if len(ids) < 2:
         return None
     return {"input_ids": torch.tensor(ids, dtype=torch.int64), "offsets": vocab.byte_offsets(ids, text),
-            "n_bytes": len(text.encode("utf-8"))}
+            "n_bytes": n_bytes}
 
 
 class CrossCollator:
@@ -164,8 +191,9 @@ class CrossCollator:
         from ..bytes import align_batch
 
         ids, mask, labels = _shifted([item["input_ids"] for item in items], self.pad_id)
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                 "n_bytes": sum(item["n_bytes"] for item in items)}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if all(item.get("n_bytes") is not None for item in items):
+            batch["n_bytes"] = sum(item["n_bytes"] for item in items)
         teacher_offsets = [item["teacher_offsets"] for item in items]
         if "teacher_input_ids" in items[0]:
             t_ids, t_mask, t_labels = _shifted([item["teacher_input_ids"] for item in items], self.teacher_pad_id)

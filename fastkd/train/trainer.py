@@ -34,7 +34,7 @@ from ..api import kd_loss, topk_kd_loss
 from ..integrations.hf import hidden_and_head
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import (CausalCollator, CrossCollator, OrderSampler, cached_cross_items, cross_items, load_texts,
+from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler, cross_items, load_texts,
                    pad_token_id, text_items)
 
 
@@ -141,14 +141,12 @@ class Trainer:
     def _build_data(self):
         cfg = self.config
         if cfg.mode == "offline":
-            from ..cache import CacheCollator, TeacherCache
+            from ..cache import CacheCollator
 
-            cache = TeacherCache(cfg.cache, tokenizer=self.tokenizer)
-            items = [cache[i] for i in range(len(cache))]
+            items = self._open_cache(cfg.cache, "topk", "cache")  # read from the memory map on access
             eval_items = None
             if cfg.eval_cache:
-                eval_cache = TeacherCache(cfg.eval_cache, tokenizer=self.tokenizer)
-                eval_items = [eval_cache[i] for i in range(len(eval_cache))]
+                eval_items = self._open_cache(cfg.eval_cache, "topk", "eval_cache")
             elif cfg.eval_data:
                 eval_items = text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
             collate = CacheCollator(self.pad_id, max_length=cfg.max_length)
@@ -166,12 +164,8 @@ class Trainer:
                 collate = CrossCollator(self.pad_id, pad_token_id(self.teacher_tokenizer))
                 items = build(load_texts(cfg.data, cfg.text_field))
             else:
-                from ..cache import TeacherCache
-
-                cache = TeacherCache(cfg.cache)
-                if cache.kind != "bytes":
-                    raise ValueError(f"cache: mode cross_tokenizer needs a byte-level cache, {cfg.cache} is {cache.kind}")
-                items = cached_cross_items(self.tokenizer, self.byte_vocab, cache, cfg.max_length)
+                cache = self._open_cache(cfg.cache, "bytes", "cache")
+                items = CachedCrossItems(self.tokenizer, self.byte_vocab, cache, cfg.max_length)
                 collate = CrossCollator(self.pad_id, 0)
                 build = None
             eval_items = None
@@ -188,6 +182,21 @@ class Trainer:
         eval_items = (text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
                       if cfg.eval_data else None)
         return items, collate, eval_items
+
+    def _open_cache(self, path: str, kind: str, key: str):
+        """A teacher cache of ``kind`` captured at this run's temperature (checksums verified)."""
+        from ..cache import TeacherCache
+
+        cache = TeacherCache(path, tokenizer=self.tokenizer if kind == "topk" else None)
+        if cache.kind != kind:
+            raise ValueError(f"{key}: mode {self.config.mode} needs a {'top-k' if kind == 'topk' else 'byte-level'} "
+                             f"cache, {path} is a {cache.kind} cache")
+        recorded = float(cache.manifest["temperature"])
+        if recorded != self.config.temperature:
+            raise ValueError(f"temperature: {path} holds the teacher's log-probs at temperature {recorded:g}, this "
+                             f"run has temperature {self.config.temperature:g}; they must be equal (capture the "
+                             "cache at the distillation temperature)")
+        return cache
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config
@@ -226,20 +235,21 @@ class Trainer:
         mask = torch.zeros_like(ids)
         for b, p in enumerate(prompts):  # left-padded for generation
             ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
-        eos = self.tokenizer.eos_token_id
+        eos = _eos_ids(model, self.tokenizer)
         was_training = model.training
         model.eval()
         with torch.no_grad(), self.acc.autocast():
             out = model.generate(input_ids=ids.to(self.acc.device), attention_mask=mask.to(self.acc.device),
                                  do_sample=True, temperature=cfg.rollout_temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id,
-                                 eos_token_id=eos, synced_gpus=self.acc.num_processes > 1)
+                                 eos_token_id=eos or None, synced_gpus=self._fsdp())
         model.train(was_training)
         items = []
         for b, p in enumerate(prompts):
             new = out[b, width:].cpu()
-            if eos is not None and (new == eos).any():
-                new = new[:int((new == eos).nonzero()[0]) + 1]
+            ended = torch.isin(new, torch.tensor(eos, dtype=new.dtype)).nonzero()
+            if len(ended):  # cut after the first end-of-sequence token (what follows is padding)
+                new = new[:int(ended[0]) + 1]
             items.append({"input_ids": torch.cat([p, new]), "prompt_length": len(p)})
         return CausalCollator(self.pad_id)(items)
 
@@ -322,7 +332,7 @@ class Trainer:
 
     def _select(self, rows: Tensor, stats, counted: Tensor) -> Tensor:
         """0/1 weights of the rows trained on: the counted ones, or the top ``token_fraction`` of
-        them by the student's entropy or by the divergence (ties: the first rows)."""
+        them by the student's entropy or by the divergence (ties broken arbitrarily)."""
         cfg = self.config
         keep = counted.to(rows.dtype)
         if cfg.token_fraction >= 1:
@@ -351,21 +361,28 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 batches = self._step_batches()
-                kept = [self._kept_rows(b) for b, _ in batches]
-                total = max(sum(kept), 1)
-                loss_sum, kd_sum, rollouts = 0.0, 0.0, 0
+                kept = sum(self._kept_rows(b) for b, _ in batches)
+                # the step's loss is a mean over the rows kept on all processes: each process
+                # divides its sum by total / processes, and the wrapper averages the gradients
+                total = self._all_processes_sum([kept])[0]
+                denominator = max(total, 1) / acc.num_processes
+                loss_sum, kd_sum, rollouts, has_kd = 0.0, 0.0, 0, False
                 for i, (batch, on_policy) in enumerate(batches):
                     sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(self.student)
                     with sync:
                         with acc.autocast():
                             rows, stats, counted = self._loss_rows(self.student, batch, on_policy)
                         keep = self._select(rows, stats, counted)
-                        loss = (rows.float() * keep).sum() / total
+                        loss = (rows.float() * keep).sum() / denominator
                         acc.backward(loss)
                     loss_sum += float(loss.detach())
                     if stats is not None:
-                        kd_sum += float((stats.kd.reshape(-1) * keep).sum()) / total
+                        kd_sum += float((stats.kd.reshape(-1) * keep).sum()) / denominator
+                        has_kd = True
                     rollouts += on_policy
+                if acc.num_processes > 1:  # log the mean over processes, not the main one's share
+                    loss_sum, kd_sum, rollouts = (v / acc.num_processes for v in
+                                                  self._all_processes_sum([loss_sum, kd_sum, rollouts]))
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -374,15 +391,15 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                tokens += sum(kept)
-                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens": sum(kept),
+                tokens += int(total)
+                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens": int(total),
                           "elapsed_s": time.perf_counter() - started}
-                if cfg.mode != "sft":
+                if has_kd and cfg.mode != "sft":
                     record["kd"] = kd_sum
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 if cfg.mode == "on_policy":
-                    record["rollout_batches"] = rollouts
+                    record["rollout_batches"] = int(round(rollouts))
                 self.history.append(record)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     log.write(record)
@@ -408,6 +425,13 @@ class Trainer:
                 "eval": last_eval, "checkpoint": str(checkpoint), "output_dir": str(self.out),
                 "tokens": tokens}
 
+    def _all_processes_sum(self, values: list) -> list[float]:
+        """``values`` summed over the processes (one all-reduce; as they are with one process)."""
+        if self.acc.num_processes == 1:
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.acc.device)
+        return self.acc.reduce(tensor, reduction="sum").tolist()
+
     # ------------------------------------------------------------------------------------------
     # evaluation
     # ------------------------------------------------------------------------------------------
@@ -423,23 +447,28 @@ class Trainer:
         model = self.student
         was_training = model.training
         model.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # ce, tokens, bytes, kl, kl rows
-        batches = range(0, len(self.eval_items), cfg.batch_size)
-        batches = list(batches)[acc.process_index::acc.num_processes]
-        if cfg.eval_batches is not None:
-            batches = batches[:cfg.eval_batches]
+        sums = torch.zeros(6, dtype=torch.float64)  # ce, tokens, bytes, kl, kl rows, batches without bytes
+        n_items = len(self.eval_items)
+        starts = list(range(0, n_items, cfg.batch_size))[:cfg.eval_batches]
+        # every process runs the same number of forwards (FSDP all-gathers in each; DDP syncs
+        # buffers): a process short of batches repeats its first one with weight 0
+        per_process = -(-len(starts) // acc.num_processes)
+        mine = starts[acc.process_index::acc.num_processes]
         kl_name = None
-        for start in batches:
-            batch = self._to_device(self.eval_collate(self.eval_items[start:start + cfg.batch_size]))
+        for k in range(per_process):
+            start = mine[k] if k < len(mine) else starts[0]
+            items = [self.eval_items[i] for i in range(start, min(start + cfg.batch_size, n_items))]
+            batch = self._to_device(self.eval_collate(items))
             with acc.autocast():
                 ce, n, kl, kl_name = self._eval_batch(model, batch)
-            sums += torch.tensor([ce, n, batch.get("n_bytes", 0), kl or 0.0, n if kl is not None else 0],
-                                 dtype=torch.float64)
+            weight = 1.0 if k < len(mine) else 0.0
+            sums += weight * torch.tensor([ce, n, batch.get("n_bytes", 0), kl or 0.0, n if kl is not None else 0,
+                                           "n_bytes" not in batch], dtype=torch.float64)
         sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
         model.train(was_training)
-        ce, n, n_bytes, kl, kl_rows = sums.tolist()
+        ce, n, n_bytes, kl, kl_rows, unknown_bytes = sums.tolist()
         out = {"eval_ce": ce / max(n, 1), "eval_tokens": int(n)}
-        if n_bytes:
+        if n_bytes and not unknown_bytes:
             out["eval_ce_per_byte"] = ce / n_bytes
         if kl_name is not None and kl_rows:
             out[kl_name] = kl / kl_rows
@@ -462,7 +491,7 @@ class Trainer:
         if "teacher_ids" in batch:
             kl = topk_kd_loss(hidden, s["weight"], batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
                               bias=s["bias"], softcap=s["softcap"], labels=labels, divergence="forward_kl",
-                              reduction="sum", impl=cfg.impl)
+                              temperature=cfg.temperature, reduction="sum", impl=cfg.impl) / cfg.temperature**2
             return ce, n, float(kl), "eval_kl_topk"
         if self.teacher is not None and cfg.mode != "cross_tokenizer":
             t = hidden_and_head(self.teacher, vocab_size=self.shared_vocab, **inputs)
@@ -476,10 +505,19 @@ class Trainer:
     # checkpoints
     # ------------------------------------------------------------------------------------------
     def _model_state(self) -> dict:
+        """The weights a checkpoint holds: all of them, or the trainable ones with LoRA; full
+        (unsharded) tensors under FSDP2, collected on every process, kept by the main one."""
         model = self.acc.unwrap_model(self.student)
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            state = model.state_dict()
         if self.config.lora:
-            return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        return self.acc.get_state_dict(self.student) if self._fsdp() else model.state_dict()
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            state = {n: t for n, t in state.items() if n in trainable}
+        return state
 
     def _fsdp(self) -> bool:
         return "FSDP" in str(self.acc.distributed_type)
@@ -530,8 +568,8 @@ class Trainer:
         if trainer["processes"] != self.acc.num_processes:
             raise ValueError(f"resume: {path} was written by {trainer['processes']} processes, this run has "
                              f"{self.acc.num_processes}; an exact resume needs the same number")
-        changed = [k for k, v in trainer["config"].items()
-                   if k not in _RESUMABLE and getattr(cfg, k, None) != v]
+        resumable = _RESUMABLE | ({"max_steps"} if cfg.lr_schedule == "constant" else set())
+        changed = [k for k, v in trainer["config"].items() if k not in resumable and getattr(cfg, k, None) != v]
         if changed:
             raise ValueError(f"resume: {path} was trained with other settings ({', '.join(sorted(changed))}); "
                              "use a new output_dir or resume=never")
@@ -540,18 +578,26 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
 
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=not cfg.lora)
             set_model_state_dict(model, state["model"], options=options)
             set_optimizer_state_dict(model, self.optimizer.optimizer, state["optimizer"], options=options)
         else:
-            model.load_state_dict(state["model"], strict=not cfg.lora)
+            unexpected = model.load_state_dict(state["model"], strict=not cfg.lora).unexpected_keys
+            if unexpected:
+                raise ValueError(f"resume: {path} holds weights this model does not have ({unexpected[:3]}...)")
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(trainer["sampler"])
         self.step, self.history = int(trainer["step"]), list(trainer["history"])
         ckpt.set_rng_state(state["rng"][self.acc.process_index])
         if self.acc.is_main_process:
+            # resuming an earlier checkpoint abandons the later ones: a later resume=auto must
+            # not pick them up
+            for later in ckpt.list_checkpoints(self.out):
+                if ckpt.checkpoint_step(later) > self.step:
+                    ckpt.delete_checkpoint(later)
             print(f"fastkd train: resumed from {path} at step {self.step}")
+        self.acc.wait_for_everyone()
 
     def save_model(self, directory: Path) -> None:
         """The trained student (or its LoRA adapter) and tokenizer, ``save_pretrained`` in safetensors."""
@@ -565,8 +611,19 @@ class Trainer:
 
 
 # Keys a resumed run may change (where to log, how often, how long).
-_RESUMABLE = {"resume", "max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
+# (max_steps too with a constant schedule: cosine and linear depend on it.)
+_RESUMABLE = {"resume", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
               "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache"}
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a rollout: the generation config's (several for chat models) and the
+    tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def _accelerator(bf16: bool):
