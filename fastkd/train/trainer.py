@@ -120,7 +120,7 @@ class Trainer:
         else:
             from ..cache.format import tokenizer_fingerprint
 
-            other = cfg.teacher_tokenizer or cfg.teacher
+            other = cfg.teacher
             try:
                 teacher_tok = _load_tokenizer(other)
             except (OSError, ValueError):
