@@ -135,6 +135,43 @@ def _temperature(temperature) -> float:
     return float(temperature)
 
 
+def prompt_logprobs_topk(entries, length: int, topk: int, vocab_size: int,
+                         where: str) -> tuple[list[list[int]], list[list[float]]]:
+    """vLLM ``prompt_logprobs`` of a prompt of ``length`` tokens → per-position top-k rows.
+
+    ``entries[t]`` (a dict ``"id" -> logprob`` or ``-> {"logprob": ...}``, null for t = 0) is the
+    teacher's distribution of token t given the tokens before it; row t of the result is
+    ``entries[t + 1]`` (the distribution of the next token, as the cache stores it), the last row
+    unused (ids ``-1``). The top ``topk`` entries are kept (vLLM adds the prompt token itself).
+    """
+    if not isinstance(entries, list) or len(entries) != length:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise ValueError(f"{where}: prompt_logprobs must be a list with one entry per prompt token "
+                         f"({length}), got {got}")
+    ids, logprobs = [], []
+    for t in range(length):
+        entry = entries[t + 1] if t + 1 < length else None
+        if entry is None:
+            if t + 1 < length:
+                raise ValueError(f"{where}: prompt_logprobs[{t + 1}] is null (only entry 0 may be)")
+            row = ([-1] * topk, [0.0] * topk)
+        else:
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: prompt_logprobs[{t + 1}] must be an object id -> logprob")
+            pairs = []
+            for key, value in entry.items():
+                logprob = value.get("logprob") if isinstance(value, dict) else value
+                try:
+                    token = int(key)
+                except ValueError:
+                    raise ValueError(f"{where}: prompt_logprobs[{t + 1}] key {key!r} is not a token id") from None
+                pairs.append((token, logprob))
+            row = _top_entries(pairs, topk, vocab_size, f"{where}: prompt_logprobs[{t + 1}]")
+        ids.append(row[0])
+        logprobs.append(row[1])
+    return ids, logprobs
+
+
 def import_vllm(path, out, *, topk: int, vocab_size: Optional[int] = None, tokenizer=None,
                 dtype: str = "fp16", temperature: float = 1.0, teacher: str = "vllm",
                 shard_tokens: int = 1 << 20) -> dict:
@@ -162,31 +199,7 @@ def import_vllm(path, out, *, topk: int, vocab_size: Optional[int] = None, token
         where = f"{path}:{number}"
         prompt = _int_list(record.get("prompt_token_ids"), f"{where}: prompt_token_ids")
         entries = record.get("prompt_logprobs")
-        if not isinstance(entries, list) or len(entries) != len(prompt):
-            got = len(entries) if isinstance(entries, list) else type(entries).__name__
-            raise ValueError(f"{where}: prompt_logprobs must be a list with one entry per prompt token "
-                             f"({len(prompt)}), got {got}")
-        ids, logprobs = [], []
-        for t in range(len(prompt)):
-            entry = entries[t + 1] if t + 1 < len(prompt) else None
-            if entry is None:
-                if t + 1 < len(prompt):
-                    raise ValueError(f"{where}: prompt_logprobs[{t + 1}] is null (only entry 0 may be)")
-                row = ([-1] * topk, [0.0] * topk)
-            else:
-                if not isinstance(entry, dict):
-                    raise ValueError(f"{where}: prompt_logprobs[{t + 1}] must be an object id -> logprob")
-                pairs = []
-                for key, value in entry.items():
-                    logprob = value.get("logprob") if isinstance(value, dict) else value
-                    try:
-                        token = int(key)
-                    except ValueError:
-                        raise ValueError(f"{where}: prompt_logprobs[{t + 1}] key {key!r} is not a token id") from None
-                    pairs.append((token, logprob))
-                row = _top_entries(pairs, topk, vocab_size, f"{where}: prompt_logprobs[{t + 1}]")
-            ids.append(row[0])
-            logprobs.append(row[1])
+        ids, logprobs = prompt_logprobs_topk(entries, len(prompt), topk, vocab_size, where)
         writer.add(prompt, torch.tensor(ids, dtype=torch.int64).reshape(-1, topk),
                    torch.tensor(logprobs, dtype=torch.float32).reshape(-1, topk))
     return writer.close()

@@ -33,6 +33,11 @@ class TrainConfig:
                      "(cross-entropy only: the baseline, or training a teacher)", "offline")
     student: str = _doc("student model: a local directory or a hub name (AutoModelForCausalLM)", "")
     teacher: Optional[str] = _doc("teacher model (online, on_policy, cross_tokenizer without a cache)", None)
+    teacher_url: Optional[str] = _doc("online/on_policy: instead of teacher, a completions endpoint with vLLM "
+                                      "prompt_logprobs (http://host:8000/v1/completions) that scores each batch", None)
+    teacher_server_model: Optional[str] = _doc("teacher_url: the served model's name sent in requests", None)
+    server_topk: int = _doc("teacher_url: log-probs per position requested (vLLM --max-logprobs)", 20)
+    server_timeout: float = _doc("teacher_url: seconds per request", 120.0)
     tokenizer: Optional[str] = _doc("student tokenizer; default: the student's", None)
     teacher_tokenizer: Optional[str] = _doc("teacher tokenizer (cross_tokenizer); default: the teacher's", None)
     cache: Optional[str] = _doc("teacher cache directory (offline; byte-level cache for cross_tokenizer)", None)
@@ -191,10 +196,23 @@ class TrainConfig:
             if self.topk is not None:
                 raise ValueError("topk: the byte loss of cross_tokenizer has no top-k; leave topk unset")
         else:
-            if mode in ("online", "on_policy") and not self.teacher:
-                raise ValueError(f"teacher: mode {mode} needs a teacher model")
+            if mode in ("online", "on_policy") and not (self.teacher or self.teacher_url):
+                raise ValueError(f"teacher: mode {mode} needs a teacher model (teacher) or server (teacher_url)")
             if not self.data:
                 raise ValueError(f"data: mode {mode} needs the training texts (data)")
+        if self.teacher_url:
+            if mode not in ("online", "on_policy"):
+                raise ValueError(f"teacher_url: mode {mode} takes no teacher server (online and on_policy do)")
+            if self.teacher:
+                raise ValueError("teacher_url: set either teacher (a model in-process) or teacher_url, not both")
+            if self.topk is not None or self.topk_from is not None:
+                raise ValueError("topk: a teacher server returns its own top-k (server_topk); leave topk and "
+                                 "topk_from unset")
+            if self.temperature != 1.0:
+                raise ValueError("temperature: a teacher server's prompt_logprobs are at temperature 1")
+        if self.server_topk < 1 or not self.server_timeout > 0:
+            raise ValueError(f"server_topk must be >= 1 and server_timeout > 0, got {self.server_topk}, "
+                             f"{self.server_timeout}")
         if self.eval_cache and mode != "offline":
             raise ValueError(f"eval_cache: only mode offline evaluates against a cache; use eval_data in mode {mode}")
         if self.teacher and (mode in ("offline", "sft") or (mode == "cross_tokenizer" and self.cache)):

@@ -62,6 +62,13 @@ class Trainer:
         self.pad_id = pad_token_id(self.tokenizer)
         self.student = self._load_student()
         self.teacher = self._load_teacher()
+        self.server = None
+        if cfg.teacher_url:
+            from .server import ServerTeacher
+
+            self.server = ServerTeacher(cfg.teacher_url, cfg.teacher_server_model, cfg.server_topk,
+                                        self.student.get_output_embeddings().weight.shape[0],
+                                        timeout=cfg.server_timeout)
         self.shared_vocab = self._shared_vocab()
         self.items, self.collate, self.eval_items = self._build_data()
         self.sampler = OrderSampler(len(self.items), cfg.seed)
@@ -298,7 +305,11 @@ class Trainer:
                                        ce_weight=cfg.ce_weight, kd_weight=0.0, impl=cfg.impl, **head)
             return rows, stats, labels.reshape(-1) != -100
         options = self._options(on_policy)
-        if cfg.mode == "offline":
+        if self.server is not None:  # the teacher's top-k from the server, like a cache's
+            with torch.no_grad():
+                batch["teacher_ids"], batch["teacher_logprobs"] = self.server.topk_logprobs(
+                    batch["input_ids"], batch["attention_mask"])
+        if "teacher_ids" in batch:
             rows, stats = topk_kd_loss(hidden, s["weight"], batch["teacher_ids"][:, :-1],
                                        batch["teacher_logprobs"][:, :-1], **options, **head)
         else:
@@ -488,6 +499,9 @@ class Trainer:
         hidden = s["hidden"][:, :-1]
         ce = _ce_sum(hidden, s, labels, cfg.impl)
         n = int((labels != -100).sum())
+        if self.server is not None:
+            batch["teacher_ids"], batch["teacher_logprobs"] = self.server.topk_logprobs(
+                batch["input_ids"], batch["attention_mask"])
         if "teacher_ids" in batch:
             kl = topk_kd_loss(hidden, s["weight"], batch["teacher_ids"][:, :-1], batch["teacher_logprobs"][:, :-1],
                               bias=s["bias"], softcap=s["softcap"], labels=labels, divergence="forward_kl",
