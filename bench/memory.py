@@ -19,17 +19,12 @@ from pathlib import Path
 import torch
 
 import fastkd
-from fastkd.memory import measure
+from fastkd.memory import add_shape_arguments, measure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=65536)
-    parser.add_argument("--topk", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    add_shape_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 

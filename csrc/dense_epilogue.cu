@@ -88,17 +88,10 @@ cudaError_t launch_dense_stats(int dtype, const void* student, const void* teach
   if (rows == 0) return cudaSuccess;
   const DenseParams p = make_dense_params(inv_temp, cap, teacher_cap, kForwardKL, 0.5f, with_ce);
   const int v = static_cast<int>(vocab);
-#define FASTKD_LAUNCH(T)                                                                      \
-  dense_stats_kernel<T><<<grid_of(rows), kThreadsPerRow, 0, stream>>>(                        \
-      static_cast<const T*>(student), static_cast<const T*>(teacher), lse, teacher_lse, lse_ce, \
-      mean_z, v, p, with_stats)
-  switch (dtype) {
-    case kFloat32: FASTKD_LAUNCH(float); break;
-    case kFloat16: FASTKD_LAUNCH(__half); break;
-    case kBFloat16: FASTKD_LAUNCH(__nv_bfloat16); break;
-    default: return cudaErrorInvalidValue;
-  }
-#undef FASTKD_LAUNCH
+  FASTKD_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+      dense_stats_kernel<T><<<grid_of(rows), kThreadsPerRow, 0, stream>>>(
+          static_cast<const T*>(student), static_cast<const T*>(teacher), lse, teacher_lse,
+          lse_ce, mean_z, v, p, with_stats))
   return cudaGetLastError();
 }
 
@@ -110,17 +103,10 @@ cudaError_t launch_dense_divergence(int dtype, const void* student, const void* 
   if (rows == 0) return cudaSuccess;
   const DenseParams p = make_dense_params(inv_temp, cap, teacher_cap, kind, beta, false);
   const int v = static_cast<int>(vocab);
-#define FASTKD_LAUNCH(T)                                                                  \
-  dense_divergence_kernel<T><<<grid_of(rows), kThreadsPerRow, 0, stream>>>(               \
-      static_cast<const T*>(student), static_cast<const T*>(teacher), lse, teacher_lse, kd, \
-      wsum, v, p)
-  switch (dtype) {
-    case kFloat32: FASTKD_LAUNCH(float); break;
-    case kFloat16: FASTKD_LAUNCH(__half); break;
-    case kBFloat16: FASTKD_LAUNCH(__nv_bfloat16); break;
-    default: return cudaErrorInvalidValue;
-  }
-#undef FASTKD_LAUNCH
+  FASTKD_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+      dense_divergence_kernel<T><<<grid_of(rows), kThreadsPerRow, 0, stream>>>(
+          static_cast<const T*>(student), static_cast<const T*>(teacher), lse, teacher_lse, kd,
+          wsum, v, p))
   return cudaGetLastError();
 }
 
@@ -133,17 +119,10 @@ cudaError_t launch_dense_grad(int dtype, void* student, const void* teacher, int
   if (rows == 0) return cudaSuccess;
   const DenseParams p = make_dense_params(inv_temp, cap, teacher_cap, kind, beta, with_ce);
   const int v = static_cast<int>(vocab);
-#define FASTKD_LAUNCH(T)                                                                        \
-  dense_grad_kernel<T><<<grid_of(rows), kThreadsPerRow, 0, stream>>>(                           \
-      static_cast<T*>(student), static_cast<const T*>(teacher), lse, teacher_lse, wsum, kd_scale, \
-      lse_ce, ce_scale, labels, v, p)
-  switch (dtype) {
-    case kFloat32: FASTKD_LAUNCH(float); break;
-    case kFloat16: FASTKD_LAUNCH(__half); break;
-    case kBFloat16: FASTKD_LAUNCH(__nv_bfloat16); break;
-    default: return cudaErrorInvalidValue;
-  }
-#undef FASTKD_LAUNCH
+  FASTKD_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+      dense_grad_kernel<T><<<grid_of(rows), kThreadsPerRow, 0, stream>>>(
+          static_cast<T*>(student), static_cast<const T*>(teacher), lse, teacher_lse, wsum,
+          kd_scale, lse_ce, ce_scale, labels, v, p))
   return cudaGetLastError();
 }
 

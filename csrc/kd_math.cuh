@@ -30,6 +30,17 @@ namespace fastkd {
 
 constexpr float kNegInf = -INFINITY;
 
+// Runs the statements given after `on_unknown` with `T` bound to the element type that `dtype`
+// (a DType) names: float, __half or __nv_bfloat16; any other value runs `on_unknown`. Variadic so
+// that a kernel launch's <<<grid, block, smem, stream>>> commas pass through.
+#define FASTKD_DISPATCH_DTYPE(dtype, on_unknown, ...)                              \
+  switch (dtype) {                                                                 \
+    case ::fastkd::kFloat32: { using T = float; __VA_ARGS__; } break;              \
+    case ::fastkd::kFloat16: { using T = __half; __VA_ARGS__; } break;             \
+    case ::fastkd::kBFloat16: { using T = __nv_bfloat16; __VA_ARGS__; } break;     \
+    default: on_unknown;                                                           \
+  }
+
 // ---------------------------------------------------------------------------------------------
 // element conversions: every buffer is read and written through fp32
 // ---------------------------------------------------------------------------------------------

@@ -87,19 +87,9 @@ cudaError_t launch_topk_stats(int dtype, const void* logits, int64_t rows, int64
                               float* tail_lse, float* lse_ce, float* mean_z, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const TopkStatsParams params{inv_temp, cap, with_tail, with_ce && inv_temp != 1.f};
-  switch (dtype) {
-    case kFloat32:
-      return stats_launch<float>(logits, rows, vocab, sorted_ids, k, params, with_ce, with_stats,
-                                 lse, tail_lse, lse_ce, mean_z, stream);
-    case kFloat16:
-      return stats_launch<__half>(logits, rows, vocab, sorted_ids, k, params, with_ce, with_stats,
-                                  lse, tail_lse, lse_ce, mean_z, stream);
-    case kBFloat16:
-      return stats_launch<__nv_bfloat16>(logits, rows, vocab, sorted_ids, k, params, with_ce,
-                                         with_stats, lse, tail_lse, lse_ce, mean_z, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  FASTKD_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+      return stats_launch<T>(logits, rows, vocab, sorted_ids, k, params, with_ce, with_stats, lse,
+                             tail_lse, lse_ce, mean_z, stream))
 }
 
 cudaError_t launch_topk_grad(int dtype, void* logits, int64_t rows, int64_t vocab,
@@ -109,19 +99,9 @@ cudaError_t launch_topk_grad(int dtype, void* logits, int64_t rows, int64_t voca
                              bool with_tail, bool with_ce, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const TopkGradParams params{inv_temp, cap, with_tail, with_ce};
-  switch (dtype) {
-    case kFloat32:
-      return grad_launch<float>(logits, rows, vocab, sorted_ids, sorted_values, k, kd_lse,
-                                dense_scale, lse_ce, ce_scale, labels, params, stream);
-    case kFloat16:
-      return grad_launch<__half>(logits, rows, vocab, sorted_ids, sorted_values, k, kd_lse,
-                                 dense_scale, lse_ce, ce_scale, labels, params, stream);
-    case kBFloat16:
-      return grad_launch<__nv_bfloat16>(logits, rows, vocab, sorted_ids, sorted_values, k, kd_lse,
-                                        dense_scale, lse_ce, ce_scale, labels, params, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  FASTKD_DISPATCH_DTYPE(dtype, return cudaErrorInvalidValue,
+      return grad_launch<T>(logits, rows, vocab, sorted_ids, sorted_values, k, kd_lse, dense_scale,
+                            lse_ce, ce_scale, labels, params, stream))
 }
 
 }  // namespace fastkd

@@ -116,15 +116,20 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=IMPLS, required=True)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tokens --dim --vocab --topk --device --dtype`` of a measurement (also bench/memory.py)."""
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impl", choices=IMPLS, required=True)
+    add_shape_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(json.dumps(run_once(args.impl, args.tokens, args.dim, args.vocab, args.topk, args.device,

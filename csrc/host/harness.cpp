@@ -107,14 +107,6 @@ void dense_grad(void* student, const void* teacher, int64_t rows, int64_t vocab,
 
 }  // namespace
 
-#define FASTKD_DISPATCH(dtype, CALL)                  \
-  switch (dtype) {                                    \
-    case kFloat32: { using T = float; CALL; return 0; } \
-    case kFloat16: { using T = __half; CALL; return 0; } \
-    case kBFloat16: { using T = __nv_bfloat16; CALL; return 0; } \
-    default: return 1;                                \
-  }
-
 extern "C" {
 
 int fastkd_host_topk_stats(const void* logits, int dtype, int64_t rows, int64_t vocab,
@@ -123,8 +115,9 @@ int fastkd_host_topk_stats(const void* logits, int dtype, int64_t rows, int64_t 
                            float* tail_lse, float* lse_ce, float* mean_z, void* /*stream*/) {
   const TopkStatsParams p{static_cast<float>(inv_temp), static_cast<float>(cap), with_tail,
                           with_ce && static_cast<float>(inv_temp) != 1.f};
-  FASTKD_DISPATCH(dtype, topk_stats<T>(logits, rows, vocab, sorted_ids, k, p, with_ce, with_stats,
-                                       lse, tail_lse, lse_ce, mean_z))
+  FASTKD_DISPATCH_DTYPE(dtype, return 1,
+      topk_stats<T>(logits, rows, vocab, sorted_ids, k, p, with_ce, with_stats,
+          lse, tail_lse, lse_ce, mean_z); return 0)
 }
 
 int fastkd_host_topk_grad(void* logits, int dtype, int64_t rows, int64_t vocab,
@@ -133,8 +126,9 @@ int fastkd_host_topk_grad(void* logits, int dtype, int64_t rows, int64_t vocab,
                           const float* ce_scale, const int64_t* labels, double inv_temp,
                           double cap, bool with_tail, bool with_ce, void* /*stream*/) {
   const TopkGradParams p{static_cast<float>(inv_temp), static_cast<float>(cap), with_tail, with_ce};
-  FASTKD_DISPATCH(dtype, topk_grad<T>(logits, rows, vocab, sorted_ids, sorted_values, k, kd_lse,
-                                      dense_scale, lse_ce, ce_scale, labels, p))
+  FASTKD_DISPATCH_DTYPE(dtype, return 1,
+      topk_grad<T>(logits, rows, vocab, sorted_ids, sorted_values, k, kd_lse,
+          dense_scale, lse_ce, ce_scale, labels, p); return 0)
 }
 
 int fastkd_host_dense_stats(const void* student, const void* teacher, int dtype, int64_t rows,
@@ -143,8 +137,9 @@ int fastkd_host_dense_stats(const void* student, const void* teacher, int dtype,
                             float* lse_ce, float* mean_z, void* /*stream*/) {
   const DenseParams p = make_dense_params(static_cast<float>(inv_temp), static_cast<float>(cap),
                                           static_cast<float>(teacher_cap), kForwardKL, 0.5f, with_ce);
-  FASTKD_DISPATCH(dtype, dense_stats<T>(student, teacher, rows, vocab, p, with_stats, lse,
-                                        teacher_lse, lse_ce, mean_z))
+  FASTKD_DISPATCH_DTYPE(dtype, return 1,
+      dense_stats<T>(student, teacher, rows, vocab, p, with_stats, lse,
+          teacher_lse, lse_ce, mean_z); return 0)
 }
 
 int fastkd_host_dense_divergence(const void* student, const void* teacher, int dtype, int64_t rows,
@@ -154,8 +149,9 @@ int fastkd_host_dense_divergence(const void* student, const void* teacher, int d
   const DenseParams p = make_dense_params(static_cast<float>(inv_temp), static_cast<float>(cap),
                                           static_cast<float>(teacher_cap), kind,
                                           static_cast<float>(beta), false);
-  FASTKD_DISPATCH(dtype, dense_divergence<T>(student, teacher, rows, vocab, p, lse, teacher_lse,
-                                             kd, wsum))
+  FASTKD_DISPATCH_DTYPE(dtype, return 1,
+      dense_divergence<T>(student, teacher, rows, vocab, p, lse, teacher_lse,
+          kd, wsum); return 0)
 }
 
 int fastkd_host_dense_grad(void* student, const void* teacher, int dtype, int64_t rows,
@@ -167,8 +163,9 @@ int fastkd_host_dense_grad(void* student, const void* teacher, int dtype, int64_
   const DenseParams p = make_dense_params(static_cast<float>(inv_temp), static_cast<float>(cap),
                                           static_cast<float>(teacher_cap), kind,
                                           static_cast<float>(beta), with_ce);
-  FASTKD_DISPATCH(dtype, dense_grad<T>(student, teacher, rows, vocab, p, lse, teacher_lse, wsum,
-                                       kd_scale, lse_ce, ce_scale, labels))
+  FASTKD_DISPATCH_DTYPE(dtype, return 1,
+      dense_grad<T>(student, teacher, rows, vocab, p, lse, teacher_lse, wsum,
+          kd_scale, lse_ce, ce_scale, labels); return 0)
 }
 
 }  // extern "C"

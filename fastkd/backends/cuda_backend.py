@@ -107,10 +107,6 @@ def _check_buffer_dtype(hidden: Tensor) -> int:
     return _DTYPE_CODES[hidden.dtype]
 
 
-def _safe_labels(labels: Optional[Tensor], counted: Tensor) -> Optional[Tensor]:
-    return None if labels is None else torch.where(counted, labels, 0).long().contiguous()
-
-
 class _Head:
     """``h · Wᵀ + b`` of a chunk into a given buffer, in the buffer's dtype (cuBLAS on CUDA)."""
 
@@ -146,6 +142,30 @@ class _Grads:
         hidden_dtype, weight_dtype, bias_dtype = self.dtypes
         bias = self.weight.new_empty(0, dtype=weight_dtype) if self.bias is None else self.bias.to(bias_dtype)
         return self.hidden.to(hidden_dtype), self.weight.to(weight_dtype), bias
+
+
+class _Pass:
+    """What every forward and recomputing backward sets up: the buffer dtype code, the launch
+    context, the student's head, the counted rows with in-range labels, and row chunks sized to
+    the memory budget with ``buffers`` logits buffers of the student's dtype."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor],
+                 ignore_index: int, chunk_bytes: int, buffers: int = 1):
+        self.n_rows, self.vocab = hidden.shape[0], weight.shape[0]
+        self.code = _check_buffer_dtype(hidden)
+        self.launch = _Launch(hidden.device)
+        self.head = _Head(weight, bias, hidden.dtype)
+        self.counted = counted_rows(labels, self.n_rows, ignore_index, hidden.device)
+        self.safe_labels = None if labels is None else torch.where(self.counted, labels, 0).long().contiguous()
+        self.step = chunk_rows(self.n_rows, self.vocab, hidden.element_size(), chunk_bytes, buffers=buffers)
+        shape = (min(self.step, self.n_rows), self.vocab)
+        self.buffers = [torch.empty(shape, dtype=hidden.dtype, device=hidden.device) for _ in range(buffers)]
+
+    def chunks(self):
+        return _chunks(self.n_rows, self.step)
+
+    def labels(self, rows: slice) -> Optional[Tensor]:
+        return None if self.safe_labels is None else self.safe_labels[rows]
 
 
 def _no_grads(hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,16 +228,11 @@ def topk_kd_forward(
     the gradients of ``Σ_n loss_rows[n]`` (unit ``grad_output``) with the shapes and dtypes of
     ``hidden``, ``weight``, ``bias`` (``bias``'s empty when None); else all three are empty.
     """
-    n_rows = hidden.shape[0]
-    vocab, k = weight.shape[0], teacher_ids.shape[1]
-    device, dtype = hidden.device, hidden.dtype
-    code = _check_buffer_dtype(hidden)
-    launch = _Launch(device)
-    head = _Head(weight, bias, dtype)
-    counted = counted_rows(labels, n_rows, ignore_index, device)
+    ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes)
+    n_rows, vocab, k, counted = ps.n_rows, ps.vocab, teacher_ids.shape[1], ps.counted
+    device, code, launch = hidden.device, ps.code, ps.launch
     use_ce = ce_weight != 0.0
     with_tail = tail == "bucket"
-    safe_labels = _safe_labels(labels, counted)
     valid = teacher_ids >= 0
     safe_ids = teacher_ids.clamp(min=0)
     sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
@@ -228,18 +243,15 @@ def topk_kd_forward(
     stats = torch.zeros((n_rows if with_stats else 0, 3), **f32)
     kd_scale = torch.where(counted, kd_weight * temperature, 0.0).float()  # τ² of the loss × 1/τ of z
     ce_scale = torch.where(counted, ce_weight, 0.0).float()
-    grads = _Grads(hidden, weight, bias, dtype) if grads_in_forward else None
-
-    step = chunk_rows(n_rows, vocab, hidden.element_size(), chunk_bytes)
-    buffer = torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device)
+    grads = _Grads(hidden, weight, bias, hidden.dtype) if grads_in_forward else None
     with launch.guard():
-        for rows in _chunks(n_rows, step):
+        for rows in ps.chunks():
             h = hidden[rows]
-            logits = head.logits_into(buffer[: rows.stop - rows.start], h)
+            logits = ps.head.logits_into(ps.buffers[0][: rows.stop - rows.start], h)
             ids_c, valid_c = safe_ids[rows], valid[rows]
             topk_logits = _gathered(logits, ids_c, softcap, temperature)
             if use_ce:
-                target[rows] = _gathered(logits, safe_labels[rows].unsqueeze(1), softcap, 1.0).squeeze(1)
+                target[rows] = _gathered(logits, ps.labels(rows).unsqueeze(1), softcap, 1.0).squeeze(1)
             launch.ext.topk_stats(
                 logits.data_ptr(), code, logits.shape[0], vocab, sorted_ids[rows].data_ptr(), k,
                 1.0 / temperature, _cap(softcap), with_tail, use_ce, with_stats,
@@ -259,9 +271,8 @@ def topk_kd_forward(
                 _topk_grad_in_place(
                     launch, code, logits, sorted_ids[rows], perm[rows], topk_logits, w, valid_c,
                     kd_lse, dense, topk_coef, kd_scale[rows], lse_ce[rows], ce_scale[rows],
-                    None if safe_labels is None else safe_labels[rows], temperature, softcap,
-                    with_tail, use_ce)
-                grads.add(rows, logits, h, head)
+                    ps.labels(rows), temperature, softcap, with_tail, use_ce)
+                grads.add(rows, logits, h, ps.head)
     # lse_ce stays real on ignored rows: the recomputing backward multiplies exp(s − lse_ce) by 0.
     state[:, _LSE_CE] = lse_ce
     zero = torch.zeros((), **f32)
@@ -301,36 +312,24 @@ def topk_kd_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight, d bias or empty)`` of ``Σ_n grad_rows[n] · loss_rows[n]``,
     recomputing each chunk's logits (the path for a per-row ``grad_rows``)."""
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    device, dtype = hidden.device, hidden.dtype
-    code = _check_buffer_dtype(hidden)
-    launch = _Launch(device)
-    head = _Head(weight, bias, dtype)
-    counted = counted_rows(labels, n_rows, ignore_index, device)
-    use_ce = ce_weight != 0.0
-    with_tail = tail == "bucket"
-    safe_labels = _safe_labels(labels, counted)
-    g = torch.where(counted, grad_rows.float(), 0.0)
+    ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes)
+    g = torch.where(ps.counted, grad_rows.float(), 0.0)
     kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
     valid = teacher_ids >= 0
     safe_ids = teacher_ids.clamp(min=0)
-    sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
-    grads = _Grads(hidden, weight, bias, dtype)
-    step = chunk_rows(n_rows, vocab, hidden.element_size(), chunk_bytes)
-    buffer = torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device)
-    with launch.guard():
-        for rows in _chunks(n_rows, step):
+    sorted_ids, perm = sorted_topk_ids(teacher_ids, ps.vocab)
+    grads = _Grads(hidden, weight, bias, hidden.dtype)
+    with ps.launch.guard():
+        for rows in ps.chunks():
             h = hidden[rows]
-            logits = head.logits_into(buffer[: rows.stop - rows.start], h)
+            logits = ps.head.logits_into(ps.buffers[0][: rows.stop - rows.start], h)
             topk_logits = _gathered(logits, safe_ids[rows], softcap, temperature)
             _topk_grad_in_place(
-                launch, code, logits, sorted_ids[rows], perm[rows], topk_logits, topk_weights[rows],
+                ps.launch, ps.code, logits, sorted_ids[rows], perm[rows], topk_logits, topk_weights[rows],
                 valid[rows], state[rows, _KD_LSE], state[rows, _DENSE_COEF],
                 state[rows, _TOPK_COEF], kd_scale[rows], state[rows, _LSE_CE], ce_scale[rows],
-                None if safe_labels is None else safe_labels[rows], temperature, softcap,
-                with_tail, use_ce)
-            grads.add(rows, logits, h, head)
+                ps.labels(rows), temperature, softcap, tail == "bucket", ce_weight != 0.0)
+            grads.add(rows, logits, h, ps.head)
     return grads.result()
 
 
@@ -399,34 +398,26 @@ def dense_kd_forward(
     """Returns ``(loss_rows (N,), kd_rows (N,), state (N, 4): lse, teacher lse, W = Σ w, CE lse,
     stats (N|0, 2): entropy, lse, grad_hidden, grad_weight, grad_bias)``; the gradients as in
     :func:`topk_kd_forward`. The teacher's logits go through a buffer of the student's dtype."""
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    device, dtype = hidden.device, hidden.dtype
-    code = _check_buffer_dtype(hidden)
-    launch = _Launch(device)
-    head = _Head(weight, bias, dtype)
-    teacher_head = _Head(teacher_weight, teacher_bias, dtype)
-    counted = counted_rows(labels, n_rows, ignore_index, device)
+    ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, buffers=2)
+    n_rows, vocab, counted = ps.n_rows, ps.vocab, ps.counted
+    device, code, launch = hidden.device, ps.code, ps.launch
+    teacher_head = _Head(teacher_weight, teacher_bias, hidden.dtype)
     use_ce = ce_weight != 0.0
-    safe_labels = _safe_labels(labels, counted)
     kind = _kind(divergence, beta)
     f32 = dict(dtype=torch.float32, device=device)
     state = torch.zeros((4, n_rows), **f32)  # column-major while filled: each column contiguous
     mean_z, target, kd_rows = (torch.zeros(n_rows, **f32) for _ in range(3))
     kd_scale = torch.where(counted, kd_weight * temperature, 0.0).float()
     ce_scale = torch.where(counted, ce_weight, 0.0).float()
-    grads = _Grads(hidden, weight, bias, dtype) if grads_in_forward else None
-
-    step = chunk_rows(n_rows, vocab, hidden.element_size(), chunk_bytes, buffers=2)
-    buffers = [torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device) for _ in range(2)]
+    grads = _Grads(hidden, weight, bias, hidden.dtype) if grads_in_forward else None
     with launch.guard():
-        for rows in _chunks(n_rows, step):
+        for rows in ps.chunks():
             c = rows.stop - rows.start
             h = hidden[rows]
-            student = head.logits_into(buffers[0][:c], h)
-            teacher = teacher_head.logits_into(buffers[1][:c], teacher_hidden[rows])
+            student = ps.head.logits_into(ps.buffers[0][:c], h)
+            teacher = teacher_head.logits_into(ps.buffers[1][:c], teacher_hidden[rows])
             if use_ce:
-                target[rows] = _gathered(student, safe_labels[rows].unsqueeze(1), softcap, 1.0).squeeze(1)
+                target[rows] = _gathered(student, ps.labels(rows).unsqueeze(1), softcap, 1.0).squeeze(1)
             lse, teacher_lse, wsum, lse_ce = (state[i, rows] for i in range(4))
             args = (student.data_ptr(), teacher.data_ptr(), code, c, vocab, 1.0 / temperature,
                     _cap(softcap), _cap(teacher_softcap))
@@ -438,9 +429,9 @@ def dense_kd_forward(
             if grads is not None:
                 _dense_grad_in_place(
                     launch, code, student, teacher, state[:, rows].t(), kd_scale[rows],
-                    ce_scale[rows], None if safe_labels is None else safe_labels[rows], divergence,
-                    beta, temperature, softcap, teacher_softcap, use_ce)
-                grads.add(rows, student, h, head)
+                    ce_scale[rows], ps.labels(rows), divergence, beta, temperature, softcap,
+                    teacher_softcap, use_ce)
+                grads.add(rows, student, h, ps.head)
     state = state.t().contiguous()
     zero = torch.zeros((), **f32)
     kd_rows = torch.where(counted, kd_rows, zero)
@@ -475,31 +466,21 @@ def dense_kd_backward(
     ce_weight: float, kd_weight: float, chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight, d bias or empty)``; both heads' logits recomputed."""
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    device, dtype = hidden.device, hidden.dtype
-    code = _check_buffer_dtype(hidden)
-    launch = _Launch(device)
-    head = _Head(weight, bias, dtype)
-    teacher_head = _Head(teacher_weight, teacher_bias, dtype)
-    counted = counted_rows(labels, n_rows, ignore_index, device)
-    safe_labels = _safe_labels(labels, counted)
-    g = torch.where(counted, grad_rows.float(), 0.0)
+    ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, buffers=2)
+    teacher_head = _Head(teacher_weight, teacher_bias, hidden.dtype)
+    g = torch.where(ps.counted, grad_rows.float(), 0.0)
     kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
-    grads = _Grads(hidden, weight, bias, dtype)
-    step = chunk_rows(n_rows, vocab, hidden.element_size(), chunk_bytes, buffers=2)
-    buffers = [torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device) for _ in range(2)]
-    with launch.guard():
-        for rows in _chunks(n_rows, step):
+    grads = _Grads(hidden, weight, bias, hidden.dtype)
+    with ps.launch.guard():
+        for rows in ps.chunks():
             c = rows.stop - rows.start
             h = hidden[rows]
-            student = head.logits_into(buffers[0][:c], h)
-            teacher = teacher_head.logits_into(buffers[1][:c], teacher_hidden[rows])
+            student = ps.head.logits_into(ps.buffers[0][:c], h)
+            teacher = teacher_head.logits_into(ps.buffers[1][:c], teacher_hidden[rows])
             _dense_grad_in_place(
-                launch, code, student, teacher, state[rows], kd_scale[rows], ce_scale[rows],
-                None if safe_labels is None else safe_labels[rows], divergence, beta, temperature,
-                softcap, teacher_softcap, ce_weight != 0.0)
-            grads.add(rows, student, h, head)
+                ps.launch, ps.code, student, teacher, state[rows], kd_scale[rows], ce_scale[rows],
+                ps.labels(rows), divergence, beta, temperature, softcap, teacher_softcap, ce_weight != 0.0)
+            grads.add(rows, student, h, ps.head)
     return grads.result()
 
 

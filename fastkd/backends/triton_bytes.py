@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_kernels import _logits_tile
+
 N_BUCKETS = 257
 
 
@@ -55,8 +57,6 @@ def _byte_lse_forward_kernel(
     out_ptr, part_ptr,
     # shapes
     n_rows, dim, n_ranges,
-    # strides
-    stride_hidden, stride_weight,
     # meta
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, N_BUCKETS: tl.constexpr,
@@ -80,20 +80,8 @@ def _byte_lse_forward_kernel(
         ids = tl.load(sorted_ids_ptr + cols, mask=col_mask, other=0).to(tl.int64)
         buckets = tl.load(bucket_of_sorted_ptr + cols, mask=col_mask, other=N_BUCKETS)
         last = tl.load(bucket_of_sorted_ptr + tl.minimum(tile + BLOCK_V, hi) - 1)
-        logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k in range(0, dim, BLOCK_D):
-            dims = k + tl.arange(0, BLOCK_D)
-            dim_mask = dims < dim
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + dims[None, :],
-                        mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-            w = tl.load(weight_ptr + ids[:, None] * stride_weight + dims[None, :],
-                        mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-            logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            logits += tl.load(bias_ptr + ids, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)  # softcap·tanh(x/softcap)
-        logits = logits * inv_temperature
+        logits = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, ids, col_mask, dim, softcap,
+                              HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION) * inv_temperature
         # Buckets current..last meet this tile (some may be empty); all but `last` end in it.
         for bucket in range(current, last + 1):
             # per-row vectors, not scalars: the 3.9 interpreter mis-types `vector & scalar` masks
@@ -128,8 +116,6 @@ def _byte_lse_backward_kernel(
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
     # shapes
     n_rows, vocab, dim,
-    # strides
-    stride_hidden, stride_weight,
     # meta
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, N_BUCKETS: tl.constexpr,
@@ -143,19 +129,8 @@ def _byte_lse_backward_kernel(
     row_mask = rows < n_rows
     col_mask = cols < vocab
     tile_mask = row_mask[:, None] & col_mask[None, :]
-    logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k in range(0, dim, BLOCK_D):
-        dims = k + tl.arange(0, BLOCK_D)
-        dim_mask = dims < dim
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + dims[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * stride_weight + dims[None, :],
-                    mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-        logits = tl.dot(h, tl.trans(w), logits, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        logits = softcap * (2.0 * tl.sigmoid(2.0 * logits / softcap) - 1.0)
+    logits = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, cols, col_mask, dim, softcap,
+                          HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     buckets = tl.load(first_byte_ptr + cols, mask=col_mask, other=0)
     at_bucket = rows[:, None] * N_BUCKETS + buckets[None, :]
     bucket_lse = tl.load(lse_ptr + at_bucket, mask=tile_mask, other=0.0)
@@ -173,12 +148,12 @@ def _byte_lse_backward_kernel(
     for k in range(0, dim, BLOCK_D):
         dims = k + tl.arange(0, BLOCK_D)
         dim_mask = dims < dim
-        w = tl.load(weight_ptr + cols[:, None] * stride_weight + dims[None, :],
+        w = tl.load(weight_ptr + cols[:, None] * dim + dims[None, :],
                     mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * dim + dims[None, :],
                       tl.dot(dz, w, input_precision=DOT_PRECISION) * scale,
                       mask=row_mask[:, None] & dim_mask[None, :])
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + dims[None, :],
+        h = tl.load(hidden_ptr + rows[:, None] * dim + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_weight_ptr + cols[:, None] * dim + dims[None, :],
                       tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION) * scale,
@@ -268,7 +243,6 @@ def byte_lse(
         hidden, weight, bias if bias is not None else hidden, sorted_ids, bucket_of_sorted,
         range_start, out, part,
         n_rows, dim, ranges,
-        hidden.stride(0), weight.stride(0),
         1.0 / temperature, 1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
         BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
@@ -305,7 +279,6 @@ def byte_lse_backward(
             bucket_lse.float().contiguous(), grad.float().contiguous(),
             grad_hidden, grad_weight, grad_bias if bias is not None else grad_hidden,
             n_rows, vocab, dim,
-            hidden.stride(0), weight.stride(0),
             1.0 / temperature, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
             BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],

@@ -276,10 +276,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loss
     # ------------------------------------------------------------------------------------------
-    def _kept_rows(self, batch: dict) -> int:
+    def _kept_rows(self, batch: dict) -> Tensor:
+        """``ceil(token_fraction · counted)`` as a float64 tensor on the device (no host sync; the
+        same double product as :meth:`_select`'s)."""
         labels = batch["labels"] if self.config.mode == "cross_tokenizer" else batch["labels"][:, 1:]
-        counted = int((labels != -100).sum())
-        return math.ceil(self.config.token_fraction * counted)
+        return torch.ceil((labels != -100).sum().double() * self.config.token_fraction)
 
     def _options(self, on_policy: bool) -> dict:
         cfg = self.config
@@ -300,9 +301,8 @@ class Trainer:
         hidden = s["hidden"][:, :-1]
         head = dict(bias=s["bias"], softcap=s["softcap"], labels=labels, reduction="none", return_stats=True)
         if cfg.mode == "sft":
-            ids = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
-            rows, stats = topk_kd_loss(hidden, s["weight"], ids, torch.zeros(ids.shape, device=labels.device),
-                                       ce_weight=cfg.ce_weight, kd_weight=0.0, impl=cfg.impl, **head)
+            rows, stats = _fused_ce(hidden, s, labels, cfg.impl, ce_weight=cfg.ce_weight, reduction="none",
+                                    return_stats=True)
             return rows, stats, labels.reshape(-1) != -100
         options = self._options(on_policy)
         if self.server is not None:  # the teacher's top-k from the server, like a cache's
@@ -372,12 +372,12 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 batches = self._step_batches()
-                kept = sum(self._kept_rows(b) for b, _ in batches)
                 # the step's loss is a mean over the rows kept on all processes: each process
                 # divides its sum by total / processes, and the wrapper averages the gradients
-                total = self._all_processes_sum([kept])[0]
-                denominator = max(total, 1) / acc.num_processes
-                loss_sum, kd_sum, rollouts, has_kd = 0.0, 0.0, 0, False
+                total = self._all_processes_sum(torch.stack([self._kept_rows(b) for b, _ in batches]).sum())
+                denominator = (total.clamp(min=1) / acc.num_processes).float()
+                sums = torch.zeros(2, dtype=torch.float64, device=acc.device)  # loss, kd: one sync a step
+                rollouts, has_kd = 0, False
                 for i, (batch, on_policy) in enumerate(batches):
                     sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(self.student)
                     with sync:
@@ -386,14 +386,14 @@ class Trainer:
                         keep = self._select(rows, stats, counted)
                         loss = (rows.float() * keep).sum() / denominator
                         acc.backward(loss)
-                    loss_sum += float(loss.detach())
+                    sums[0] += loss.detach()
                     if stats is not None:
-                        kd_sum += float((stats.kd.reshape(-1) * keep).sum()) / denominator
+                        sums[1] += (stats.kd.reshape(-1) * keep).sum() / denominator
                         has_kd = True
-                    rollouts += on_policy
-                if acc.num_processes > 1:  # log the mean over processes, not the main one's share
-                    loss_sum, kd_sum, rollouts = (v / acc.num_processes for v in
-                                                  self._all_processes_sum([loss_sum, kd_sum, rollouts]))
+                    rollouts += on_policy  # the same on every process (a shared coin)
+                # log the mean over processes, not the main one's share
+                loss_sum, kd_sum = (self._all_processes_sum(sums) / acc.num_processes).tolist()
+                total = int(total)
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -402,15 +402,15 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                tokens += int(total)
-                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens": int(total),
+                tokens += total
+                record = {"step": self.step, "loss": loss_sum, "lr": lr, "tokens": total,
                           "elapsed_s": time.perf_counter() - started}
                 if has_kd and cfg.mode != "sft":
                     record["kd"] = kd_sum
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 if cfg.mode == "on_policy":
-                    record["rollout_batches"] = int(round(rollouts))
+                    record["rollout_batches"] = rollouts
                 self.history.append(record)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     log.write(record)
@@ -436,12 +436,9 @@ class Trainer:
                 "eval": last_eval, "checkpoint": str(checkpoint), "output_dir": str(self.out),
                 "tokens": tokens}
 
-    def _all_processes_sum(self, values: list) -> list[float]:
-        """``values`` summed over the processes (one all-reduce; as they are with one process)."""
-        if self.acc.num_processes == 1:
-            return [float(v) for v in values]
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.acc.device)
-        return self.acc.reduce(tensor, reduction="sum").tolist()
+    def _all_processes_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes (one all-reduce; as it is with one process)."""
+        return tensor if self.acc.num_processes == 1 else self.acc.reduce(tensor, reduction="sum")
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -475,7 +472,7 @@ class Trainer:
             weight = 1.0 if k < len(mine) else 0.0
             sums += weight * torch.tensor([ce, n, batch.get("n_bytes", 0), kl or 0.0, n if kl is not None else 0,
                                            "n_bytes" not in batch], dtype=torch.float64)
-        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else sums
+        sums = self._all_processes_sum(sums.to(acc.device)).cpu()
         model.train(was_training)
         ce, n, n_bytes, kl, kl_rows, unknown_bytes = sums.tolist()
         out = {"eval_ce": ce / max(n, 1), "eval_tokens": int(n)}
@@ -653,13 +650,17 @@ def _accelerator(bf16: bool):
     return Accelerator(mixed_precision=wanted)
 
 
-def _ce_sum(hidden: Tensor, head: dict, labels: Tensor, impl: str) -> float:
-    """Summed next-token CE of the counted rows, fused (no logits tensor)."""
+def _fused_ce(hidden: Tensor, head: dict, labels: Tensor, impl: str, **options):
+    """Next-token CE of the counted rows, fused (no logits tensor): the top-k loss with an empty
+    set (every slot ``-1``) and ``kd_weight=0``."""
     ids = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
-    value = topk_kd_loss(hidden, head["weight"], ids, torch.zeros(ids.shape, device=labels.device),
-                         bias=head["bias"], softcap=head["softcap"], labels=labels, ce_weight=1.0,
-                         kd_weight=0.0, reduction="sum", impl=impl)
-    return float(value)
+    return topk_kd_loss(hidden, head["weight"], ids, torch.zeros(ids.shape, device=labels.device), bias=head["bias"],
+                        softcap=head["softcap"], labels=labels, kd_weight=0.0, impl=impl, **options)
+
+
+def _ce_sum(hidden: Tensor, head: dict, labels: Tensor, impl: str) -> float:
+    """Summed next-token CE of the counted rows."""
+    return float(_fused_ce(hidden, head, labels, impl, ce_weight=1.0, reduction="sum"))
 
 
 def _load_tokenizer(name: str):
