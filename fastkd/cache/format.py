@@ -242,7 +242,13 @@ def write_shard(directory, index: int, tensors: dict[str, np.ndarray]) -> dict:
 
 
 def open_shard(path) -> dict[str, np.ndarray]:
-    """The tensors of a shard as read-only ``numpy.memmap`` views (no copy; pages load on access)."""
+    """The tensors of a shard as read-only ``numpy.memmap`` views (no copy; pages load on access).
+
+    The header is checked before anything is mapped: a JSON object whose entries have a known
+    dtype, a shape of non-negative ints and ``data_offsets`` ``[start, end]`` with
+    ``0 <= start <= end``, ``end - start`` equal to the shape's byte size and ``end`` inside the
+    file. Raises :class:`CacheError` naming the file and the tensor otherwise.
+    """
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -251,28 +257,59 @@ def open_shard(path) -> dict[str, np.ndarray]:
         length = int.from_bytes(head, "little")
         if length > 100_000_000:
             raise CacheError(f"{path}: not a safetensors file (header length {length})")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise CacheError(f"{path}: unreadable safetensors header ({error})") from None
+        raw = handle.read(length)
+    if len(raw) != length:
+        raise CacheError(f"{path}: header length {length} runs past the end of the file")
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise CacheError(f"{path}: unreadable safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CacheError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
     size = path.stat().st_size
     base = 8 + length
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if dtype is None or base + end > size:
-            raise CacheError(f"{path}: tensor {name!r} ({info.get('dtype')}, bytes {start}..{end}) "
-                             f"does not fit the {size}-byte file")
-        count = int(np.prod(shape)) if shape else 1
-        if count == 0:
+        shape, dtype, start, end = _tensor_entry(path, name, info)
+        if base + end > size:
+            raise CacheError(f"{path}: tensor {name!r} (data_offsets {start}..{end}) does not fit the "
+                             f"{size - base} data bytes of the file")
+        if end == start:
             out[name] = np.zeros(shape, dtype=dtype)
         else:
             out[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
     return out
+
+
+def _tensor_entry(path: Path, name: str, info) -> tuple[tuple, type, int, int]:
+    """``(shape, numpy dtype, start, end)`` of one header entry, checked (see :func:`open_shard`)."""
+    def bad(field: str, detail: str) -> CacheError:
+        return CacheError(f"{path}: tensor {name!r}: header field {field!r} {detail}")
+
+    if not isinstance(info, dict):
+        raise bad("(entry)", f"must be an object, got {type(info).__name__}")
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise bad("dtype", f"is {info.get('dtype')!r}, expected one of {sorted(_SAFETENSORS_DTYPES)}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise bad("shape", f"must be a list of ints >= 0, got {shape!r}")
+    offsets = info.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(n) for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad("data_offsets", f"must be [start, end] with 0 <= start <= end, got {offsets!r}")
+    start, end = offsets
+    nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize if shape else np.dtype(dtype).itemsize
+    if end - start != nbytes:
+        raise bad("data_offsets", f"{offsets} span {end - start} bytes, but shape {shape} of "
+                                  f"{info['dtype']} needs {nbytes}")
+    return tuple(shape), dtype, start, end
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def write_manifest(directory, manifest: dict) -> None:
@@ -280,25 +317,94 @@ def write_manifest(directory, manifest: dict) -> None:
 
 
 def read_manifest(directory) -> dict:
+    """``manifest.json`` of a cache, checked field by field (:func:`check_manifest`)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{directory}: no {MANIFEST}; not a fastkd teacher cache (or its capture "
                          "never finished a shard)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
+    except (ValueError, UnicodeDecodeError) as error:
         raise CacheError(f"{path}: not valid JSON ({error})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CacheError(f"{path}: format_version {version!r}, this fastkd reads {FORMAT_VERSION}")
-    if manifest.get("kind") not in KINDS:
-        raise CacheError(f"{path}: kind {manifest.get('kind')!r}, expected one of {KINDS}")
+    check_manifest(manifest, path)
     return manifest
 
 
+def check_manifest(manifest, path) -> None:
+    """Raises :class:`CacheError` naming ``path`` and the field when a manifest is malformed.
+
+    A manifest may come from elsewhere: every field the readers use is checked for its type and
+    range (object, ``format_version``, ``kind``, ``vocab_size``, ``topk`` (top-k caches),
+    ``logprob_dtype``, ``temperature``, ``complete``, ``shards``: a list of objects with a
+    plain ``file`` name, ``sequences``/``tokens`` ints >= 0 and a 64-hex ``sha256``; no file listed
+    twice; the totals ``sequences``/``tokens`` equal to the shards' sums).
+    """
+    def bad(field: str, detail: str) -> CacheError:
+        return CacheError(f"{path}: field {field!r} {detail}")
+
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path}: must be a JSON object, got a JSON {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CacheError(f"{path}: field 'format_version' is {version!r}, this fastkd reads {FORMAT_VERSION}")
+    if manifest.get("kind") not in KINDS:
+        raise CacheError(f"{path}: field 'kind' is {manifest.get('kind')!r}, expected one of {KINDS}")
+    for field in ("vocab_size",) + (("topk",) if manifest["kind"] == "topk" else ()):
+        value = manifest.get(field)
+        if not _is_int(value) or value < 1:
+            raise bad(field, f"must be an int >= 1, got {value!r}" + (" (missing)" if field not in manifest else ""))
+    if manifest["kind"] == "topk":
+        try:
+            id_bits(manifest["vocab_size"])
+        except ValueError as error:
+            raise bad("vocab_size", str(error)) from None
+    if manifest.get("logprob_dtype") not in LOGPROB_DTYPES:
+        raise bad("logprob_dtype", f"must be one of {sorted(LOGPROB_DTYPES)}, got {manifest.get('logprob_dtype')!r}")
+    temperature = manifest.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise bad("temperature", f"must be a number > 0, got {temperature!r}")
+    if not isinstance(manifest.get("complete"), bool):
+        raise bad("complete", f"must be true or false, got {manifest.get('complete')!r}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", f"must be a list of shard entries, got {shards!r}" if "shards" in manifest
+                  else "is missing (the list of shard entries)")
+    seen = set()
+    for index, entry in enumerate(shards):
+        where = f"shards[{index}]"
+        if not isinstance(entry, dict):
+            raise bad(where, f"must be an object, got {type(entry).__name__}")
+        if "file" not in entry:
+            raise bad(f"{where}.file", "is missing")
+        _contained(Path(path).parent, entry["file"], f"{path}: field '{where}.file'")
+        if entry["file"] in seen:
+            raise bad(f"{where}.file", f"{entry['file']!r} is listed twice")
+        seen.add(entry["file"])
+        for field in ("sequences", "tokens"):
+            value = entry.get(field)
+            if not _is_int(value) or value < 0:
+                raise bad(f"{where}.{field}", f"must be an int >= 0, got {value!r}")
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise bad(f"{where}.sha256", f"must be 64 lowercase hex digits, got {digest!r}")
+    for field in ("sequences", "tokens"):
+        total = sum(entry[field] for entry in shards)
+        if manifest.get(field) != total:
+            raise bad(field, f"is {manifest.get(field)!r}, but the shards hold {total}")
+
+
+def _contained(directory: Path, name, where: str) -> Path:
+    from .._paths import contained_file
+
+    return contained_file(directory, name, where=where, error=CacheError)
+
+
 def verify_shard(directory, entry: dict) -> None:
-    """Raises :class:`CacheError` naming the shard when it is missing or its sha256 differs."""
-    path = Path(directory) / entry["file"]
+    """Raises :class:`CacheError` naming the shard when it is missing or its sha256 differs.
+
+    ``entry["file"]`` must be a plain name that stays inside ``directory`` (no ``..``, no
+    absolute path, no symlink out); nothing outside is ever hashed or reported."""
+    path = _contained(Path(directory), entry.get("file"), f"{MANIFEST} shard entry")
     if not path.is_file():
         raise CacheError(f"shard {entry['file']} listed in {MANIFEST} is missing from {directory}")
     actual = sha256_file(path)

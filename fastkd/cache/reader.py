@@ -76,6 +76,10 @@ class TeacherCache(Dataset):
             total += entry["sequences"]
         self._length = total
         self._shards: dict[int, dict] = {}
+        if verify:  # checksums prove nothing against a crafted cache: check every shard's layout
+            for index in range(len(manifest["shards"])):
+                self._shard(index)
+            self._shards = {}
 
     def __getstate__(self) -> dict:
         # DataLoader workers get the manifest, not opened memory maps (pickling one would copy the
@@ -107,10 +111,12 @@ class TeacherCache(Dataset):
         shard = self._shards.get(index)
         if shard is None:
             entry = self.manifest["shards"][index]
-            path = self.path / entry["file"]
+            path = fmt._contained(self.path, entry["file"], f"{fmt.MANIFEST} shards[{index}].file")
             if not path.is_file():
                 raise fmt.CacheError(f"shard {entry['file']} listed in {fmt.MANIFEST} is missing from {self.path}")
-            shard = self._shards[index] = fmt.open_shard(path)
+            shard = fmt.open_shard(path)
+            _check_shard(shard, self.manifest, entry, path)
+            self._shards[index] = shard
         return shard
 
     def __getitem__(self, index: int) -> dict:
@@ -144,6 +150,46 @@ class TeacherCache(Dataset):
         collator = collator or CacheCollator()
         for start in range(0, len(self), batch_size):
             yield collator([self[i] for i in range(start, min(start + batch_size, len(self)))])
+
+
+def _check_shard(shard: dict, manifest: dict, entry: dict, path: Path) -> None:
+    """Raises :class:`fastkd.cache.CacheError` naming ``path`` and the tensor when a shard's
+    tensors do not have the layout of its kind (docs/cache.md): missing tensors, other dtypes or
+    shapes, K other than the manifest's, offsets that do not start at 0, decrease, or end anywhere
+    but at the end of the tokens (or text), counts other than the manifest entry's."""
+    def bad(name: str, detail: str) -> fmt.CacheError:
+        return fmt.CacheError(f"{path}: tensor {name!r} {detail}")
+
+    sequences, tokens = entry["sequences"], entry["tokens"]
+    expect = {"input_ids": (np.int32, (tokens,)), "seq_offsets": (np.int64, (sequences + 1,))}
+    if manifest["kind"] == "topk":
+        expect["topk"] = (np.uint32, (tokens, manifest["topk"]))
+    else:
+        expect.update(byte_logprobs=(np.float16, (tokens, 257)), token_logprobs=(np.float32, (tokens,)),
+                      byte_offsets=(np.int64, (tokens, 2)), text=(np.uint8, None),
+                      text_offsets=(np.int64, (sequences + 1,)))
+    for name, (dtype, shape) in expect.items():
+        if name not in shard:
+            raise bad(name, f"is missing (a {manifest['kind']} shard holds {sorted(expect)})")
+        array = shard[name]
+        if array.dtype != dtype:
+            raise bad(name, f"has dtype {array.dtype}, expected {np.dtype(dtype)}")
+        if shape is not None and array.shape != shape:
+            what = ("K differs from the manifest's topk" if name == "topk" and array.ndim == 2
+                    and array.shape[0] == tokens else f"{fmt.MANIFEST} entry: {sequences} sequences, {tokens} tokens")
+            raise bad(name, f"has shape {array.shape}, expected {shape} ({what})")
+        if shape is None and array.ndim != 1:
+            raise bad(name, f"must be 1-D, got shape {array.shape}")
+    for name, end in (("seq_offsets", tokens), ("text_offsets", None)):
+        if name not in expect:
+            continue
+        offsets = np.asarray(shard[name])
+        end = len(shard["text"]) if end is None else end
+        if offsets[0] != 0 or offsets[-1] != end:
+            raise bad(name, f"must run from 0 to {end}, got {int(offsets[0])}..{int(offsets[-1])}")
+        if len(offsets) > 1 and (np.diff(offsets) < 0).any():
+            at = int(np.nonzero(np.diff(offsets) < 0)[0][0])
+            raise bad(name, f"must not decrease; [{at}] = {int(offsets[at])} > [{at + 1}] = {int(offsets[at + 1])}")
 
 
 class CacheCollator:

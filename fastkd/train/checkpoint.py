@@ -21,7 +21,10 @@ Guarantees:
   Tensors are saved detached, on CPU, contiguous; tensors sharing storage (tied weights) are
   stored as separate copies. Dict subclasses (``OrderedDict``) come back as plain dicts.
 - Checked: with ``verify=True`` a missing, truncated or altered file raises
-  :class:`CheckpointError`.
+  :class:`CheckpointError`. Whatever ``verify``, ``checkpoint.json`` must list every file that is
+  read (``state.json`` and each part), by a plain name inside the directory (no ``..``, absolute
+  path or symlink out): a checkpoint without its file list, or with a part missing from it, is
+  refused rather than loaded unverified.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .._paths import contained_file
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -273,11 +278,15 @@ def load_checkpoint(path, *, verify: bool = True, map_location="cpu") -> dict:
         raise CheckpointError(f"incomplete checkpoint {path} (no checkpoint.json: the save was "
                               f"interrupted); {_HINT}")
     manifest = _read_json(manifest_file)
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_file}: must be a JSON object, got a JSON "
+                              f"{type(manifest).__name__}; {_HINT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_file}: unknown checkpoint format version "
                               f"{manifest.get('format_version')!r} (this fastkd reads version "
                               f"{FORMAT_VERSION}); load it with the fastkd version that wrote it")
-    for fname, expected in manifest.get("files", {}).items() if verify else ():
+    files = _file_list(path, manifest_file, manifest)
+    for fname, expected in files.items() if verify else ():
         file = path / fname
         if not file.is_file():
             raise CheckpointError(f"{file}: file listed in checkpoint.json is missing; {_HINT}")
@@ -287,18 +296,45 @@ def load_checkpoint(path, *, verify: bool = True, map_location="cpu") -> dict:
                 f"{file}: checksum mismatch (expected sha256 {expected['sha256'][:12]}…, "
                 f"{expected['bytes']} bytes; found {actual['sha256'][:12]}…, {actual['bytes']} "
                 f"bytes): the file is corrupted; {_HINT}")
-    parts = _read_json(path / "state.json").get("parts")
+    state_file = path / "state.json"
+    skeleton_doc = _read_json(state_file)
+    parts = skeleton_doc.get("parts") if isinstance(skeleton_doc, dict) else None
     if not isinstance(parts, dict):
-        raise CheckpointError(f"{path / 'state.json'}: no 'parts' skeleton; {_HINT}")
+        raise CheckpointError(f"{state_file}: no 'parts' skeleton; {_HINT}")
     state = {}
     for part, skeleton in parts.items():
-        file = path / f"{part}.safetensors"
+        fname = f"{part}.safetensors"
+        if not isinstance(part, str) or not _PART.match(part) or fname not in files:
+            raise CheckpointError(
+                f"{state_file}: part {part!r} has no file {fname!r} listed in checkpoint.json 'files' "
+                f"(a checkpoint never loads a file it cannot verify); {_HINT}")
+        file = contained_file(path, fname, where=f"{state_file} part {part!r}", error=CheckpointError)
         try:
             tensors = load_file(str(file), device=str(map_location))
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{file}: unreadable ({exc}); {_HINT}") from exc
         state[part] = _decode(skeleton, tensors, file)
     return state
+
+
+def _file_list(path: Path, manifest_file: Path, manifest: dict) -> dict:
+    """``checkpoint.json``'s ``files``, checked: an object of plain file names inside ``path``
+    (no ``..``, absolute path or symlink out), each ``{"sha256": 64 hex, "bytes": int}``, with
+    ``state.json`` among them."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{manifest_file}: field 'files' (the file list with checksums) is missing "
+                              f"or empty, got {files!r}; the checkpoint cannot be verified; {_HINT}")
+    for fname, expected in files.items():
+        contained_file(path, fname, where=f"{manifest_file} field 'files'", error=CheckpointError)
+        if (not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str)
+                or type(expected.get("bytes")) is not int):
+            raise CheckpointError(f"{manifest_file}: field 'files'[{fname!r}] must be "
+                                  f"{{\"sha256\": hex, \"bytes\": int}}, got {expected!r}; {_HINT}")
+    if "state.json" not in files:
+        raise CheckpointError(f"{manifest_file}: field 'files' does not list state.json; the checkpoint "
+                              f"cannot be verified; {_HINT}")
+    return files
 
 
 def _read_json(file: Path) -> dict:

@@ -1,0 +1,296 @@
+"""Caches from elsewhere (issue #16 items 1, 2): crafted manifests and shards give a CacheError naming
+the file and the field, never a read outside the cache, a KeyError or a bare numpy error.
+
+Every crafted shard here is checksum-consistent (its sha256 is rewritten into the manifest):
+checksums prove nothing against a crafted cache, the layout checks must catch it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastkd.cache import CacheError, TeacherCache, import_vllm
+from fastkd.cache import format as fmt
+
+
+def _build(tmp_path: Path, name: str = "c") -> Path:
+    """A 3-sequence top-k cache (K = 2, V = 50) in two shards, imported from vLLM-shaped lines."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for length in (4, 3, 5):
+        ids = rng.integers(0, 50, size=length).tolist()
+        entries = [None] + [{str(int(i)): float(-rng.uniform(0.1, 3.0)) for i in rng.choice(50, 2, replace=False)}
+                            for _ in range(length - 1)]
+        lines.append(json.dumps({"prompt_token_ids": ids, "prompt_logprobs": entries}))
+    source = tmp_path / f"{name}.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / name
+    import_vllm(source, out, topk=2, vocab_size=50, shard_tokens=5)
+    return out
+
+
+def _manifest(cache: Path) -> dict:
+    return json.loads((cache / fmt.MANIFEST).read_text())
+
+
+def _write_manifest(cache: Path, manifest) -> None:
+    (cache / fmt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def _rewrite_shard(cache: Path, index: int, change) -> str:
+    """Rewrites shard ``index`` with ``change(tensors)`` applied and its sha256/bytes recorded."""
+    manifest = _manifest(cache)
+    entry = manifest["shards"][index]
+    tensors = {k: np.array(v) for k, v in fmt.open_shard(cache / entry["file"]).items()}
+    change(tensors)
+    data = fmt.safetensors_bytes(tensors, {})
+    (cache / entry["file"]).write_bytes(data)
+    entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    _write_manifest(cache, manifest)
+    return entry["file"]
+
+
+def _open(cache: Path, verify: bool = True) -> TeacherCache:
+    reader = TeacherCache(cache, verify=verify)
+    for i in range(len(reader)):
+        reader[i]
+    return reader
+
+
+def test_the_untouched_cache_reads(tmp_path):
+    assert len(_open(_build(tmp_path))) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# item 1: paths from a manifest stay in the cache
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "subdir", "symlink_out", "empty", "not_str"])
+def test_shard_paths_must_stay_inside(tmp_path, kind):
+    cache = _build(tmp_path)
+    outside = tmp_path / "secret.safetensors"  # a file outside the cache, the same bytes as a shard
+    first = _manifest(cache)["shards"][0]
+    outside.write_bytes((cache / first["file"]).read_bytes())
+    name = {"dotdot": "../secret.safetensors", "absolute": str(outside), "subdir": "sub/x.safetensors",
+            "symlink_out": "link.safetensors", "empty": "", "not_str": 7}[kind]
+    if kind == "symlink_out":
+        os.symlink(outside, cache / "link.safetensors")
+    manifest = _manifest(cache)
+    manifest["shards"][0]["file"] = name
+    _write_manifest(cache, manifest)
+    for verify in (True, False):
+        with pytest.raises(CacheError) as info:
+            _open(cache, verify=verify)
+        message = str(info.value)
+        assert "manifest.json" in message and "shards[0].file" in message, message
+        assert first["sha256"] not in message and str(outside.stat().st_size) not in message.split("manifest")[-1]
+
+
+def test_a_symlink_inside_the_cache_is_fine(tmp_path):
+    cache = _build(tmp_path)
+    manifest = _manifest(cache)
+    real = manifest["shards"][0]["file"]
+    os.symlink(cache / real, cache / "alias.safetensors")
+    manifest["shards"][0]["file"] = "alias.safetensors"
+    _write_manifest(cache, manifest)
+    assert len(_open(cache)) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# item 2: malformed manifests
+# ------------------------------------------------------------------------------------------------
+
+def _drop(key):
+    return lambda m: m.pop(key)
+
+
+def _shard0(key, value=None, drop=False):
+    def change(m):
+        if drop:
+            m["shards"][0].pop(key)
+        else:
+            m["shards"][0][key] = value
+    return change
+
+
+MANIFEST_CASES = {
+    # case: (change to the manifest dict, field the message must name)
+    "json_list": (lambda m: [m], "JSON object"),
+    "no_topk": (_drop("topk"), "topk"),
+    "topk_str": (lambda m: m.update(topk="2"), "topk"),
+    "no_shards": (_drop("shards"), "shards"),
+    "shards_dict": (lambda m: m.update(shards={"a": 1}), "shards"),
+    "shard_entry_list": (lambda m: m["shards"].__setitem__(0, ["x"]), "shards[0]"),
+    "no_file": (_shard0("file", drop=True), "shards[0].file"),
+    "no_sha256": (_shard0("sha256", drop=True), "shards[0].sha256"),
+    "no_sequences": (_shard0("sequences", drop=True), "shards[0].sequences"),
+    "negative_tokens": (_shard0("tokens", -3), "shards[0].tokens"),
+    "no_vocab_size": (_drop("vocab_size"), "vocab_size"),
+    "huge_vocab": (lambda m: m.update(vocab_size=2**24), "vocab_size"),
+    "bad_dtype": (lambda m: m.update(logprob_dtype="fp8"), "logprob_dtype"),
+    "no_temperature": (_drop("temperature"), "temperature"),
+    "no_complete": (_drop("complete"), "complete"),
+    "wrong_totals": (lambda m: m.update(sequences=99), "sequences"),
+    "listed_twice": (lambda m: m["shards"].append(dict(m["shards"][0])), "listed twice"),
+    "no_kind": (_drop("kind"), "kind"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_CASES))
+def test_malformed_manifest_is_a_cache_error_naming_the_field(tmp_path, case):
+    cache = _build(tmp_path)
+    change, field = MANIFEST_CASES[case]
+    manifest = _manifest(cache)
+    result = change(manifest)
+    _write_manifest(cache, result if case == "json_list" else manifest)
+    with pytest.raises(CacheError) as info:
+        _open(cache)
+    assert "manifest.json" in str(info.value) and field in str(info.value), str(info.value)
+
+
+def test_manifest_that_is_not_json_or_not_utf8(tmp_path):
+    cache = _build(tmp_path)
+    (cache / fmt.MANIFEST).write_bytes(b"\xff\xfe{")
+    with pytest.raises(CacheError, match="manifest.json: not valid JSON"):
+        _open(cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 2: malformed shards (checksum-consistent)
+# ------------------------------------------------------------------------------------------------
+
+def _set(name, value):
+    return lambda t: t.__setitem__(name, value)
+
+
+SHARD_CASES = {
+    # case: (change to the shard's tensors, words the message must hold)
+    "seq_offsets_beyond_tokens": (lambda t: t["seq_offsets"].__setitem__(-1, t["seq_offsets"][-1] + 3), "seq_offsets"),
+    # shard 0 holds 2 sequences of 7 tokens: [0, 4, 7]
+    "seq_offsets_decreasing": (_set("seq_offsets", np.array([0, 8, 7], dtype=np.int64)), "must not decrease"),
+    "seq_offsets_inner_beyond": (_set("seq_offsets", np.array([0, 9, 7], dtype=np.int64)), "seq_offsets"),
+    "seq_offsets_not_from_zero": (lambda t: t["seq_offsets"].__setitem__(0, 1), "seq_offsets"),
+    "topk_other_k": (lambda t: t.__setitem__("topk", np.concatenate([t["topk"], t["topk"][:, :1]], 1)), "topk"),
+    "topk_missing": (lambda t: t.pop("topk"), "topk"),
+    "input_ids_int64": (lambda t: t.__setitem__("input_ids", t["input_ids"].astype(np.int64)), "input_ids"),
+    "input_ids_short": (lambda t: t.__setitem__("input_ids", t["input_ids"][:-1]), "input_ids"),
+    "topk_as_float": (lambda t: t.__setitem__("topk", t["topk"].view(np.float32)), "topk"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_CASES))
+@pytest.mark.parametrize("verify", [True, False])
+def test_malformed_shard_is_a_cache_error_naming_file_and_tensor(tmp_path, case, verify):
+    cache = _build(tmp_path)
+    change, field = SHARD_CASES[case]
+    name = _rewrite_shard(cache, 0, change)
+    with pytest.raises(CacheError) as info:
+        _open(cache, verify=verify)
+    assert name in str(info.value) and field in str(info.value), str(info.value)
+
+
+def test_a_k_that_differs_between_shards(tmp_path):
+    cache = _build(tmp_path)
+    name = _rewrite_shard(cache, 1, lambda t: t.__setitem__("topk", t["topk"][:, :1].copy()))
+    with pytest.raises(CacheError, match=f"{name}: tensor 'topk' .*K differs from the manifest's topk"):
+        _open(cache)
+
+
+def _raw_header(cache: Path, index: int, edit) -> str:
+    """Rewrites the JSON header of shard ``index`` with ``edit(header)`` (data bytes untouched)."""
+    manifest = _manifest(cache)
+    entry = manifest["shards"][index]
+    data = (cache / entry["file"]).read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header = edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    new = len(text).to_bytes(8, "little") + text + data[8 + length:]
+    (cache / entry["file"]).write_bytes(new)
+    entry["sha256"], entry["bytes"] = hashlib.sha256(new).hexdigest(), len(new)
+    _write_manifest(cache, manifest)
+    return entry["file"]
+
+
+def _entry(name, field, value):
+    def edit(header):
+        header[name][field] = value
+        return header
+    return edit
+
+
+HEADER_CASES = {
+    "header_json_list": (lambda h: [h], "JSON object"),
+    "negative_data_offset": (lambda h: _entry("input_ids", "data_offsets",
+                                              [-8, h["input_ids"]["data_offsets"][1] - 8])(h), "data_offsets"),
+    "offsets_reversed": (lambda h: _entry("input_ids", "data_offsets",
+                                          h["input_ids"]["data_offsets"][::-1])(h), "data_offsets"),
+    "offsets_vs_shape": (lambda h: _entry("input_ids", "shape", [h["input_ids"]["shape"][0] + 1])(h), "data_offsets"),
+    "negative_shape": (lambda h: _entry("input_ids", "shape", [-1])(h), "shape"),
+    "shape_not_list": (lambda h: _entry("input_ids", "shape", "4")(h), "shape"),
+    "unknown_dtype": (lambda h: _entry("input_ids", "dtype", "Q7")(h), "dtype"),
+    "entry_not_object": (lambda h: h.update(input_ids=[1, 2]) or h, "input_ids"),
+    "offsets_past_the_end": (lambda h: _entry("topk", "data_offsets",
+                                              [x + 4096 for x in h["topk"]["data_offsets"]])(h), "does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_malformed_shard_header(tmp_path, case):
+    cache = _build(tmp_path)
+    edit, field = HEADER_CASES[case]
+    name = _raw_header(cache, 0, edit)
+    with pytest.raises(CacheError) as info:
+        _open(cache)
+    assert name in str(info.value) and field in str(info.value), str(info.value)
+
+
+def test_truncated_and_garbage_shards(tmp_path):
+    cache = _build(tmp_path)
+    manifest = _manifest(cache)
+    entry = manifest["shards"][0]
+    for data, words in ((b"\x01\x02", "shorter than 8 bytes"), ((64).to_bytes(8, "little") + b"{", "runs past the end"),
+                        ((4).to_bytes(8, "little") + b"nope", "unreadable safetensors header")):
+        (cache / entry["file"]).write_bytes(data)
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+        _write_manifest(cache, manifest)
+        with pytest.raises(CacheError, match=words) as info:
+            _open(cache)
+        assert entry["file"] in str(info.value)
+
+
+def _byte_cache(tmp_path: Path) -> Path:
+    """A byte-level cache of one 3-token sequence, written with the format's own functions."""
+    out = tmp_path / "bytes"
+    out.mkdir()
+    manifest = fmt.new_manifest("bytes", teacher="t", fingerprint=None, fingerprint_kind="byte_vocab",
+                                vocab_size=10, topk=None, temperature=1.0, dtype="fp16", source={})
+    lp = np.full((3, 257), -np.log(257), dtype=np.float16)
+    tensors = {"input_ids": np.array([1, 2, 3], np.int32), "seq_offsets": np.array([0, 3], np.int64),
+               "byte_logprobs": lp, "token_logprobs": np.zeros(3, np.float32),
+               "byte_offsets": np.array([[0, 1], [1, 2], [2, 3]], np.int64),
+               "text": np.frombuffer(b"abc", np.uint8).copy(), "text_offsets": np.array([0, 3], np.int64)}
+    entry = fmt.write_shard(out, 0, tensors)
+    entry["first_sequence"] = 0
+    fmt.add_shard(manifest, entry)
+    manifest["complete"] = True
+    fmt.write_manifest(out, manifest)
+    return out
+
+
+def test_byte_cache_layout_checks(tmp_path):
+    cache = _byte_cache(tmp_path)
+    assert _open(cache)[0]["text"] == "abc"
+    name = _rewrite_shard(cache, 0, lambda t: t.__setitem__("text_offsets", np.array([0, 7], np.int64)))
+    with pytest.raises(CacheError, match=f"{name}: tensor 'text_offsets' must run from 0 to 3"):
+        _open(cache)
+    name = _rewrite_shard(cache, 0, lambda t: t.__setitem__("text_offsets", np.array([0, 3], np.int64))
+                          or t.__setitem__("byte_logprobs", t["byte_logprobs"][:, :256].copy()))
+    with pytest.raises(CacheError, match=f"{name}: tensor 'byte_logprobs' has shape"):
+        _open(cache)
