@@ -320,8 +320,8 @@ def test_import_vllm(tmp_path):
     records = [
         {"prompt_token_ids": [5, 17, 9],
          "prompt_logprobs": [None,
-                             {"17": {"logprob": -0.5, "rank": 2, "decoded_token": "a"},
-                              "4": {"logprob": -0.25, "rank": 1, "decoded_token": "b"},
+                             {"17": {"logprob": -1.0, "rank": 2, "decoded_token": "a"},
+                              "4": {"logprob": -0.75, "rank": 1, "decoded_token": "b"},
                               "8": {"logprob": -3.0, "rank": 3, "decoded_token": "c"}},
                              {"9": {"logprob": -1.5, "rank": 1, "decoded_token": "d"}}]},
         {"prompt_token_ids": [1, 2], "prompt_logprobs": [None, {"2": -0.125, "3": -2.5}]},
@@ -341,7 +341,7 @@ def test_import_vllm(tmp_path):
     first = cache[0]
     assert first["input_ids"].tolist() == [5, 17, 9]
     assert first["teacher_ids"].tolist() == [[4, 17], [9, -1], [-1, -1]]  # K kept, shifted by one
-    assert first["teacher_logprobs"].tolist() == [[-0.25, -0.5], [-1.5, 0.0], [0.0, 0.0]]
+    assert first["teacher_logprobs"].tolist() == [[-0.75, -1.0], [-1.5, 0.0], [0.0, 0.0]]
     assert cache[1]["teacher_ids"].tolist() == [[2, 3], [-1, -1]]
     with pytest.raises(ValueError, match="prompt_logprobs must be a list"):
         import_vllm(_write_jsonl(tmp_path / "bad.jsonl", [{"prompt_token_ids": [1, 2], "prompt_logprobs": [None]}]),
@@ -357,8 +357,8 @@ def test_import_vllm(tmp_path):
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_import_dataset(tmp_path, suffix):
     rows = [{"input_ids": [3, 4, 5], "target_token_ids": [[4, 1, 2], [5, 9, 0], [7, 1, 2]],
-             "target_logprobs": [[-0.1, -2.0, -3.0], [-0.3, -1.25, -6.0], [-0.5, -1.0, -2.0]]},
-            {"input_ids": [6, 7], "target_token_ids": [[7, 3]], "target_logprobs": [[-0.2, -1.5]]}]
+             "target_logprobs": [[-0.25, -2.0, -3.0], [-0.3, -1.5, -6.0], [-0.75, -1.0, -2.0]]},
+            {"input_ids": [6, 7], "target_token_ids": [[7, 3]], "target_logprobs": [[-0.25, -1.5]]}]
     path = tmp_path / f"d.{suffix}"
     if suffix == "jsonl":
         _write_jsonl(path, rows)
@@ -371,7 +371,7 @@ def test_import_dataset(tmp_path, suffix):
     cache = TeacherCache(tmp_path / "d")
     assert manifest["sequences"] == 2
     assert cache[0]["teacher_ids"].tolist() == [[4, 1], [5, 9], [7, 1]]
-    assert cache[0]["teacher_logprobs"][1].tolist() == [-0.300048828125, -1.25]  # fp16 of -0.3
+    assert cache[0]["teacher_logprobs"][1].tolist() == [-0.300048828125, -1.5]  # fp16 of -0.3
     assert cache[1]["teacher_ids"].tolist() == [[7, 3], [-1, -1]]
     shifted = import_dataset(path, tmp_path / "t", topk=2, vocab_size=10, alignment="tokens")
     assert shifted["source"]["alignment"] == "tokens"

@@ -24,7 +24,7 @@ def _build(tmp_path: Path, name: str = "c") -> Path:
     lines = []
     for length in (4, 3, 5):
         ids = rng.integers(0, 50, size=length).tolist()
-        entries = [None] + [{str(int(i)): float(-rng.uniform(0.1, 3.0)) for i in rng.choice(50, 2, replace=False)}
+        entries = [None] + [{str(int(i)): float(-rng.uniform(1.0, 3.0)) for i in rng.choice(50, 2, replace=False)}
                             for _ in range(length - 1)]
         lines.append(json.dumps({"prompt_token_ids": ids, "prompt_logprobs": entries}))
     source = tmp_path / f"{name}.jsonl"
@@ -294,3 +294,101 @@ def test_byte_cache_layout_checks(tmp_path):
                           or t.__setitem__("byte_logprobs", t["byte_logprobs"][:, :256].copy()))
     with pytest.raises(CacheError, match=f"{name}: tensor 'byte_logprobs' has shape"):
         _open(cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: import-vllm rejects at import what the losses would reject mid-training
+# ------------------------------------------------------------------------------------------------
+
+def _jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+IMPORT_CASES = {
+    # case: (the second prompt_logprobs entry, as JSON text, words the error must hold)
+    "positive_logprob": ('{"3": {"logprob": 5.0, "rank": 1}}', "log-prob 5.0 of id 3 is above 0"),
+    "minus_infinity": ('{"3": {"logprob": -Infinity, "rank": 1}}', "log-prob -inf of id 3 is not a finite"),
+    "nan": ('{"3": NaN}', "log-prob nan of id 3 is not a finite"),
+    "duplicate_ids": ('{"2": -1.0, "02": -2.0}', "token id 2 is listed twice"),
+    "mass_above_one": ('{"2": -0.1, "3": -0.2, "4": -0.3}', "sum to 2.4"),
+    "no_logprob_field": ('{"2": {"rank": 1}}', "log-prob None of id 2"),
+    "key_not_an_id": ('{"a": -1.0}', "key 'a' is not a token id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMPORT_CASES))
+def test_import_vllm_rejects_bad_values_naming_the_line(tmp_path, case):
+    entry, words = IMPORT_CASES[case]
+    good = '{"prompt_token_ids": [1, 2], "prompt_logprobs": [null, {"2": -0.5}]}'
+    bad = '{"prompt_token_ids": [1, 2, 3], "prompt_logprobs": [null, {"2": -0.5}, ' + entry + ']}'
+    path = _jsonl(tmp_path / "v.jsonl", [good, bad])
+    with pytest.raises(ValueError, match=words) as info:
+        import_vllm(path, tmp_path / "out", topk=2, vocab_size=10)
+    assert f"{path}:2" in str(info.value) and "prompt_logprobs[2]" in str(info.value)
+
+
+def test_import_vllm_keeps_the_servers_minus_9999(tmp_path):
+    line = '{"prompt_token_ids": [1, 2], "prompt_logprobs": [null, {"2": -0.5, "5": -9999.0}]}'
+    import_vllm(_jsonl(tmp_path / "v.jsonl", [line]), tmp_path / "out", topk=2, vocab_size=10)
+    item = TeacherCache(tmp_path / "out")[0]
+    assert item["teacher_ids"][0].tolist() == [2, 5]
+    assert item["teacher_logprobs"][0, 0].item() == -0.5 and item["teacher_logprobs"][0, 1].item() < -9000
+
+
+# ------------------------------------------------------------------------------------------------
+# issue #18 item 6: the OpenAI-compatible server's answers, as they come
+# ------------------------------------------------------------------------------------------------
+
+def _server_answer(prompts: list[list[int]], with_ids: bool = True) -> dict:
+    """A /v1/completions answer of vLLM's server for prompt token ids, with
+    "prompt_logprobs": 2 (top-2 plus the prompt token when outside it, entry 0 null) and
+    "return_token_ids": true; the fields and their layout are those of vLLM's
+    CompletionResponse / CompletionResponseChoice (vllm/entrypoints/openai protocol)."""
+    choices = []
+    for index, prompt in enumerate(prompts):
+        entries = [None]
+        for t in range(1, len(prompt)):
+            entry = {str((prompt[t] + 1) % 10): {"logprob": -0.6, "rank": 1, "decoded_token": "x"},
+                     str((prompt[t] + 2) % 10): {"logprob": -1.4, "rank": 2, "decoded_token": "y"}}
+            entry.setdefault(str(prompt[t]), {"logprob": -9999.0, "rank": 7, "decoded_token": "z"})
+            entries.append(entry)
+        choice = {"index": index, "text": " a", "logprobs": None, "finish_reason": "length",
+                  "stop_reason": None, "token_ids": [4] if with_ids else None,
+                  "prompt_logprobs": entries, "prompt_token_ids": prompt if with_ids else None}
+        choices.append(choice)
+    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "teacher", "choices": choices,
+            "usage": {"prompt_tokens": sum(map(len, prompts)), "total_tokens": 0, "completion_tokens": len(prompts)},
+            "system_fingerprint": None, "service_tier": None, "kv_transfer_params": None}
+
+
+def test_import_vllm_reads_the_openai_servers_answers(tmp_path):
+    answers = [_server_answer([[1, 2, 3], [4, 5]]), _server_answer([[6, 7, 8, 9]])]
+    path = _jsonl(tmp_path / "server.jsonl", [json.dumps(a) for a in answers])
+    manifest = import_vllm(path, tmp_path / "out", topk=2, vocab_size=10)
+    cache = TeacherCache(tmp_path / "out")
+    assert manifest["sequences"] == 3 and [cache[i]["input_ids"].tolist() for i in range(3)] == [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    first = cache[0]
+    assert first["teacher_ids"].tolist() == [[3, 4], [4, 5], [-1, -1]]  # row t: entry t + 1, the top 2
+    assert torch_list(first["teacher_logprobs"][0]) == [-0.6, -1.4]
+    batch_line = {"id": "r1", "custom_id": "a", "response": {"status_code": 200, "body": _server_answer([[3, 1]])}}
+    import_vllm(_jsonl(tmp_path / "batch.jsonl", [json.dumps(batch_line)]), tmp_path / "out2", topk=2, vocab_size=10)
+    assert TeacherCache(tmp_path / "out2")[0]["teacher_ids"][0].tolist() == [2, 3]
+
+
+def torch_list(tensor) -> list:
+    return [round(float(x), 3) for x in tensor]
+
+
+def test_a_server_answer_without_token_ids_says_what_to_do(tmp_path):
+    path = _jsonl(tmp_path / "server.jsonl", [json.dumps(_server_answer([[1, 2, 3]], with_ids=False))])
+    with pytest.raises(ValueError, match=r"server.jsonl:1: choices\[0\] has prompt_logprobs but no "
+                                         r"prompt_token_ids: .*\"return_token_ids\": true"):
+        import_vllm(path, tmp_path / "out", topk=2, vocab_size=10)
+    answer = _server_answer([[1, 2, 3]])
+    answer["choices"][0]["prompt_logprobs"] = None
+    with pytest.raises(ValueError, match=r"choices\[0\] has no prompt_logprobs"):
+        import_vllm(_jsonl(tmp_path / "s2.jsonl", [json.dumps(answer)]), tmp_path / "out", topk=2, vocab_size=10)
+    top = {"prompt_logprobs": [None, {"2": -0.5}]}
+    with pytest.raises(ValueError, match="s3.jsonl:1: has prompt_logprobs but no prompt_token_ids"):
+        import_vllm(_jsonl(tmp_path / "s3.jsonl", [json.dumps(top)]), tmp_path / "out", topk=2, vocab_size=10)

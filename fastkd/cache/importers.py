@@ -1,8 +1,7 @@
 """Importers: teacher top-k produced elsewhere, written as a fastkd top-k cache.
 
-- :func:`import_vllm`: JSON lines from vLLM with ``prompt_logprobs`` (offline ``LLM.generate`` with
-  ``SamplingParams(prompt_logprobs=K, max_tokens=1)``, or the OpenAI-compatible server's
-  ``prompt_logprobs`` extra parameter), one request per line::
+- :func:`import_vllm`: JSON lines from vLLM with ``prompt_logprobs``: offline ``LLM.generate`` with
+  ``SamplingParams(prompt_logprobs=K, max_tokens=1)``, one ``RequestOutput`` per line::
 
       {"prompt_token_ids": [5, 17, 9],
        "prompt_logprobs": [null,
@@ -13,7 +12,13 @@
   the cache row t is the distribution of token t+1, so row t takes entry t+1 and the last row is
   empty (all slots unused). vLLM adds the prompt token itself when it is not in the top-K, so a
   dict may hold K+1 ids: the K most likely are kept (sorted by log-prob, ties by id). A log-prob
-  that is a bare number instead of ``{"logprob": x, ...}`` is accepted too.
+  that is a bare number instead of ``{"logprob": x, ...}`` is accepted too. The OpenAI-compatible
+  server's answers (``/v1/completions`` with ``"prompt_logprobs": K, "return_token_ids": true``)
+  are accepted as they come, one answer per line: each ``choices[i]`` is a sequence with its own
+  ``prompt_logprobs`` and ``prompt_token_ids`` (absent without ``return_token_ids``: an error
+  says so); ``-9999.0``, the server's stand-in for ``-inf``, is kept as a log-prob. Log-probs above
+  0, non-finite ones, an id listed twice (``"2"`` and ``"02"``) and a top-k mass above
+  ``1 + TOPK_MASS_SLACK`` are errors naming the line.
 - :func:`import_dataset`: rows with ``input_ids`` (T ints), ``target_token_ids`` (T lists of ids)
   and ``target_logprobs`` (T lists of log-probs), axolotl's KD dataset columns, from ``.jsonl`` or,
   when ``pyarrow`` is installed, ``.parquet``. ``alignment="logits"`` (default): entry t is the
@@ -34,8 +39,12 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..divergences import TOPK_MASS_SLACK
 from . import format as fmt
 from .capture import _positive_int
+
+# a single log-prob may exceed 0 by rounding only as much as a top-k mass may exceed 1
+_MAX_LOGPROB = math.log1p(TOPK_MASS_SLACK)
 
 
 class _ShardWriter:
@@ -103,11 +112,32 @@ def _int_list(value, what: str) -> list[int]:
 
 
 def _top_entries(pairs: list[tuple[int, float]], k: int, vocab_size: int, where: str):
+    """The ``k`` most likely of ``(id, log-prob)`` pairs (ties by smaller id), checked.
+
+    Rejected, naming ``where``: ids outside ``[0, vocab_size)`` or listed twice (``"2"`` and
+    ``"02"`` are the same id), log-probs that are not finite numbers (NaN, ``±Infinity``; vLLM's
+    server writes ``-9999.0`` for ``-inf``, which is kept), log-probs above 0 (beyond the rounding
+    slack ``log(1 + TOPK_MASS_SLACK)``) and entries whose probabilities sum above
+    ``1 + TOPK_MASS_SLACK``: what the losses would reject mid-training is rejected at import.
+    """
+    seen = set()
     for token, logprob in pairs:
         if not 0 <= token < vocab_size:
             raise ValueError(f"{where}: token id {token} outside [0, vocab_size={vocab_size})")
-        if isinstance(logprob, bool) or not isinstance(logprob, numbers.Real) or math.isnan(logprob):
-            raise ValueError(f"{where}: log-prob {logprob!r} of id {token} is not a number")
+        if token in seen:
+            raise ValueError(f"{where}: token id {token} is listed twice")
+        seen.add(token)
+        if isinstance(logprob, bool) or not isinstance(logprob, numbers.Real) or not math.isfinite(logprob):
+            raise ValueError(f"{where}: log-prob {logprob!r} of id {token} is not a finite number "
+                             "(use -9999.0 for a token of probability 0, as vLLM does)")
+        if logprob > _MAX_LOGPROB:
+            raise ValueError(f"{where}: log-prob {logprob!r} of id {token} is above 0: not a log-probability")
+    if pairs:
+        top = max(p[1] for p in pairs)
+        mass = math.exp(top) * math.fsum(math.exp(p[1] - top) for p in pairs)
+        if mass > 1.0 + TOPK_MASS_SLACK:
+            raise ValueError(f"{where}: the probabilities sum to {mass:.6g}, above 1 + {TOPK_MASS_SLACK} "
+                             "(log-probs of another temperature, or not normalised)")
     pairs = sorted(pairs, key=lambda p: (-p[1], p[0]))[:k]
     ids = [p[0] for p in pairs] + [-1] * (k - len(pairs))
     logprobs = [float(p[1]) for p in pairs] + [0.0] * (k - len(pairs))
@@ -196,13 +226,48 @@ def import_vllm(path, out, *, topk: int, vocab_size: Optional[int] = None, token
                                 source={"importer": "vllm", "file": Path(path).name})
     writer = _ShardWriter(out, manifest, shard_tokens)
     for number, record in _lines(path):
-        where = f"{path}:{number}"
-        prompt = _int_list(record.get("prompt_token_ids"), f"{where}: prompt_token_ids")
-        entries = record.get("prompt_logprobs")
-        ids, logprobs = prompt_logprobs_topk(entries, len(prompt), topk, vocab_size, where)
-        writer.add(prompt, torch.tensor(ids, dtype=torch.int64).reshape(-1, topk),
-                   torch.tensor(logprobs, dtype=torch.float32).reshape(-1, topk))
+        for where, prompt, entries in _vllm_sequences(record, f"{path}:{number}"):
+            ids, logprobs = prompt_logprobs_topk(entries, len(prompt), topk, vocab_size, where)
+            writer.add(prompt, torch.tensor(ids, dtype=torch.int64).reshape(-1, topk),
+                       torch.tensor(logprobs, dtype=torch.float32).reshape(-1, topk))
     return writer.close()
+
+
+_NO_TOKEN_IDS = ("has prompt_logprobs but no prompt_token_ids: vLLM's OpenAI-compatible server returns "
+                 "the prompt's ids only when the request sets \"return_token_ids\": true (or send the "
+                 "prompt as token ids and save them with the answer); re-run the requests with it")
+
+
+def _vllm_sequences(record: dict, where: str) -> Iterator[tuple[str, list[int], list]]:
+    """``(where, prompt_token_ids, prompt_logprobs)`` of each sequence of one JSON line.
+
+    Shapes: the offline ``RequestOutput`` (and the chat endpoint's answer), with top-level
+    ``prompt_token_ids``/``prompt_logprobs``; the completions endpoint's answer, one sequence per
+    ``choices[i]`` with its own ``prompt_logprobs`` and (with ``return_token_ids``)
+    ``prompt_token_ids``; either of them wrapped as a batch-API line ``{"response": {"body": ...}}``.
+    """
+    response = record.get("response")
+    if isinstance(response, dict) and isinstance(response.get("body"), dict) and "choices" not in record:
+        record, where = response["body"], f"{where}: response.body"
+    if "prompt_logprobs" in record or "prompt_token_ids" in record or "choices" not in record:
+        if record.get("prompt_token_ids") is None and record.get("prompt_logprobs") is not None:
+            raise ValueError(f"{where}: {_NO_TOKEN_IDS}")
+        prompt = _int_list(record.get("prompt_token_ids"), f"{where}: prompt_token_ids")
+        yield where, prompt, record.get("prompt_logprobs")
+        return
+    choices = record["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"{where}: choices must be a non-empty list (one per prompt)")
+    for index, choice in enumerate(choices):
+        at = f"{where}: choices[{index}]"
+        if not isinstance(choice, dict):
+            raise ValueError(f"{at} must be an object")
+        if choice.get("prompt_logprobs") is None:
+            raise ValueError(f"{at} has no prompt_logprobs: request them with \"prompt_logprobs\": K "
+                             "(and \"return_token_ids\": true)")
+        if choice.get("prompt_token_ids") is None:
+            raise ValueError(f"{at} {_NO_TOKEN_IDS}")
+        yield at, _int_list(choice["prompt_token_ids"], f"{at}: prompt_token_ids"), choice["prompt_logprobs"]
 
 
 def _dataset_rows(path) -> Iterable[tuple[str, dict]]:
