@@ -86,8 +86,39 @@ _CACHE_ACTIONS = ("capture", "import-vllm", "import-dataset", "verify")
 
 
 def cache(args: argparse.Namespace) -> int:
+    """``fastkd cache ACTION``: one line on stderr for an error (exit 2) or Ctrl-C (exit 130),
+    like ``fastkd train``, never a traceback."""
+    try:
+        return _cache(args)
+    except KeyboardInterrupt:
+        hint = "; rerun with --resume to continue" if args.action == "capture" else ""
+        print(f"fastkd cache {args.action}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, ImportError, NotImplementedError) as error:
+        # CacheError is a ValueError; OSError covers missing files and models; a hub name that
+        # is not one is transformers' HFValidationError, a ValueError
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"fastkd cache {args.action}: {message}", file=sys.stderr)
+        return 2
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.sep + os.sep in name
+
+
+def _check_local(flag: str, name: str) -> None:
+    """A model/tokenizer argument that looks like a path must exist (not a hub lookup and a
+    traceback about huggingface.co)."""
+    if name and _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"{flag}: {name} does not exist (a local path; hub names look like org/model)")
+
+
+def _cache(args: argparse.Namespace) -> int:
     from . import cache as kd_cache
 
+    for flag in ("teacher", "tokenizer"):
+        if args.action == "capture" or flag == "tokenizer":
+            _check_local(f"--{flag}", getattr(args, flag, None) or "")
     if args.action == "verify":
         reader = kd_cache.TeacherCache(args.dir, verify=True, allow_incomplete=True)
         manifest = reader.manifest

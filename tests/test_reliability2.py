@@ -89,3 +89,103 @@ def test_checkpoint_without_a_full_file_list_never_loads(checkpoint, case):
         with pytest.raises(CheckpointError) as info:
             load_checkpoint(path, verify=verify)
         assert field in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: capture --resume deletes only its own leftovers; the cache commands print one line
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from test_cache import tiny_llama, train_tokenizer
+
+    path = tmp_path_factory.mktemp("teacher")
+    tokenizer = train_tokenizer(300, seed=1)
+    tiny_llama(len(tokenizer), seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_capture_resume_deletes_only_its_own_tmp_files(teacher_dir, tmp_path):
+    from test_cache import make_texts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastkd.cache import capture
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    out = tmp_path / "c"
+    out.mkdir()
+    mine = {"notes.tmp": b"a user's file", "shard-1.safetensors.tmp": b"not a capture's name",
+            "manifest.json.tmp.tmp": b"nor this"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    leftovers = ("manifest.json.tmp", "shard-00000.safetensors.tmp", "shard-00001.safetensors.tmp")
+    for name in leftovers:  # what a capture killed mid-write leaves
+        (out / name).write_bytes(b"half")
+    capture(model, tokenizer, make_texts(4, seed=3), out, topk=2, max_length=8, shard_tokens=8, resume=True)
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data, name
+    assert not any((out / name).exists() for name in leftovers)
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    from fastkd.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    # transformers draws a progress bar on stderr while it loads weights: keep fastkd's lines
+    return code, "".join(line for line in err.splitlines(keepends=True) if "Loading weights" not in line
+                         and line.strip())
+
+
+def test_cache_commands_print_one_line_not_a_traceback(teacher_dir, tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat\non a mat\n")
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    (crafted / "manifest.json").write_text(json.dumps([1, 2]))
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"prompt_token_ids": [1, 2], "prompt_logprobs": [null, {"1": 5.0}]}\n')
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "manifest.json").write_text("{}")
+    capture = ["cache", "capture", "--data", str(data), "--topk", "2", "--max-length", "8"]
+    cases = [
+        (["cache", "verify", str(tmp_path / "nothing")], "no manifest.json"),
+        (["cache", "verify", str(crafted)], "must be a JSON object"),
+        (["cache", "import-vllm", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o1"), "--topk", "2",
+          "--vocab-size", "10"], "missing.jsonl"),
+        (["cache", "import-vllm", str(bad_line), "--out", str(tmp_path / "o2"), "--topk", "2", "--vocab-size", "10"],
+         "bad.jsonl:1: prompt_logprobs[1]: log-prob 5.0"),
+        (["cache", "import-vllm", str(bad_line), "--out", str(tmp_path / "o3"), "--topk", "2"], "vocab_size"),
+        (["cache", "import-dataset", str(data), "--out", str(tmp_path / "o4"), "--topk", "2", "--vocab-size", "10"],
+         "must be .jsonl or .parquet"),
+        (["cache", "import-vllm", str(bad_line), "--out", str(tmp_path / "o5"), "--topk", "2",
+          "--tokenizer", "./no/such/tokenizer"], "--tokenizer: ./no/such/tokenizer does not exist"),
+        (capture + ["--teacher", "./no/such/model", "--out", str(tmp_path / "o6")], "--teacher: ./no/such/model"),
+        (capture[:3] + [str(tmp_path / "none.txt")] + capture[4:] + ["--teacher", str(teacher_dir), "--out",
+                                                                      str(tmp_path / "o7")], "none.txt is not a file"),
+        (capture + ["--teacher", str(teacher_dir), "--out", str(existing)], "already holds a cache"),
+        (capture + ["--teacher", str(teacher_dir), "--out", str(tmp_path / "o8"), "--topk", "0"], "topk must be >= 1"),
+    ]
+    for argv, words in cases:
+        code, err = _cli(argv, capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith(f"fastkd cache {argv[1]}: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err and words in err, (words, err)
+
+
+def test_cache_capture_interrupted_is_one_line(teacher_dir, tmp_path, capsys, monkeypatch):
+    import fastkd.cache as kd_cache
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kd_cache, "capture", interrupted)
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat\n")
+    code, err = _cli(["cache", "capture", "--teacher", str(teacher_dir), "--data", str(data), "--out",
+                      str(tmp_path / "o")], capsys)
+    assert code == 130 and err == "fastkd cache capture: interrupted; rerun with --resume to continue\n"

@@ -5,14 +5,16 @@ bytes as one that never stopped: the whole dataset is tokenised first, sequences
 shards greedily in order (a shard closes once it holds ``shard_tokens`` tokens or more; sequences
 are never split), and each shard is computed in batches of ``batch_size`` consecutive sequences
 starting at its first sequence. A resumed capture checks that its settings and its tokenised data
-match the manifest, keeps the shards the manifest lists (checksums verified), deletes ``*.tmp``
-leftovers, and continues with the first sequence no listed shard holds.
+match the manifest, keeps the shards the manifest lists (checksums verified), deletes the
+``*.tmp`` leftovers it may have written itself (``manifest.json.tmp``, ``shard-NNNNN.safetensors.tmp``;
+any other file in the directory is left alone), and continues with the first sequence no listed shard holds.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import numbers
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +24,8 @@ from torch import Tensor
 
 from . import format as fmt
 
+# Leftovers of a killed writer (fmt.atomic_write): the manifest's and the shards' temporary names.
+_OWN_TMP = re.compile(r"^(manifest\.json|shard-\d{5,}\.safetensors)\.tmp$")
 # Settings a resumed capture must share with the manifest it continues.
 _RESUME_KEYS = ("kind", "teacher", "tokenizer_fingerprint", "vocab_size", "topk", "temperature",
                 "logprob_dtype", "source")
@@ -230,8 +234,9 @@ def _start_or_resume(out: Path, manifest: dict, resume: bool) -> dict:
             raise ValueError(f"out: {out} already holds a cache ({fmt.MANIFEST}); pass resume=True "
                              "(--resume) to continue it, or choose another directory")
         return manifest
-    for leftover in out.glob("*.tmp"):
-        leftover.unlink()
+    for leftover in out.glob("*.tmp"):  # only what a capture writes: a user's own *.tmp stays
+        if _OWN_TMP.match(leftover.name) and leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink()
     if not existing.exists():
         return manifest  # killed before its first shard: start over
     old = fmt.read_manifest(out)
