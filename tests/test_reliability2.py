@@ -189,3 +189,69 @@ def test_cache_capture_interrupted_is_one_line(teacher_dir, tmp_path, capsys, mo
     code, err = _cli(["cache", "capture", "--teacher", str(teacher_dir), "--data", str(data), "--out",
                       str(tmp_path / "o")], capsys)
     assert code == 130 and err == "fastkd cache capture: interrupted; rerun with --resume to continue\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: metrics.jsonl is rewritten atomically on resume
+# ------------------------------------------------------------------------------------------------
+
+def _metrics(tmp_path: Path, steps: int) -> Path:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, steps + 1))
+                    + '{"step": 99, "lo')  # a line cut by a kill
+    return path
+
+
+def test_metrics_rewrite_on_resume_keeps_the_earlier_lines(tmp_path):
+    from fastkd.train.metrics import MetricsLog
+
+    path = _metrics(tmp_path, 50)
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20, progress=False, total=60)
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(1, 21))
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_a_kill_during_the_metrics_rewrite_loses_nothing(tmp_path, monkeypatch):
+    """The rewrite dies just before its rename (as SIGKILL would): metrics.jsonl is the old file,
+    whole, and a second resume reads it as before."""
+    from fastkd.train import metrics
+
+    path = _metrics(tmp_path, 50)
+    before = path.read_bytes()
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(metrics.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        metrics.MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20, progress=False, total=60)
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    metrics.MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20, progress=False, total=60).close()
+    assert len(path.read_text().splitlines()) == 20
+
+
+def test_sigkill_during_the_metrics_rewrite(tmp_path):
+    """A real SIGKILL as soon as the rewrite of a 200k-line file starts writing: metrics.jsonl holds
+    either every line or the kept ones, never fewer (an in-place rewrite is caught truncated)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, 200_001)))
+    code = ("import sys; from pathlib import Path; from fastkd.train.metrics import MetricsLog; "
+            "print('ready', flush=True); "
+            "MetricsLog(Path(sys.argv[1]), enabled=True, tensorboard=False, resume_step=150000, progress=False, "
+            "total=1).close(); print('done', flush=True)")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
+    import time
+
+    assert process.stdout.readline().strip() == "ready"
+    size, tmp, deadline = path.stat().st_size, tmp_path / "metrics.jsonl.tmp", time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:  # kill as soon as the rewrite writes
+        if tmp.exists() or path.stat().st_size != size:
+            break
+        time.sleep(0.001)
+    process.kill()
+    process.wait()
+    lines = path.read_text().splitlines()
+    assert len(lines) in (150_000, 200_000), len(lines)

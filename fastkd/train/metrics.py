@@ -3,13 +3,35 @@
 ``metrics.jsonl`` holds one JSON object per line: training records (``step``, ``loss``, ``kd``,
 ``lr``, ``grad_norm``, ``tokens``, ``elapsed_s``) and evaluation records (``step``, ``eval_ce``,
 ``eval_ce_per_byte``, ``eval_kl``/``eval_kl_topk``/``eval_byte_kl``). A resumed run first drops the
-lines past the step it resumes from, so the file reads as one uninterrupted run.
+lines past the step it resumes from, so the file reads as one uninterrupted run; that rewrite is
+atomic (:func:`rewrite_atomically`), so a kill during it loses no line.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
+
+
+def rewrite_atomically(path: Path, lines: list[str]) -> None:
+    """Replaces ``path`` with ``lines``: written to ``path.tmp``, fsynced, renamed over it, the
+    directory fsynced. A process killed at any moment leaves the old file or the new one whole
+    (never an empty or half-written ``metrics.jsonl``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # no directory descriptors on this platform: the rename still happened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MetricsLog:
@@ -39,8 +61,7 @@ class MetricsLog:
                 lines.pop()  # a line cut short by a kill mid-write (the run resumes before it)
             kept = [json.loads(line) for line in lines if line.strip()]
             self.records = [r for r in kept if r.get("step", 0) <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in self.records)
+            rewrite_atomically(self.path, [json.dumps(r) + "\n" for r in self.records])
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
