@@ -3,12 +3,19 @@
 Shapes, dtypes, devices and options are checked on the host at no cost. The *values* of teacher
 ids, teacher log-probs and labels are checked with one host-device synchronisation per call
 (``fastkd.config.check_values``), and only on counted rows: padded rows may hold anything.
+
+``fastkd.config.check_finite`` (opt-in) also flags NaN/±inf in the heads' inputs (every
+``hidden``, ``weight``, ``bias`` that :func:`head` sees, student and teacher, all rows: a NaN in an
+ignored row still poisons ``dW``): :func:`head` queues one device-side flag per tensor and
+:func:`values` reads them in the same synchronisation as the value checks (one sync of its own
+when ``check_values`` is off).
 """
 from __future__ import annotations
 
 import math
 import numbers
 import sys
+import threading
 
 import torch
 
@@ -99,8 +106,40 @@ def options(*, divergence, beta, tail, temperature, ignore_index, ce_weight, kd_
     )
 
 
+# tensors queued by head() for the finiteness check of the next values() call (per thread)
+_finite = threading.local()
+
+
+def _queue_finite(prefix, hidden, weight, bias):
+    if not config.check_finite or torch.compiler.is_compiling():
+        return
+    if prefix == "" or not hasattr(_finite, "queue"):  # a new call of a loss starts with the student head
+        _finite.queue = []
+    for name, x in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight), (f"{prefix}bias", bias)):
+        if x is not None:
+            _finite.queue.append((name, x))
+
+
+def _finite_checks() -> list:
+    """``(flag, message)`` pairs for the queued tensors; empties the queue."""
+    queue, _finite.queue = getattr(_finite, "queue", []), []
+    checks = []
+    for name, x in queue:
+        x = x.detach()
+
+        def message(_row, name=name, x=x):
+            flat = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+            row = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0, 0])
+            what = "row" if x.dim() > 1 else "element of"
+            return (f"{name} holds non-finite values (NaN or ±inf): {what} {row} "
+                    f"(fastkd.config.check_finite; NaN/inf in the model's activations or weights)")
+        checks.append((~torch.isfinite(x).all(), message))
+    return checks
+
+
 def head(prefix, hidden, weight, bias):
-    """Checks a (hidden, weight, bias) triple; returns (rows, D, V)."""
+    """Checks a (hidden, weight, bias) triple; returns (rows, D, V). With
+    ``config.check_finite`` their finiteness is checked at the next :func:`values` call."""
     tensor(f"{prefix}hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=2)
     tensor(f"{prefix}weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
     d = hidden.shape[-1]
@@ -116,6 +155,7 @@ def head(prefix, hidden, weight, bias):
         if bias.shape[0] != vocab:
             raise ValueError(f"{prefix}bias must have shape ({vocab},), got {tuple(bias.shape)}")
     same_device(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
+    _queue_finite(prefix, hidden, weight, bias)
     return hidden.numel() // d, d, vocab
 
 
@@ -147,10 +187,13 @@ def teacher_topk(teacher_ids, teacher_logprobs, hidden):
 
 
 def values(vocab, counted, labels=None, teacher_ids=None, teacher_logprobs=None):
-    """Value checks on counted rows, with one host sync. Inputs are flattened to rows."""
-    if not config.check_values or torch.compiler.is_compiling():
+    """Value checks on counted rows, with one host sync. Inputs are flattened to rows. The
+    finiteness flags queued by :func:`head` (``config.check_finite``) ride on the same sync."""
+    if torch.compiler.is_compiling():
         return
-    checks = []  # (flag tensor, message builder)
+    checks = _finite_checks() if config.check_finite else []  # (flag tensor, message builder)
+    if not config.check_values:
+        labels = teacher_ids = None
     if labels is not None:
         bad = counted & ((labels < 0) | (labels >= vocab))
         checks.append((bad, lambda r: f"labels must be in [0, {vocab}) or ignore_index; "
@@ -181,5 +224,5 @@ def values(vocab, counted, labels=None, teacher_ids=None, teacher_logprobs=None)
     flags = torch.stack([bad.any() for bad, _ in checks]).tolist()  # the one host sync
     for (bad, message), failed in zip(checks, flags):
         if failed:
-            row = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
+            row = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0]) if bad.dim() else 0
             raise ValueError(message(row))

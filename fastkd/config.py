@@ -14,6 +14,13 @@ class Config:
             host-device synchronisation per call; turn it off for the last few percent of
             throughput once the data pipeline is trusted. Shapes, dtypes and options are always
             checked. Skipped automatically while ``torch.compile`` traces.
+        check_finite: also flag NaN/±inf in the inputs of every loss (``hidden``, ``weight``,
+            ``bias``, and the online teacher's), all rows, with a ``ValueError`` naming the
+            argument and the first bad row. Opt-in (default False): it reads every element of
+            the hidden states and heads once (a cheap reduction next to the logits GEMM) and adds
+            no host synchronisation while ``check_values`` is on (its flags ride on that one
+            sync; one sync of its own otherwise). Skipped while ``torch.compile`` traces. The
+            trainer's ``on_nonfinite`` guard checks the loss and gradient norm instead.
         torch_chunk_bytes: memory budget of the ``torch`` backend's per-chunk work blocks; the
             chunk height is this divided by the bytes of the ``chunk x V`` blocks a path keeps
             alive. Default 256 MiB.
@@ -34,6 +41,7 @@ class Config:
     """
 
     check_values: bool = True
+    check_finite: bool = False
     torch_chunk_bytes: int = 256 * 2**20
     cuda_chunk_bytes: int = 512 * 2**20
     deterministic: bool = False

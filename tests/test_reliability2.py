@@ -255,3 +255,161 @@ def test_sigkill_during_the_metrics_rewrite(tmp_path):
     process.wait()
     lines = path.read_text().splitlines()
     assert len(lines) in (150_000, 200_000), len(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 4: byte_kd_loss rejects the teachers topk_kd_loss rejects
+# ------------------------------------------------------------------------------------------------
+
+import fastkd  # noqa: E402
+from fastkd.bytes import ByteVocab  # noqa: E402
+
+
+def _byte_problem(n=5, v=40, d=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = ByteVocab.from_bytes([b""] + [bytes([32 + (i % 90)]) + b"x" for i in range(v - 1)])
+    hidden = torch.randn(n, d, generator=gen, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen)
+    teacher_hidden, teacher_weight = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen)
+    teacher = torch.log_softmax(torch.randn(n, 257, generator=gen), dim=-1)
+    tokens = -torch.rand(n, generator=gen)
+    pairs = torch.stack([torch.arange(n), torch.arange(n)], dim=1)
+    labels = torch.randint(1, v, (n,), generator=gen)
+    return dict(vocab=vocab, hidden=hidden, weight=weight, teacher_hidden=teacher_hidden,
+                teacher_weight=teacher_weight, teacher=teacher, tokens=tokens, pairs=pairs, labels=labels)
+
+
+def _set_row(t, row, value):
+    t = t.clone()
+    t[row] = value
+    return t
+
+
+BYTE_TEACHERS = {
+    # case: (changes to the call, words the error must hold)
+    "nan_teacher_hidden": (lambda p: dict(teacher_hidden=_set_row(p["teacher_hidden"], 2, math.nan)),
+                           "teacher_hidden: NaN or inf at aligned pair 2"),
+    "inf_teacher_weight": (lambda p: dict(teacher_weight=_set_row(p["teacher_weight"], 3, math.inf)),
+                           "teacher_weight: NaN or inf"),
+    "row_all_minus_inf": (lambda p: dict(teacher_byte_logprobs=_set_row(p["teacher"], 1, -math.inf)),
+                          "teacher_byte_logprobs must be log-probabilities of a distribution over the 257 buckets (<= 0, -inf for an empty bucket, no NaN, summing to 1); aligned pair 1 has no finite bucket"),
+    "row_all_zeros": (lambda p: dict(teacher_byte_logprobs=_set_row(p["teacher"], 4, 0.0)),
+                      "aligned pair 4 has a mass of 257"),
+    "row_of_half_mass": (lambda p: dict(teacher_byte_logprobs=_set_row(p["teacher"], 0, p["teacher"][0] - math.log(2))),
+                         "aligned pair 0 has a mass of 0.5"),
+    "row_with_nan": (lambda p: dict(teacher_byte_logprobs=_set_row(p["teacher"], 2, math.nan)), "aligned pair 2 has NaN"),
+    "token_logprob_plus_5": (lambda p: dict(teacher_byte_logprobs=p["teacher"], chunk_weight=0.5,
+                                            teacher_token_logprobs=_set_row(p["tokens"], 3, 5.0)),
+                             "teacher_token_logprobs: the teacher's token log-prob at teacher row 3 is 5.0"),
+    "token_logprob_nan": (lambda p: dict(teacher_byte_logprobs=p["teacher"], chunk_weight=0.5,
+                                         teacher_token_logprobs=_set_row(p["tokens"], 0, math.nan)),
+                          "teacher_token_logprobs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BYTE_TEACHERS))
+def test_byte_loss_rejects_bad_teachers(case):
+    p = _byte_problem()
+    change, words = BYTE_TEACHERS[case]
+    changes = change(p)
+    kwargs = dict(labels=p["labels"], impl="torch")
+    if "teacher_byte_logprobs" not in changes:
+        kwargs.update(teacher_hidden=p["teacher_hidden"], teacher_weight=p["teacher_weight"], teacher_byte_vocab=p["vocab"])
+    kwargs.update(changes)
+    with pytest.raises(ValueError) as info:
+        fastkd.byte_kd_loss(p["hidden"], p["weight"], p["vocab"], p["pairs"], **kwargs)
+    assert words in str(info.value), str(info.value)
+
+
+def test_byte_loss_bad_teacher_rows_that_are_ignored_are_not_read():
+    p = _byte_problem()
+    teacher = _set_row(_set_row(p["teacher"], 1, -math.inf), 4, 0.0)
+    labels = p["labels"].clone()
+    labels[[1, 4]] = -100
+    loss = fastkd.byte_kd_loss(p["hidden"], p["weight"], p["vocab"], p["pairs"], teacher_byte_logprobs=teacher,
+                               labels=labels, impl="torch", reduction="none")
+    assert torch.isfinite(loss).all() and loss[1] == 0 and loss[4] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# item 5: fastkd.config.check_finite, an opt-in check riding on the value checks' one sync
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def check_finite():
+    from fastkd.config import config
+
+    config.check_finite = True
+    yield config
+    config.check_finite = False
+    config.check_values = True
+
+
+def _sync_count(monkeypatch):
+    """Counts ``Tensor.tolist`` calls: the one host sync of the value checks is a tolist."""
+    calls = []
+    original = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    return calls
+
+
+@pytest.mark.parametrize("loss", ["topk", "kd", "kd_teacher", "byte", "byte_logprobs"])
+@pytest.mark.parametrize("where", ["hidden", "weight"])
+def test_check_finite_names_the_argument_without_an_extra_sync(check_finite, monkeypatch, loss, where):
+    p = _byte_problem()
+    hidden, weight = p["hidden"].detach().clone(), p["weight"].clone()
+    teacher_hidden = p["teacher_hidden"].clone()
+    if loss == "kd_teacher":
+        teacher_hidden[3, 1] = math.inf if where == "hidden" else teacher_hidden[3, 1]
+        teacher_weight = _set_row(p["teacher_weight"], 7, math.nan) if where == "weight" else p["teacher_weight"]
+    else:
+        teacher_weight = p["teacher_weight"]
+        if where == "hidden":
+            hidden[3, 1] = math.nan
+        else:
+            weight[7, 0] = -math.inf
+    ids = torch.topk(torch.randn(5, 40), 3).indices
+    logprobs = torch.log_softmax(torch.randn(5, 3), -1) - 1.0
+    calls = {
+        "topk": lambda: fastkd.topk_kd_loss(hidden, weight, ids, logprobs, impl="torch"),
+        "kd": lambda: fastkd.kd_loss(hidden, weight, teacher_hidden, teacher_weight, impl="torch"),
+        "kd_teacher": lambda: fastkd.kd_loss(hidden, weight, teacher_hidden, teacher_weight, impl="torch"),
+        "byte": lambda: fastkd.byte_kd_loss(hidden, weight, p["vocab"], p["pairs"], teacher_byte_logprobs=p["teacher"],
+                                            impl="torch"),
+        "byte_logprobs": lambda: fastkd.byte_logprobs(hidden, weight, p["vocab"], impl="torch"),
+    }
+    syncs = _sync_count(monkeypatch)
+    with pytest.raises(ValueError) as info:
+        calls[loss]()
+    name = ("teacher_" if loss == "kd_teacher" else "") + where
+    row = 3 if where == "hidden" else 7
+    assert f"{name} holds non-finite values" in str(info.value) and f"row {row}" in str(info.value), str(info.value)
+    assert len(syncs) == 1, f"{len(syncs)} host syncs"  # the value checks' one sync, no other
+    check_finite.check_values = False  # then the finiteness check is one sync of its own
+    syncs.clear()
+    with pytest.raises(ValueError, match=f"{name} holds non-finite values"):
+        calls[loss]()
+    assert len(syncs) == 1
+
+
+def test_check_finite_is_off_by_default_and_passes_finite_inputs(monkeypatch):
+    from fastkd.config import config
+
+    assert config.check_finite is False
+    p = _byte_problem()
+    hidden = p["hidden"].detach().clone()
+    hidden[0, 0] = math.nan
+    ids = torch.topk(torch.randn(5, 40), 3).indices
+    logprobs = torch.log_softmax(torch.randn(5, 3), -1) - 1.0
+    assert torch.isnan(fastkd.topk_kd_loss(hidden, p["weight"], ids, logprobs, impl="torch"))  # as in PyTorch
+    config.check_finite = True
+    try:
+        good = fastkd.topk_kd_loss(p["hidden"], p["weight"], ids, logprobs, impl="torch")
+        assert torch.isfinite(good)
+    finally:
+        config.check_finite = False

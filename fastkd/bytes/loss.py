@@ -143,6 +143,7 @@ def byte_logprobs(
     temperature = check.real("temperature", temperature, low=0.0, low_open=True)
     softcap = check.real("softcap", softcap, low=0.0, low_open=True, allow_none=True)
     backend = resolve_byte_impl(impl, hidden.device, hidden.dtype)
+    check.values(len(byte_vocab), None)  # only the finiteness flags of config.check_finite, if on
     bucket_lse = _bucket_lse(hidden.reshape(-1, hidden.shape[-1]), weight, bias, byte_vocab,
                              temperature, softcap, backend)
     return bucket_lse - torch.logsumexp(bucket_lse, dim=-1, keepdim=True)
@@ -181,6 +182,7 @@ def byte_targets(
     bucket_lse = _bucket_lse(hidden2, teacher_weight, bias, teacher_byte_vocab, temperature, softcap, backend)
     lse = torch.logsumexp(bucket_lse, dim=-1)
     if teacher_labels is None:
+        check.values(teacher_weight.shape[0], None)  # only config.check_finite's flags, if on
         return (bucket_lse - lse.unsqueeze(-1)).float(), None
     labels = teacher_labels.reshape(-1).long()
     counted = labels != ignore_index
@@ -328,13 +330,16 @@ def byte_kd_loss(
     # Teacher: byte log-probs at the aligned rows (and token log-probs for the chunk term).
     if teacher_byte_logprobs is not None:
         teacher_values = teacher_byte_logprobs.reshape(-1, N_BUCKETS).detach()[teacher_rows].to(dtype)
-        _check_teacher_values(teacher_values, pair_ok)
         teacher_tokens = None if not chunk_weight else teacher_token_logprobs.reshape(-1).detach().to(dtype)
     else:
         teacher_values, teacher_tokens = _online_teacher(
             teacher_hidden, teacher_weight, teacher_bias, teacher_byte_vocab, teacher_labels1,
             teacher_counted, teacher_rows, temperature, teacher_softcap, teacher_backend, dtype,
             with_tokens=chunk_weight > 0)
+    _check_teacher_values(teacher_values, teacher_tokens, pair_ok, teacher_counted,
+                          online=None if teacher_byte_logprobs is not None else (
+                              teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[teacher_rows],
+                              teacher_weight, teacher_bias))
     teacher_values = torch.where(pair_ok.unsqueeze(-1), teacher_values, 0.0)
 
     # Byte term: both distributions over the buckets both sides can produce (module docstring).
@@ -469,14 +474,61 @@ def _check_pair_values(pairs: Tensor, chunk_mask: Tensor, n_student: int, n_teac
                          "each sequence (pass the ByteAlignment of a batch, not its pairs)")
 
 
-def _check_teacher_values(values: Tensor, pair_ok: Tensor) -> None:
-    if not config.check_values or torch.compiler.is_compiling() or values.shape[0] == 0:
+def _check_teacher_values(values: Tensor, tokens: Optional[Tensor], pair_ok: Tensor,
+                          teacher_counted: Tensor, online: Optional[tuple]) -> None:
+    """The teacher's rows at counted aligned pairs (and its token log-probs at counted rows, for
+    the chunk term) must be distributions, as :func:`fastkd.topk_kd_loss` demands of its teacher;
+    one host sync.
+
+    Precomputed (``teacher_byte_logprobs``): no NaN, no value above 0 (beyond the rounding slack
+    ``log(1 + TOPK_MASS_SLACK)``), at least one finite bucket (a row of all ``-inf`` is no
+    distribution) and a total mass within ``1 ± TOPK_MASS_SLACK`` (a row of zeros has mass 257).
+    Online (``online = (teacher hidden rows at the pairs, teacher_weight, teacher_bias)``): those
+    inputs must be finite (a NaN logit would otherwise empty its bucket without a word), and the
+    bucket log-sum-exps must hold a finite bucket. Token log-probs: finite and ≤ 0 (beyond the
+    slack).
+    """
+    if not config.check_values or torch.compiler.is_compiling():
         return
-    bad = pair_ok.unsqueeze(-1) & (torch.isnan(values) | (values > _FLOAT_LOGPROB_SLACK))
-    if bool(bad.any()):  # one host sync
-        m = int(bad.any(dim=-1).nonzero()[0, 0])
-        raise ValueError(f"teacher_byte_logprobs must be log-probabilities (<= 0, -inf for an empty "
-                         f"bucket, no NaN); aligned pair {m} has max {values[m].nan_to_num(99.0).max().item()}")
+    rows = pair_ok.unsqueeze(-1)
+    empty = pair_ok & ~torch.isfinite(values).any(dim=-1)
+    checks = []  # (flag, argument, what)
+    if online is not None:
+        hidden, weight, bias = online
+        checks += [(pair_ok & ~torch.isfinite(hidden).all(dim=-1), "teacher_hidden", "NaN or inf at aligned pair {m}"),
+                   (~torch.isfinite(weight).all(), "teacher_weight", "NaN or inf")]
+        if bias is not None:
+            checks.append((~torch.isfinite(bias).all(), "teacher_bias", "NaN or inf"))
+        checks.append((empty, "teacher_hidden", "no finite bucket at aligned pair {m}"))
+    else:
+        nan = (rows & (torch.isnan(values) | (values == math.inf))).any(dim=-1)
+        positive = (rows & (values > _FLOAT_LOGPROB_SLACK)).any(dim=-1)
+        finite = torch.where(torch.isfinite(values), values, -math.inf)
+        mass = torch.logsumexp(finite, dim=-1).exp()
+        off = pair_ok & ~empty & ((mass - 1.0).abs() > dv.TOPK_MASS_SLACK)
+        what = ("must be log-probabilities of a distribution over the 257 buckets (<= 0, -inf for an "
+                "empty bucket, no NaN, summing to 1); aligned pair {m} has ")
+        checks += [(nan, "teacher_byte_logprobs", what + "NaN or +inf"),
+                   (empty, "teacher_byte_logprobs", what + "no finite bucket (every byte -inf)"),
+                   (positive, "teacher_byte_logprobs", what + "a log-prob above 0"),
+                   (off, "teacher_byte_logprobs", what + "a mass of {mass} instead of 1 (± "
+                                                        f"{dv.TOPK_MASS_SLACK})")]
+    if tokens is not None:
+        name = "teacher_token_logprobs" if online is None else "teacher_hidden"
+        checks.append((teacher_counted & (~torch.isfinite(tokens) | (tokens > _FLOAT_LOGPROB_SLACK)), name,
+                       "the teacher's token log-prob at teacher row {m} is {token}, not a finite "
+                       "log-probability (<= 0)"))
+    flags = torch.stack([bad.any() for bad, _, _ in checks]).tolist()  # one host sync
+    for (bad, name, what), failed in zip(checks, flags):
+        if not failed:
+            continue
+        m = int(bad.nonzero()[0, 0]) if bad.dim() else 0
+        fields = {"m": m}
+        if "{mass}" in what:
+            fields["mass"] = f"{mass[m].item():.6g}"
+        if "{token}" in what:
+            fields["token"] = tokens[m].item()
+        raise ValueError(f"{name}{' ' if what.startswith('must') else ': '}" + what.format(**fields))
 
 
 def _chunk_divergence(student_tokens: Tensor, teacher_tokens: Tensor, counted: Tensor,
