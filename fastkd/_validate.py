@@ -25,6 +25,12 @@ from .config import config
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton", "cuda")
+# Triton's CPU interpreter (3.x) computes tl.dot on bfloat16 operands wrongly (DESIGN.md §6): the
+# resolvers refuse impl="triton" for bf16 under TRITON_INTERPRET=1 with this message.
+BF16_INTERPRETER_HINT = (
+    "impl='triton' with bfloat16 inputs under TRITON_INTERPRET=1: Triton's CPU interpreter computes "
+    "tl.dot on bfloat16 wrongly (the results would be garbage); use float16 or float32 inputs there, "
+    "impl='torch', or run on a GPU without TRITON_INTERPRET")
 # A single teacher log-prob may exceed 0 by rounding only as much as the top-k sum may exceed 1.
 MAX_LOGPROB = math.log1p(dv.TOPK_MASS_SLACK)
 

@@ -32,8 +32,9 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     """
     if impl == "torch":
         return "torch"
+    interpreted_bf16 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     if impl == "auto":
-        gpu = device.type == "cuda" and dtype != torch.float64
+        gpu = device.type == "cuda" and dtype != torch.float64 and not interpreted_bf16
         return "triton" if gpu and _triton_importable() else "torch"
     if impl == "triton":
         if not _triton_importable():
@@ -42,6 +43,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
         if dtype == torch.float64:
             raise TypeError("impl='triton' takes float16, bfloat16 or float32 inputs, got float64; "
                             "use impl='torch' for float64")
+        if interpreted_bf16:
+            raise TypeError(check.BF16_INTERPRETER_HINT)
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"impl='triton' needs CUDA tensors, got tensors on {device} (set TRITON_INTERPRET=1 "

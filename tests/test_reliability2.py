@@ -413,3 +413,196 @@ def test_check_finite_is_off_by_default_and_passes_finite_inputs(monkeypatch):
         assert torch.isfinite(good)
     finally:
         config.check_finite = False
+
+
+# ------------------------------------------------------------------------------------------------
+# item 5: non-finite values in training
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_assets(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    from transformers import AutoTokenizer
+
+    from fastkd import demo_assets as da
+
+    root = tmp_path_factory.mktemp("guard_assets")
+    setup = da.build_demo_setup(root, n_teacher=64, n_student=32, n_heldout=8)
+    tok = AutoTokenizer.from_pretrained(setup.teacher_tokenizer)
+    student = da.build_model(root / "student", len(tok), hidden=16, layers=1, seed=2)
+    return dict(student=str(student), tokenizer=str(setup.teacher_tokenizer), data=str(setup.student_data))
+
+
+def _guard_config(a, out, **values):
+    from fastkd.train import TrainConfig
+
+    cfg = dict(mode="sft", student=a["student"], tokenizer=a["tokenizer"], data=a["data"], output_dir=str(out),
+               max_steps=6, batch_size=4, lr=1e-3, lr_schedule="constant", impl="torch", progress=False,
+               tensorboard=False, save_final=False, save_every=2, keep_checkpoints=None)
+    cfg.update(values)
+    return TrainConfig(**cfg)
+
+
+def _poison_loss_at(trainer, steps):
+    """The loss rows of the given (1-based) steps become NaN, as a NaN hidden state would make them."""
+    original = trainer._loss_rows
+
+    def poisoned(model, batch, on_policy=False):
+        rows, stats, counted = original(model, batch, on_policy)
+        if trainer.step + 1 in steps:
+            rows = rows * math.nan
+        return rows, stats, counted
+
+    trainer._loss_rows = poisoned
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_batch(train_assets, tmp_path, one_thread):
+    from fastkd.train import Trainer
+    from fastkd.train.checkpoint import list_checkpoints
+    from fastkd.train.guard import NonFiniteError
+
+    trainer = Trainer(_guard_config(train_assets, tmp_path))
+    _poison_loss_at(trainer, {4})
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    with pytest.raises(NonFiniteError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("step 4: loss nan and gradient norm nan on the batch of data epoch 0, positions 12..15")
+    assert "(items " in message and "on_nonfinite: skip" in message
+    assert trainer.step == 3 and [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002"]
+    after = trainer.student.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())  # step 4 updated nothing
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # steps 1..3 did
+
+
+def test_skip_drops_the_update_and_counts_it(train_assets, tmp_path, one_thread):
+    from fastkd.train import Trainer
+
+    reference = Trainer(_guard_config(train_assets, tmp_path / "ref", max_steps=2))
+    reference.train()
+    trainer = Trainer(_guard_config(train_assets, tmp_path / "skip", on_nonfinite="skip", max_steps=3))
+    _poison_loss_at(trainer, {3})
+    trainer.train()
+    weights = trainer.student.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in reference.student.state_dict().items())  # step 3: no update
+    assert [r.get("skipped_nonfinite", 0) for r in trainer.history] == [0, 0, 1]
+    logged = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["skipped_nonfinite"] == 1 and math.isnan(logged[-1]["loss"])
+
+
+def test_skip_gives_up_after_many_in_a_row(train_assets, tmp_path, one_thread):
+    from fastkd.train import Trainer
+    from fastkd.train.guard import MAX_CONSECUTIVE_SKIPS, NonFiniteError
+
+    trainer = Trainer(_guard_config(train_assets, tmp_path, on_nonfinite="skip", max_steps=MAX_CONSECUTIVE_SKIPS + 2,
+                                    save_every=0))
+    _poison_loss_at(trainer, set(range(2, 100)))
+    with pytest.raises(NonFiniteError, match=f"step {MAX_CONSECUTIVE_SKIPS + 1}: .*{MAX_CONSECUTIVE_SKIPS} steps in a row"):
+        trainer.train()
+
+
+def test_non_finite_weights_are_never_checkpointed(train_assets, tmp_path, one_thread):
+    from fastkd.train import Trainer
+    from fastkd.train.checkpoint import list_checkpoints, load_checkpoint
+    from fastkd.train.guard import NonFiniteError
+
+    def poison_weights(trainer, record):
+        if trainer.step == 3:
+            with torch.no_grad():
+                next(trainer.student.parameters())[0, 0] = math.inf
+
+    trainer = Trainer(_guard_config(train_assets, tmp_path, on_nonfinite="skip"), on_step=poison_weights)
+    with pytest.raises(NonFiniteError, match=r"step 4: non-finite weights \(model\.embed_tokens\.weight\)"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000002"]
+    state = load_checkpoint(tmp_path / "checkpoint-00000002")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_on_nonfinite_is_checked(train_assets, tmp_path):
+    with pytest.raises(ValueError, match="on_nonfinite must be one of error, skip"):
+        _guard_config(train_assets, tmp_path, on_nonfinite="ignore")
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: bf16 on impl="triton" under TRITON_INTERPRET=1 is refused (the interpreter's bf16 tl.dot)
+# ------------------------------------------------------------------------------------------------
+
+def test_bf16_triton_under_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = _byte_problem()
+    hidden, weight = p["hidden"].detach().bfloat16(), p["weight"].bfloat16()
+    ids = torch.topk(torch.randn(5, 40), 3).indices
+    logprobs = torch.log_softmax(torch.randn(5, 3), -1) - 1.0
+    calls = [
+        lambda: fastkd.topk_kd_loss(hidden, weight, ids, logprobs, impl="triton"),
+        lambda: fastkd.kd_loss(hidden, weight, hidden, weight, impl="triton"),
+        lambda: fastkd.byte_logprobs(hidden, weight, p["vocab"], impl="triton"),
+        lambda: fastkd.byte_kd_loss(hidden, weight, p["vocab"], p["pairs"], teacher_byte_logprobs=p["teacher"],
+                                    impl="triton"),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="impl='triton' with bfloat16 inputs under TRITON_INTERPRET=1"):
+            call()
+    assert fastkd.resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "torch"
+    assert fastkd.bytes.resolve_byte_impl("auto", torch.device("cuda"), torch.bfloat16) == "torch"
+    assert fastkd.resolve_impl("triton", torch.device("cpu"), torch.float16) == "triton"  # fp16 still runs there
+    monkeypatch.delenv("TRITON_INTERPRET")  # on a GPU without the interpreter, bf16 goes to Triton
+    import importlib.util
+
+    expected = "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    assert fastkd.resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: byte tokens <0xNN> map to their byte however they are registered; control tokens to none
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("registered", ["vocab", "special", "added"])
+def test_byte_fallback_tokens_however_registered(registered):
+    from test_bytes_tokenizers import UNSEEN, sentencepiece_unigram
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_str(sentencepiece_unigram().to_str())
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    if registered == "special":  # the byte pieces also listed as special added tokens
+        tokenizer.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in pieces])
+    elif registered == "added":
+        tokenizer.add_tokens([AddedToken(p, special=False, normalized=False) for p in pieces])
+    if registered != "vocab":
+        added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        assert set(pieces) <= added
+    vocab = ByteVocab.from_tokenizer(tokenizer)
+    for byte in (0x00, 0x0A, 0x41, 0xE6, 0xFF):
+        assert vocab.token_bytes[tokenizer.token_to_id(f"<0x{byte:02X}>")] == bytes([byte]), hex(byte)
+    for control in ("<s>", "</s>", "<unk>"):
+        assert vocab.token_bytes[tokenizer.token_to_id(control)] == b"", control
+    for text in UNSEEN[:5]:  # characters only byte fallback can spell
+        ids = tokenizer.encode(text).ids
+        assert any(tokenizer.id_to_token(i).startswith("<0x") for i in ids)
+        assert vocab.decode(ids).removeprefix(b" ") == text.encode(), text
+
+
+def test_byte_pieces_added_beyond_the_vocabulary_and_without_byte_fallback():
+    from test_bytes_tokenizers import byte_level_bpe, sentencepiece_unigram
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_str(sentencepiece_unigram().to_str())
+    tokenizer.add_special_tokens([AddedToken("<0x1F>", special=True), AddedToken("<|im_start|>", special=True)])
+    vocab = ByteVocab.from_tokenizer(tokenizer)
+    assert vocab.token_bytes[tokenizer.token_to_id("<|im_start|>")] == b""
+    assert vocab.token_bytes[tokenizer.token_to_id("<0x1F>")] == b"\x1f"
+    # a byte-level BPE has no byte fallback: "<0x1F>" there is a control token (special) or text
+    plain = Tokenizer.from_str(byte_level_bpe().to_str())
+    plain.add_special_tokens([AddedToken("<0x1F>", special=True)])
+    plain.add_tokens([AddedToken("<0x2A>", special=False)])
+    table = ByteVocab.from_tokenizer(plain).token_bytes
+    assert table[plain.token_to_id("<0x1F>")] == b"" and table[plain.token_to_id("<0x2A>")] == b"<0x2A>"

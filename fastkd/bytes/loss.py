@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -51,7 +52,9 @@ def resolve_byte_impl(impl: str, device: torch.device, dtype: torch.dtype = torc
 
     ``"auto"``: ``"triton"`` for CUDA tensors when triton is installed (and the dtype is not
     float64), else ``"torch"``. ``"triton"`` on CPU tensors runs only in the Triton interpreter
-    (``TRITON_INTERPRET=1``); otherwise it raises ValueError.
+    (``TRITON_INTERPRET=1``); otherwise it raises ValueError. bfloat16 under
+    ``TRITON_INTERPRET=1`` is a TypeError (the interpreter's bf16 ``tl.dot`` is wrong); ``"auto"``
+    then picks ``"torch"``.
     """
     check.choice("impl", impl, check.IMPLS)
     if impl == "torch":
@@ -61,14 +64,17 @@ def resolve_byte_impl(impl: str, device: torch.device, dtype: torch.dtype = torc
             "impl='cuda' has no byte-level kernel in this version of fastkd; use impl='triton' "
             "(fused), 'torch' or 'auto'")
     has_triton = importlib.util.find_spec("triton") is not None
+    interpreted_bf16 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     if impl == "auto":
-        use = device.type == "cuda" and has_triton and dtype != torch.float64
+        use = device.type == "cuda" and has_triton and dtype != torch.float64 and not interpreted_bf16
         return "triton" if use else "torch"
     if not has_triton:
         raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='torch'")
     if dtype == torch.float64:
         raise ValueError("impl='triton' computes in float32 and takes float16/bfloat16/float32 "
                          "inputs, got float64; use impl='torch' for float64 (references, gradcheck)")
+    if interpreted_bf16:
+        raise TypeError(check.BF16_INTERPRETER_HINT)
     from ..backends import triton_bytes
 
     triton_bytes.check_runnable(device)

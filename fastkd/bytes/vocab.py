@@ -129,7 +129,11 @@ class ByteVocab:
                 give the extra ids no bytes.
 
         Added tokens marked special get no bytes (bucket 256). Added tokens that are not special
-        match their literal content in the text, so they get its UTF-8 bytes.
+        match their literal content in the text, so they get its UTF-8 bytes. Byte tokens
+        ``<0xNN>`` of a byte-fallback tokenizer stand for the byte NN however they are registered
+        (in the model's vocabulary, or also or only as added/special tokens, as tokenizers trained
+        with the ``tokenizers`` library often list them): they get that one byte, while true
+        control tokens (``<s>``, ``<|im_start|>``, ...) keep none.
 
         Raises:
             TypeError: ``tokenizer`` is not backed by the ``tokenizers`` library.
@@ -152,7 +156,11 @@ class ByteVocab:
         for token_id in range(size):
             if token_id in added:
                 token = added[token_id]
-                table.append(b"" if token.special else token.content.encode("utf-8"))
+                byte = _BYTE_PIECE.match(token.content) if byte_fallback else None
+                if byte:  # a byte-fallback token registered as an added/special token: its byte
+                    table.append(bytes([int(byte.group(1), 16)]))
+                else:
+                    table.append(b"" if token.special else token.content.encode("utf-8"))
                 continue
             piece = backend.id_to_token(token_id)
             table.append(b"" if piece is None else _piece_bytes(piece, kind, replacement, byte_fallback))

@@ -89,6 +89,8 @@ class TrainConfig:
     lr_schedule: str = _doc("after warm-up: cosine | linear | constant", "cosine")
     min_lr_ratio: float = _doc("the schedule's final learning rate as a fraction of lr", 0.0)
     max_grad_norm: Optional[float] = _doc("clip the gradient norm to this (None: no clipping)", 1.0)
+    on_nonfinite: str = _doc("a NaN/inf loss or gradient norm: error (stop, naming the step and batch) | "
+                             "skip (no update; counted as skipped_nonfinite)", "error")
     seed: int = _doc("seed of the initial LoRA weights, the data order and the rollouts", 0)
 
     # --- evaluation, checkpoints, logs ----------------------------------------------------------
@@ -145,6 +147,7 @@ class TrainConfig:
         _one_of("token_select", self.token_select, ("entropy", "divergence"))
         _one_of("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         _one_of("impl", self.impl, ("auto", "torch", "triton", "cuda"))
+        _one_of("on_nonfinite", self.on_nonfinite, ("error", "skip"))
         if self.topk_from is not None:
             _one_of("topk_from", self.topk_from, ("teacher", "student", "union"))
         if not self.student:

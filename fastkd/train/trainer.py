@@ -34,6 +34,7 @@ from ..api import kd_loss, topk_kd_loss
 from ..integrations.hf import hidden_and_head
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .guard import NonFiniteGuard, check_finite_weights
 from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler, cross_items, load_texts,
                    pad_token_id, text_items)
 
@@ -367,10 +368,13 @@ class Trainer:
         log = MetricsLog(self.out, enabled=acc.is_main_process, tensorboard=cfg.tensorboard,
                          resume_step=self.step, progress=cfg.progress, total=cfg.max_steps)
         params = [p for p in self.student.parameters() if p.requires_grad]
+        guard = NonFiniteGuard(cfg.on_nonfinite, self.sampler, cfg.batch_size * acc.num_processes * cfg.grad_accum,
+                               skipped=self.history[-1].get("skipped_nonfinite", 0) if self.history else 0)
         started, tokens = time.perf_counter(), 0
         last_eval: dict = {}
         try:
             while self.step < cfg.max_steps:
+                guard.begin_step()
                 batches = self._step_batches()
                 # the step's loss is a mean over the rows kept on all processes: each process
                 # divides its sum by total / processes, and the wrapper averages the gradients
@@ -394,11 +398,11 @@ class Trainer:
                 # log the mean over processes, not the main one's share
                 loss_sum, kd_sum = (self._all_processes_sum(sums) / acc.num_processes).tolist()
                 total = int(total)
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+                # the norm also feeds the non-finite guard (max_norm inf: no clipping, grads * 1.0)
+                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
+                if not guard.check(self.step + 1, loss_sum, grad_norm):  # on_nonfinite: error raises
+                    self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -411,6 +415,8 @@ class Trainer:
                     record["grad_norm"] = grad_norm
                 if cfg.mode == "on_policy":
                     record["rollout_batches"] = rollouts
+                if guard.skipped:
+                    record["skipped_nonfinite"] = guard.skipped
                 self.history.append(record)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     log.write(record)
@@ -540,6 +546,7 @@ class Trainer:
         acc = self.acc
         rng = ckpt.rng_state()
         rngs = gather_object([rng]) if acc.num_processes > 1 else [rng]
+        check_finite_weights(self.student, self.step, self._all_processes_sum)  # never over good ones
         model_state = self._model_state()
         optimizer_state = self._optimizer_state()
         path = self.out / f"checkpoint-{self.step:08d}"
@@ -624,7 +631,7 @@ class Trainer:
 # Keys a resumed run may change (where to log, how often, how long).
 # (max_steps too with a constant schedule: cosine and linear depend on it.)
 _RESUMABLE = {"resume", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
-              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache"}
+              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache", "on_nonfinite"}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
