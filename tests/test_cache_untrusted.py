@@ -392,3 +392,37 @@ def test_a_server_answer_without_token_ids_says_what_to_do(tmp_path):
     top = {"prompt_logprobs": [None, {"2": -0.5}]}
     with pytest.raises(ValueError, match="s3.jsonl:1: has prompt_logprobs but no prompt_token_ids"):
         import_vllm(_jsonl(tmp_path / "s3.jsonl", [json.dumps(top)]), tmp_path / "out", topk=2, vocab_size=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# values a model would index with: checked per item
+# ------------------------------------------------------------------------------------------------
+
+def test_token_ids_outside_the_vocabulary(tmp_path):
+    cache = _build(tmp_path)
+    name = _rewrite_shard(cache, 0, lambda t: t["input_ids"].__setitem__(1, -5))
+    with pytest.raises(CacheError, match=f"{name}: sequence 0: tensor 'input_ids' holds ids in \\[-5"):
+        _open(cache)
+    cache = _build(tmp_path, "c2")
+    name = _rewrite_shard(cache, 0, lambda t: t["input_ids"].__setitem__(5, 50))
+    with pytest.raises(CacheError, match=f"{name}: sequence 1: tensor 'input_ids' .* outside \\[0, vocab_size=50\\)"):
+        _open(cache)
+
+
+def test_packed_teacher_ids_past_the_vocabulary(tmp_path):
+    cache = _build(tmp_path)
+    # V = 50: ids take 6 bits, so the packed id field reaches 62; 55 + 1 is stored for id 55
+    word = np.uint32((55 + 1) << (32 - fmt.id_bits(50)))
+    name = _rewrite_shard(cache, 1, lambda t: t["topk"].__setitem__((0, 0), word))
+    with pytest.raises(CacheError, match=f"{name}: sequence 0: tensor 'topk' packs teacher id 55"):
+        _open(cache)
+
+
+def test_byte_offsets_outside_the_text(tmp_path):
+    cache = _byte_cache(tmp_path)
+    name = _rewrite_shard(cache, 0, lambda t: t["byte_offsets"].__setitem__((2, 1), 9))
+    with pytest.raises(CacheError, match=f"{name}: sequence 0: tensor 'byte_offsets' holds spans outside"):
+        _open(cache)
+    name = _rewrite_shard(cache, 0, lambda t: t.__setitem__("byte_offsets", np.array([[0, 1], [2, 1], [2, 3]], np.int64)))
+    with pytest.raises(CacheError, match="reversed"):
+        _open(cache)

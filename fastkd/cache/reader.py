@@ -141,7 +141,31 @@ class TeacherCache(Dataset):
             item["teacher_byte_offsets"] = torch.from_numpy(np.array(shard["byte_offsets"][start:end], dtype=np.int64))
             t0, t1 = int(shard["text_offsets"][local]), int(shard["text_offsets"][local + 1])
             item["text"] = bytes(shard["text"][t0:t1]).decode("utf-8", errors="replace")
+            text_bytes = t1 - t0
+        self._check_item(item, which, local, None if self.kind == "topk" else text_bytes)
         return item
+
+    def _check_item(self, item: dict, shard: int, local: int, text_bytes: Optional[int]) -> None:
+        """Values a crafted shard could hold and a model would index with (a CUDA device assert,
+        or a silently wrong alignment): token ids outside ``[0, vocab_size)``, teacher ids past
+        V, byte offsets outside the sequence's text or reversed. O(T·K) on the host per item."""
+        vocab = self.manifest["vocab_size"]
+        where = f"{self.path / self.manifest['shards'][shard]['file']}: sequence {local}"
+        ids = item["input_ids"]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise fmt.CacheError(f"{where}: tensor 'input_ids' holds ids in [{int(ids.min())}, {int(ids.max())}], "
+                                 f"outside [0, vocab_size={vocab})")
+        if text_bytes is None:
+            teacher = item["teacher_ids"]
+            if teacher.numel() and int(teacher.max()) >= vocab:
+                raise fmt.CacheError(f"{where}: tensor 'topk' packs teacher id {int(teacher.max())}, outside "
+                                     f"[0, vocab_size={vocab})")
+            return
+        offsets = item["teacher_byte_offsets"]
+        if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) > text_bytes
+                                or bool((offsets[:, 0] > offsets[:, 1]).any())):
+            raise fmt.CacheError(f"{where}: tensor 'byte_offsets' holds spans outside the sequence's "
+                                 f"{text_bytes} text bytes or reversed")
 
     def batches(self, batch_size: int, collator: Optional["CacheCollator"] = None) -> Iterator[dict]:
         """Padded batches of ``batch_size`` consecutive sequences (the last may be smaller)."""
