@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fastkd.cache import CacheError, TeacherCache, import_vllm
 from fastkd.cache import format as fmt
@@ -426,3 +427,82 @@ def test_byte_offsets_outside_the_text(tmp_path):
     name = _rewrite_shard(cache, 0, lambda t: t.__setitem__("byte_offsets", np.array([[0, 1], [2, 1], [2, 3]], np.int64)))
     with pytest.raises(CacheError, match="reversed"):
         _open(cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# fuzz: random structural mutations of manifests and shard headers (checksums kept consistent)
+# ------------------------------------------------------------------------------------------------
+
+_POOL = [None, -1, 0, 1, 3, 2**40, -2**40, 1.5, True, "x", "../x", "/etc/passwd", [], {}, [0, 4], [-8, 8],
+         {"file": "shard-00000.safetensors"}, "I32", "U32", "F16"]
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, prefix + (index,))
+
+
+def _mutate(document, rng):
+    """One random edit: replace a value, delete a key, or wrap a node in a list."""
+    import copy
+
+    document = copy.deepcopy(document)
+    paths = [p for p in _paths(document) if p]
+    path = paths[int(rng.integers(len(paths)))]
+    parent = document
+    for step in path[:-1]:
+        parent = parent[step]
+    kind = int(rng.integers(3))
+    if kind == 0 or isinstance(parent, list):
+        parent[path[-1]] = _POOL[int(rng.integers(len(_POOL)))]
+    elif kind == 1:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = [parent[path[-1]]]
+    return document
+
+
+def fuzz_outcomes(tmp_path: Path, count: int, seed: int) -> dict:
+    """Mutates a fresh cache ``count`` times (manifest or a shard header, alternately); returns
+    ``{"read": n, "read_differently": [case, ...], "cache_error": n, "other": [(case, repr), ...]}``:
+    every outcome must be a read of the same items as the clean cache's, or a CacheError."""
+    rng = np.random.default_rng(seed)
+    clean = _build(tmp_path, "clean")
+    reference = TeacherCache(clean)
+    expected = [reference[i] for i in range(len(reference))]
+    outcomes = {"read": 0, "read_differently": [], "cache_error": 0, "other": []}
+    for case in range(count):
+        cache = tmp_path / f"f{case}"
+        cache.mkdir()
+        for file in clean.iterdir():
+            (cache / file.name).write_bytes(file.read_bytes())
+        if case % 2:
+            _write_manifest(cache, _mutate(_manifest(cache), rng))
+        else:
+            _raw_header(cache, int(rng.integers(2)), lambda header: _mutate(header, rng))
+        try:
+            reader = _open(cache)
+            items = [reader[i] for i in range(len(reader))]
+            same = len(items) == len(expected) and all(
+                a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(items, expected))
+            if same:
+                outcomes["read"] += 1
+            else:
+                outcomes["read_differently"].append(case)
+        except CacheError:
+            outcomes["cache_error"] += 1
+        except Exception as error:  # noqa: BLE001 - the point is to catch what is not a CacheError
+            outcomes["other"].append((case, repr(error)))
+    return outcomes
+
+
+def test_fuzzed_manifests_and_headers_read_or_raise_a_cache_error(tmp_path):
+    outcomes = fuzz_outcomes(tmp_path, 60, seed=0)
+    assert not outcomes["other"], outcomes["other"][:5]
+    assert not outcomes["read_differently"], outcomes["read_differently"]
+    assert outcomes["cache_error"] > 30  # most mutations break something

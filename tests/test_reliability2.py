@@ -606,3 +606,62 @@ def test_byte_pieces_added_beyond_the_vocabulary_and_without_byte_fallback():
     plain.add_tokens([AddedToken("<0x2A>", special=False)])
     table = ByteVocab.from_tokenizer(plain).token_bytes
     assert table[plain.token_to_id("<0x1F>")] == b"" and table[plain.token_to_id("<0x2A>")] == b"<0x2A>"
+
+
+# ------------------------------------------------------------------------------------------------
+# fuzz: random structural mutations of checkpoint.json and state.json (checksums kept consistent)
+# ------------------------------------------------------------------------------------------------
+
+def _same(a, b) -> bool:
+    """Equal nests: same types, keys, tuples/lists, and bit-identical tensors."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def checkpoint_fuzz_outcomes(tmp_path: Path, count: int, seed: int) -> dict:
+    """``{"loaded": n, "loaded_differently": [...], "checkpoint_error": n, "other": [...]}``."""
+    import numpy as np
+    from test_cache_untrusted import _mutate
+
+    from fastkd.train.checkpoint import _hash
+
+    rng = np.random.default_rng(seed)
+    state = {"model": {"w": torch.randn(3, 2), "b": torch.arange(4)}, "optimizer": {"state": {0: {"step": 3}}},
+             "trainer": {"step": 4, "history": [{"loss": 1.5}], "pair": (1, "a")}}
+    clean = save_checkpoint(tmp_path / "clean", 4, state)
+    outcomes = {"loaded": 0, "loaded_differently": [], "checkpoint_error": 0, "other": []}
+    for case in range(count):
+        path = tmp_path / f"f{case}" / clean.name
+        path.mkdir(parents=True)
+        for file in clean.iterdir():
+            (path / file.name).write_bytes(file.read_bytes())
+        if case % 2:
+            _edit_json(path / "checkpoint.json", lambda d: _mutate(d, rng), replace=True)
+        else:
+            _edit_json(path / "state.json", lambda d: _mutate(d, rng), replace=True)
+            _edit_json(path / "checkpoint.json", lambda d: d["files"].__setitem__("state.json", _hash(path / "state.json")))
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError:
+            outcomes["checkpoint_error"] += 1
+            continue
+        except Exception as error:  # noqa: BLE001 - the point is to catch what is not a CheckpointError
+            outcomes["other"].append((case, repr(error)))
+            continue
+        if _same(loaded, state):
+            outcomes["loaded"] += 1
+        else:
+            outcomes["loaded_differently"].append(case)
+    return outcomes
+
+
+def test_fuzzed_checkpoint_indexes_load_or_raise_a_checkpoint_error(tmp_path):
+    outcomes = checkpoint_fuzz_outcomes(tmp_path, 40, seed=0)
+    assert not outcomes["other"], outcomes["other"][:5]

@@ -290,7 +290,7 @@ def _tensor_entry(path: Path, name: str, info) -> tuple[tuple, type, int, int]:
 
     if not isinstance(info, dict):
         raise bad("(entry)", f"must be an object, got {type(info).__name__}")
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
     if dtype is None:
         raise bad("dtype", f"is {info.get('dtype')!r}, expected one of {sorted(_SAFETENSORS_DTYPES)}")
     shape = info.get("shape")
@@ -347,7 +347,7 @@ def check_manifest(manifest, path) -> None:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheError(f"{path}: field 'format_version' is {version!r}, this fastkd reads {FORMAT_VERSION}")
-    if manifest.get("kind") not in KINDS:
+    if not isinstance(manifest.get("kind"), str) or manifest["kind"] not in KINDS:
         raise CacheError(f"{path}: field 'kind' is {manifest.get('kind')!r}, expected one of {KINDS}")
     for field in ("vocab_size",) + (("topk",) if manifest["kind"] == "topk" else ()):
         value = manifest.get(field)
@@ -358,7 +358,7 @@ def check_manifest(manifest, path) -> None:
             id_bits(manifest["vocab_size"])
         except ValueError as error:
             raise bad("vocab_size", str(error)) from None
-    if manifest.get("logprob_dtype") not in LOGPROB_DTYPES:
+    if not isinstance(manifest.get("logprob_dtype"), str) or manifest["logprob_dtype"] not in LOGPROB_DTYPES:
         raise bad("logprob_dtype", f"must be one of {sorted(LOGPROB_DTYPES)}, got {manifest.get('logprob_dtype')!r}")
     temperature = manifest.get("temperature")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):

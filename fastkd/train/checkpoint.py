@@ -86,22 +86,45 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], seen: s
                     "supported: dict, list, tuple, torch.Tensor, int, float, bool, str, None")
 
 
-def _decode(node: Any, tensors: dict[str, torch.Tensor], file: Path) -> Any:
-    """Inverse of :func:`_encode`."""
-    if not isinstance(node, dict):
+def _decode(node: Any, tensors: dict[str, torch.Tensor], file: Path, where: str = "",
+            used: set | None = None) -> Any:
+    """Inverse of :func:`_encode`; a skeleton that :func:`_encode` cannot have written (state.json
+    from elsewhere) is a :class:`CheckpointError` naming ``state.json`` and the path in it. The
+    keys of the tensors it places are added to ``used``."""
+    def bad(detail: str) -> CheckpointError:
+        return CheckpointError(f"{file.parent / 'state.json'}: malformed skeleton at '{where}': {detail}; {_HINT}")
+
+    if node is None or type(node) in (bool, int, float, str):
         return node
+    if not isinstance(node, dict) or len(node) == 0:
+        raise bad(f"expected a value or a tagged object, got {type(node).__name__}")
     if "T" in node:
-        t = tensors.get(node["T"])
+        key, dtype, shape = node.get("T"), node.get("dtype"), node.get("shape")
+        if not isinstance(key, str) or not isinstance(dtype, str) or not isinstance(shape, list):
+            raise bad("a tensor entry needs 'T' (str), 'dtype' (str) and 'shape' (list)")
+        t = tensors.get(key)
+        if used is not None:
+            used.add(key)
         if t is None:
-            raise CheckpointError(f"{file}: tensor '{node['T']}' is missing; {_HINT}")
-        if str(t.dtype).removeprefix("torch.") != node["dtype"] or list(t.shape) != node["shape"]:
-            raise CheckpointError(f"{file}: tensor '{node['T']}' is {t.dtype} {list(t.shape)}, "
-                                  f"state.json says {node['dtype']} {node['shape']}; {_HINT}")
+            raise CheckpointError(f"{file}: tensor '{key}' is missing; {_HINT}")
+        if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape) != shape:
+            raise CheckpointError(f"{file}: tensor '{key}' is {t.dtype} {list(t.shape)}, "
+                                  f"state.json says {dtype} {shape}; {_HINT}")
         return t
-    if "d" in node:
-        return {k: _decode(v, tensors, file) for k, v in node["d"]}
-    items = [_decode(v, tensors, file) for v in node.get("l", node.get("t", []))]
-    return tuple(items) if "t" in node else items
+    if len(node) != 1 or next(iter(node)) not in ("d", "l", "t"):
+        raise bad(f"unknown tags {sorted(map(str, node))[:4]} (expected T, d, l or t)")
+    tag, items = next(iter(node.items()))
+    if not isinstance(items, list):
+        raise bad(f"'{tag}' must hold a list, got {type(items).__name__}")
+    if tag == "d":
+        out = {}
+        for pair in items:
+            if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) not in (str, int):
+                raise bad("a dict entry must be a [key (str or int), value] pair")
+            out[pair[0]] = _decode(pair[1], tensors, file, f"{where}/{pair[0]}", used)
+        return out
+    values = [_decode(v, tensors, file, f"{where}/{i}", used) for i, v in enumerate(items)]
+    return tuple(values) if tag == "t" else values
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -313,7 +336,12 @@ def load_checkpoint(path, *, verify: bool = True, map_location="cpu") -> dict:
             tensors = load_file(str(file), device=str(map_location))
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{file}: unreadable ({exc}); {_HINT}") from exc
-        state[part] = _decode(skeleton, tensors, file)
+        used: set = set()
+        state[part] = _decode(skeleton, tensors, file, part, used)
+        unused = sorted(set(tensors) - used)
+        if unused:
+            raise CheckpointError(f"{state_file}: part {part!r} does not place tensor(s) {unused[:3]} of "
+                                  f"{file.name}: the skeleton does not match its tensors; {_HINT}")
     return state
 
 
