@@ -506,3 +506,43 @@ def test_fuzzed_manifests_and_headers_read_or_raise_a_cache_error(tmp_path):
     assert not outcomes["other"], outcomes["other"][:5]
     assert not outcomes["read_differently"], outcomes["read_differently"]
     assert outcomes["cache_error"] > 30  # most mutations break something
+
+
+def import_fuzz_outcomes(tmp_path: Path, count: int, seed: int) -> dict:
+    """Random mutations of vLLM answers (both shapes) fed to import_vllm: ``{"imported": n,
+    "error_naming_the_line": n, "other": [(case, repr), ...]}``."""
+    rng = np.random.default_rng(seed)
+    offline = {"prompt_token_ids": [1, 2, 3], "prompt_logprobs": [None, {"2": {"logprob": -0.5, "rank": 1}},
+                                                                  {"3": -1.0, "4": -2.0}]}
+    outcomes = {"imported": 0, "error_naming_the_line": 0, "other": []}
+    for case in range(count):
+        document = _mutate(_server_answer([[1, 2, 3], [4, 5]]) if case % 2 else offline, rng)
+        path = tmp_path / f"m{case}.jsonl"
+        path.write_text(json.dumps(document) + "\n")
+        try:
+            import_vllm(path, tmp_path / f"o{case}", topk=2, vocab_size=10)
+            outcomes["imported"] += 1
+        except ValueError as error:
+            if f"{path}:1" in str(error):
+                outcomes["error_naming_the_line"] += 1
+            else:
+                outcomes["other"].append((case, repr(error)))
+        except Exception as error:  # noqa: BLE001 - the point is to catch what is not a ValueError
+            outcomes["other"].append((case, repr(error)))
+    return outcomes
+
+
+def test_fuzzed_vllm_lines_import_or_name_the_line(tmp_path):
+    outcomes = import_fuzz_outcomes(tmp_path, 60, seed=0)
+    assert not outcomes["other"], outcomes["other"][:5]
+
+
+def test_prompt_ids_outside_the_vocabulary_are_rejected_at_import(tmp_path):
+    line = '{"prompt_token_ids": [1, -2, 3], "prompt_logprobs": [null, {"2": -0.5}, {"3": -0.5}]}'
+    with pytest.raises(ValueError, match=r"v.jsonl:1: prompt_token_ids: token id -2 outside \[0, vocab_size=10\)"):
+        import_vllm(_jsonl(tmp_path / "v.jsonl", [line]), tmp_path / "out", topk=2, vocab_size=10)
+    row = {"input_ids": [3, 12], "target_token_ids": [[4]], "target_logprobs": [[-0.5]]}
+    from fastkd.cache import import_dataset
+
+    with pytest.raises(ValueError, match=r"d.jsonl:1: input_ids: token id 12 outside"):
+        import_dataset(_jsonl(tmp_path / "d.jsonl", [json.dumps(row)]), tmp_path / "out2", topk=2, vocab_size=10)

@@ -105,9 +105,13 @@ def _common(topk, dtype, vocab_size, tokenizer, shard_tokens):
     return topk, shard_tokens, fingerprint, vocab_size
 
 
-def _int_list(value, what: str) -> list[int]:
+def _int_list(value, what: str, vocab_size: Optional[int] = None) -> list[int]:
+    """``value`` when it is a list of ints (in ``[0, vocab_size)`` when given)."""
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ValueError(f"{what} must be a list of ints")
+    if vocab_size is not None and value and not 0 <= min(value) <= max(value) < vocab_size:
+        bad = next(v for v in value if not 0 <= v < vocab_size)
+        raise ValueError(f"{what}: token id {bad} outside [0, vocab_size={vocab_size})")
     return value
 
 
@@ -227,6 +231,7 @@ def import_vllm(path, out, *, topk: int, vocab_size: Optional[int] = None, token
     writer = _ShardWriter(out, manifest, shard_tokens)
     for number, record in _lines(path):
         for where, prompt, entries in _vllm_sequences(record, f"{path}:{number}"):
+            _int_list(prompt, f"{where}: prompt_token_ids", vocab_size)
             ids, logprobs = prompt_logprobs_topk(entries, len(prompt), topk, vocab_size, where)
             writer.add(prompt, torch.tensor(ids, dtype=torch.int64).reshape(-1, topk),
                        torch.tensor(logprobs, dtype=torch.float32).reshape(-1, topk))
@@ -309,7 +314,7 @@ def import_dataset(path, out, *, topk: int, vocab_size: Optional[int] = None, to
                                 source={"importer": "dataset", "file": Path(path).name, "alignment": alignment})
     writer = _ShardWriter(out, manifest, shard_tokens)
     for where, record in _dataset_rows(path):
-        input_ids = _int_list(record.get("input_ids"), f"{where}: input_ids")
+        input_ids = _int_list(record.get("input_ids"), f"{where}: input_ids", vocab_size)
         targets, values = record.get("target_token_ids"), record.get("target_logprobs")
         if not isinstance(targets, list) or not isinstance(values, list) or len(targets) != len(values):
             raise ValueError(f"{where}: target_token_ids and target_logprobs must be lists of the same length")
