@@ -252,3 +252,36 @@ def test_client_arguments_are_checked(kwargs, words):
         ServerTeacher("http://127.0.0.1:1/v1/completions", None, K, V, **kwargs)
     with pytest.raises(ValueError, match="names no host"):
         ServerTeacher("http:///v1/completions", None, K, V)
+
+
+def server_fuzz_outcomes(count: int, seed: int) -> dict:
+    """Random mutations of a well-formed answer, handed to the client's parser (no network):
+    ``{"parsed": n, "error_naming_the_url": n, "other": [(case, repr), ...]}``."""
+    import numpy as np
+    from test_cache_untrusted import _mutate
+
+    rng = np.random.default_rng(seed)
+    url = "http://127.0.0.1:9/v1/completions"
+    good = json.loads(_good_body())
+    good["choices"][0].update(prompt_token_ids=[1, 5, 6], token_ids=[3], finish_reason="length")
+    outcomes = {"parsed": 0, "error_naming_the_url": 0, "other": []}
+    for case in range(count):
+        answer = _mutate(good, rng)
+        client = _client(url)
+        client._post = lambda body, cap, answer=answer: answer
+        try:
+            client.topk_logprobs(IDS, MASK)
+            outcomes["parsed"] += 1
+        except ValueError as error:
+            if url in str(error):
+                outcomes["error_naming_the_url"] += 1
+            else:
+                outcomes["other"].append((case, repr(error)))
+        except Exception as error:  # noqa: BLE001 - the point is to catch what is not a ValueError
+            outcomes["other"].append((case, repr(error)))
+    return outcomes
+
+
+def test_fuzzed_answers_parse_or_name_the_url():
+    outcomes = server_fuzz_outcomes(100, seed=0)
+    assert not outcomes["other"], outcomes["other"][:5]
