@@ -54,8 +54,8 @@ class RawServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 continue
-            threading.Thread(target=self._handle, args=(conn, self.requests), daemon=True).start()
-            self.requests += 1
+            self.requests += 1  # counted before the handler can answer: the client never sees it late
+            threading.Thread(target=self._handle, args=(conn, self.requests - 1), daemon=True).start()
 
     def _handle(self, conn, n):
         conn.settimeout(5)
