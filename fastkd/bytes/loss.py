@@ -291,6 +291,15 @@ def byte_kd_loss(
     Returns:
         float32 loss (float64 for float64 student inputs), scalar or ``(N_s,)``. Gradients flow to
         ``hidden``, ``weight`` and ``bias`` only.
+
+    Raises:
+        ValueError/TypeError: bad arguments, before any kernel runs; and, with
+            ``fastkd.config.check_values`` (default on, one host sync), a teacher that is no
+            distribution at a counted aligned pair, as :func:`fastkd.topk_kd_loss` rejects its
+            teacher: NaN/inf in the online teacher's hidden rows or head; a precomputed row with
+            NaN, a value above 0, every bucket ``-inf`` or a mass other than ``1 ± 0.02``; token
+            log-probs that are not finite or above 0. With the checks off such a row is not
+            detected (a NaN bucket of an online teacher then counts as empty).
     """
     opts = check.options(divergence=divergence, beta=beta, tail="bucket", temperature=temperature,
                          ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
