@@ -34,9 +34,9 @@ from ..api import kd_loss, topk_kd_loss
 from ..integrations.hf import hidden_and_head
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .guard import NonFiniteGuard, check_finite_weights
 from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler, cross_items, load_texts,
                    pad_token_id, text_items)
+from .guard import NonFiniteGuard, check_finite_weights
 
 
 class Trainer:
