@@ -166,14 +166,13 @@ def _topk_sweep(mesh):
 def _kd_sweep(mesh):
     world = mesh.size(mesh.ndim - 1)
     grid = itertools.product(("forward_kl", "reverse_kl", "jsd"),
-                             (None, "teacher", "student", "union"), ("bucket", "renormalize"))
-    for case, (divergence, topk_from, tail) in enumerate(grid):
+                             (None, "teacher", "student", "union"), ("bucket", "renormalize"),
+                             (1.0, 1.3), (None, 4.0))
+    for case, (divergence, topk_from, tail, temperature, softcap) in enumerate(grid):
         if topk_from is None and tail == "renormalize":
-            continue
-        temperature = (1.0, 1.3)[case % 2]
-        softcap = (None, 4.0)[(case // 2) % 2]
+            continue  # the full vocabulary has no tail
         reduction = ("mean", "none", "sum")[case % 3]
-        ce_weight = (0.2, 0.0)[case % 2]
+        ce_weight = (0.2, 0.0)[(case // 3) % 2]
         p = _problem(100 + case, bias=case % 3 == 0, world=world)
         sharded_teacher = case % 2 == 0  # the teacher's head sharded too, or plain and sliced
         t_weight = _sharded(p["teacher_weight"], mesh, requires_grad=False)[0] if sharded_teacher \
