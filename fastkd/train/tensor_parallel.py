@@ -1,0 +1,120 @@
+"""Tensor-parallel LM heads for training (docs/parallel.md): a ``(dp, tp)`` device mesh, the
+student's and the teacher's ``lm_head`` sharded over the vocabulary along ``tp`` with torch's
+tensor-parallel API (``ColwiseParallel``), and the student sharded along ``dp`` with FSDP2.
+
+Ranks of one ``tp`` group see the same rows (the data is split over ``dp`` only); fastkd's losses
+take the sharded heads as they are (:mod:`fastkd.parallel.vocab_parallel`): the logits are never
+gathered, each rank keeps the gradient of its own rows of the head, and the gradient of the hidden
+states is all-reduced over ``tp``. FSDP2 then reduce-scatters every gradient over ``dp``.
+
+Checkpoints are ``torch.distributed.checkpoint`` directories: every rank writes and reads its own
+shards (model and AdamW state), so a run resumed on the same layout computes the same losses.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def make_mesh(tensor_parallel: int, device_type: str):
+    """A ``(dp, tp)`` DeviceMesh over all processes, ``tp = tensor_parallel`` consecutive ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"tensor_parallel={tensor_parallel} needs several processes (launch with "
+                         "torchrun or accelerate launch)")
+    world = dist.get_world_size()
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ValueError(f"tensor_parallel must divide the number of processes {world}, got "
+                         f"{tensor_parallel}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world // tensor_parallel, tensor_parallel),
+                            mesh_dim_names=("dp", "tp"))
+
+
+def head_name(model: nn.Module) -> str:
+    """The qualified name of ``model``'s LM head (``get_output_embeddings()``), untied."""
+    head = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if module is head]
+    if not names:
+        raise TypeError(f"model: {type(model).__name__}.get_output_embeddings() is not one of its modules")
+    embed = model.get_input_embeddings()
+    if embed is not None and getattr(embed, "weight", None) is head.weight:
+        raise ValueError("tensor_parallel: the LM head is tied to the input embedding; shard an "
+                         "untied head (tie_word_embeddings=False) or train with tensor_parallel 1")
+    return names[0]
+
+
+def shard_head(model: nn.Module, mesh) -> None:
+    """``ColwiseParallel`` on ``model``'s LM head over ``mesh["tp"]``: its weight (and bias)
+    become ``Shard(0)`` DTensors, rows ``[r·ceil(V/tp), ...)`` on tp rank r."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    parallelize_module(model, mesh["tp"], {head_name(model): ColwiseParallel()})
+
+
+def shard_student(model: nn.Module, mesh) -> nn.Module:
+    """The student: head over ``tp``, then FSDP2 over ``dp`` (each decoder layer, then the root)
+    when there is more than one data-parallel rank."""
+    shard_head(model, mesh)
+    if mesh["dp"].size() > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+                type(m) is type(module[0]) for m in module):
+            return list(module)
+    return []
+
+
+def data_rank(mesh) -> tuple[int, int]:
+    """``(index, count)`` of this process's data shard: the ``dp`` coordinate and size."""
+    return mesh["dp"].get_local_rank(), mesh["dp"].size()
+
+
+def save_sharded(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Saves the sharded model (and optimizer) state with ``torch.distributed.checkpoint``: each
+    rank writes its own shards (no gather) into the directory ``path`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_sharded(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Loads :func:`save_sharded`'s directory into a sharded model (and optimizer) (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The full (unsharded) model state dict on every rank (collective): for comparisons and for
+    exporting a trained student."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
