@@ -9,6 +9,7 @@ every rank its own shards) and resumed into fresh sharded models computes the sa
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -135,3 +136,84 @@ def test_fsdp2_times_tensor_parallel_heads_equal_one_process_and_resume_exactly(
     mp.start_processes(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path / "checkpoint")),
                        nprocs=4, join=True,
                        start_method="spawn")
+
+
+# ------------------------------------------------------------------------------------------------
+# fastkd train --tensor_parallel 2 on 4 processes (accelerate launch, gloo): 2 x 2 mesh
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tp_assets(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    from transformers import AutoTokenizer
+
+    import test_train_distributed as td
+    from fastkd import demo_assets as da
+
+    root = tmp_path_factory.mktemp("tp_assets")
+    setup = da.build_demo_setup(root, n_teacher=120, n_student=40, n_heldout=8)
+    vocab = len(AutoTokenizer.from_pretrained(setup.teacher_tokenizer))  # odd splits over 2 ranks
+    script = root / "train_script.py"
+    script.write_text(td.SCRIPT, encoding="utf-8")
+    return dict(root=root, script=script, tokenizer=str(setup.teacher_tokenizer),
+                data=str(setup.student_data), heldout=str(setup.heldout_data),
+                teacher=str(da.build_model(root / "teacher", vocab, hidden=24, layers=1, seed=1)),
+                student=str(da.build_model(root / "student", vocab, hidden=16, layers=2, seed=2)))
+
+
+def _launch(assets, config, processes, crash_at=0):
+    import subprocess
+    import sys
+
+    import test_train_distributed as td
+
+    e = td.env()
+    e["ACCELERATE_USE_CPU"] = "1"
+    e["MASTER_ADDR"] = "127.0.0.1"
+    if crash_at:
+        e["FASTKD_TEST_CRASH_AT"] = str(crash_at)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(td.free_port()), str(assets["script"]), str(config)]
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.multicore
+def test_fastkd_train_tensor_parallel_2x2_equals_one_process_and_resumes(tp_assets, tmp_path):
+    import test_train_distributed as td
+
+    steps = 4
+    # one process over batches of 8 == 2 data-parallel ranks over 4 rows each (no token selection:
+    # it keeps a fraction per process)
+    common = dict(max_steps=steps, token_fraction=1.0, mode="online", topk=8, topk_from="union",
+                  ce_weight=0.3, eval_data=tp_assets["heldout"], max_grad_norm=0.5)
+    one = td.write_config(tp_assets, tmp_path / "one", batch_size=8, **common)
+    result = td.run_script(tp_assets, one, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = td.losses(tmp_path / "one")
+
+    tp_cfg = dict(common, batch_size=4, tensor_parallel=2, save_every=2)
+    ref = _launch(tp_assets, td.write_config(tp_assets, tmp_path / "tp", **tp_cfg), 4)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    for rank in range(4):
+        assert f"process {rank}/4 DistributedType.MULTI_CPU" in ref.stdout, ref.stdout + ref.stderr
+    sharded = td.losses(tmp_path / "tp")
+    assert sorted(sharded) == list(range(1, steps + 1))
+    # the optimizer state is kept per process: the heads' AdamW moments are vocabulary shards
+    state = json.loads((tmp_path / "tp" / "checkpoint-00000004" / "state.json").read_text(encoding="utf-8"))
+    assert '"per_process"' in json.dumps(state["parts"]["optimizer"])
+    tokens = [[json.loads(line).get("tokens") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for run in ("one", "tp")]
+    assert tokens[0] == tokens[1], tokens
+    for step, loss in reference.items():
+        assert abs(sharded[step] - loss) <= 1e-4 * abs(loss), (step, sharded, reference)
+
+    crashed_cfg = td.write_config(tp_assets, tmp_path / "crashed", **tp_cfg)
+    crashed = _launch(tp_assets, crashed_cfg, 4, crash_at=3)
+    assert crashed.returncode != 0 and "simulated crash after step 3" in crashed.stdout, \
+        crashed.stdout + crashed.stderr
+    resumed = _launch(tp_assets, crashed_cfg, 4)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert td.resumed_step(resumed.stdout) == 2
+    assert td.losses(tmp_path / "crashed") == sharded  # the same layout: the same losses, exactly
+    td.assert_same_weights(tmp_path / "tp", tmp_path / "crashed")

@@ -118,3 +118,57 @@ def full_model_state(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's optimizer state with every DTensor replaced by its local shard (a copy)."""
+    state = optimizer.state_dict()
+    return {"state": {k: {n: _local_copy(v) for n, v in s.items()} for k, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads :func:`local_optimizer_state` of the same rank and layout; the shards become DTensors
+    laid out like their parameters again."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            slots = optimizer.state.get(param, {})
+            for name, value in slots.items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and \
+                        value.shape == param.to_local().shape and value.dim() > 0:
+                    slots[name] = DTensor.from_local(value.to(param.device), param.device_mesh,
+                                                     param.placements, run_check=False,
+                                                     shape=param.shape, stride=param.stride())
+
+
+def _local_copy(value):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.to_local().detach().clone()
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters that are DTensors on different meshes
+    (FSDP2 shards, tensor-parallel heads) or plain tensors: the norm of the full gradients."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = []
+    for grad in grads:
+        norm = grad.norm()
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).double() ** 2)
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack(squares).sum().sqrt()
+    factor = min(1.0, max_norm / (float(total) + 1e-6))  # one host sync, as the trainer logs it
+    for grad in grads:
+        grad.mul_(factor)
+    return total
