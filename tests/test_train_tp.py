@@ -217,3 +217,26 @@ def test_fastkd_train_tensor_parallel_2x2_equals_one_process_and_resumes(tp_asse
     assert td.resumed_step(resumed.stdout) == 2
     assert td.losses(tmp_path / "crashed") == sharded  # the same layout: the same losses, exactly
     td.assert_same_weights(tmp_path / "tp", tmp_path / "crashed")
+
+
+@pytest.mark.parametrize("values, error, key", [
+    (dict(tensor_parallel=0), ValueError, "tensor_parallel"),
+    (dict(tensor_parallel=2.5), TypeError, "tensor_parallel"),
+    (dict(tensor_parallel=2, lora=True), ValueError, "lora"),
+    (dict(tensor_parallel=2, mode="on_policy"), ValueError, "mode"),
+])
+def test_tensor_parallel_config_errors_name_the_key(values, error, key):
+    from fastkd.train import TrainConfig
+
+    good = dict(mode="online", student="s", teacher="t", data="d.txt")
+    with pytest.raises(error, match=key):
+        TrainConfig.load(None, [], **dict(good, **values))
+
+
+def test_make_mesh_without_processes_is_a_clear_error():
+    from fastkd.train import tensor_parallel as tp
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ValueError, match="tensor_parallel=2 needs several processes"):
+        tp.make_mesh(2, "cpu")
