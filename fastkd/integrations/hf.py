@@ -31,6 +31,9 @@ What is found where:
   shards). A head in the root FSDP unit stays unsharded after the forward and is used as it is.
   FSDP1 (``FullyShardedDataParallel``) is rejected: its flat parameters do not expose the head
   weight outside the forward (use FSDP2, accelerate ``fsdp_version: 2``);
+- tensor parallelism (``ColwiseParallel`` on the head, docs/parallel.md): the head stays a
+  vocabulary-sharded DTensor and fastkd's losses run vocabulary-parallel; the hidden states
+  (replicated) come back as a plain tensor;
 - vocabulary padding: ``vocab_size=V`` keeps the first V rows of the head (e.g. the tokenizer's
   length, when a teacher and a student that share a tokenizer pad their heads differently:
   151936 vs 152064). A head is never padded: extra rows would need ``-inf`` logits.

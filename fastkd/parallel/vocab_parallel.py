@@ -220,7 +220,8 @@ def _all_gather(x: Tensor, shard: VocabShard) -> Tensor:
     if shard.world == 1:
         return x.unsqueeze(0)
     out = x.new_empty((shard.world * x.shape[0],) + tuple(x.shape[1:]))  # ranks along dim 0
-    dist.all_gather_single(out, x.contiguous(), group=shard.group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # older torch
+    gather(out, x.contiguous(), group=shard.group)
     return out.view((shard.world,) + tuple(x.shape))
 
 
