@@ -126,6 +126,7 @@ def _worker(rank, rendezvous, checkpoint):
         resumed, _, _ = _sharded_run(mesh, batches[2:], checkpoint=checkpoint)
         assert resumed[0] == losses[2], f"rank {rank}: resumed step 3 loss {resumed[0]!r} vs {losses[2]!r}"
         assert first == losses[:2]
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -52,6 +52,7 @@ def _worker(rank, scenarios, world, rendezvous, mesh_shape):
             name, _, vocab = scenario.partition(":")
             globals()["V"] = int(vocab) if vocab else V  # this process only
             SCENARIOS[name](mesh)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -199,6 +200,17 @@ def _stats(mesh):
     out = fastkd.topk_kd_loss(p["hidden"], s_weight, p["ids"], p["logprobs"], bias=s_bias, **args)[1]
     for field in ("kd", "entropy", "lse", "topk_mass"):
         _close(getattr(out, field), getattr(ref, field), f"topk stats {field}")
+    # hidden as a DTensor replicated over the mesh (what a tensor-parallel model may hand over)
+    from torch.distributed.tensor import DTensor, Replicate
+    local = p["hidden"].clone().requires_grad_()
+    replicated = DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    loss = fastkd.topk_kd_loss(replicated, s_weight, p["ids"], p["logprobs"], bias=s_bias, **args)[0]
+    loss.backward()
+    hidden = p["hidden"].clone().requires_grad_()
+    ref_loss = fastkd.topk_kd_loss(hidden, p["weight"], p["ids"], p["logprobs"], bias=p["bias"], **args)[0]
+    ref_loss.backward()
+    _close(loss, ref_loss, "loss with a replicated DTensor hidden")
+    _close(local.grad, hidden.grad, "d hidden of a replicated DTensor hidden")
     for topk in (None, K):
         kw = dict(args, topk=topk, topk_from="union")
         ref = fastkd.kd_loss(p["hidden"], p["weight"], p["teacher_hidden"], p["teacher_weight"], **kw)[1]
