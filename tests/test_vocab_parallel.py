@@ -25,6 +25,7 @@ from fastkd.parallel import is_vocab_sharded
 
 TOL = 1e-10
 N, D, V, K = 7, 5, 13, 3  # 7 rows with one ignored, D odd, V prime: never divisible by the world
+DEFAULT_V = V
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="this torch build has no torch.distributed with gloo")
@@ -34,24 +35,29 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 # process harness
 # ------------------------------------------------------------------------------------------------
 
-def _spawn(scenario: str, world: int, tmp_path, mesh_shape=None):
+def _spawn(scenarios: str, world: int, tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(scenario, world, str(tmp_path / "rendezvous"), mesh_shape),
+    mp.start_processes(_worker, args=(scenarios, world, str(tmp_path / "rendezvous")),
                        nprocs=world, join=True, start_method="spawn")
 
 
-def _worker(rank, scenarios, world, rendezvous, mesh_shape):
+def _worker(rank, scenarios, world, rendezvous):
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh("cpu", mesh_shape or (world,))
+        meshes = {}
         for scenario in scenarios.split(","):
+            # "name", "name:V" (another vocabulary size) or "name@2x2" (another mesh shape)
+            scenario, _, shape = scenario.partition("@")
             name, _, vocab = scenario.partition(":")
-            globals()["V"] = int(vocab) if vocab else V  # this process only
-            SCENARIOS[name](mesh)
+            shape = tuple(int(n) for n in shape.split("x")) if shape else (world,)
+            if shape not in meshes:
+                meshes[shape] = init_device_mesh("cpu", shape)
+            globals()["V"] = int(vocab) if vocab else DEFAULT_V  # this process only
+            SCENARIOS[name](meshes[shape])
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
@@ -386,29 +392,19 @@ SCENARIOS = {"topk": _topk_sweep, "kd": _kd_sweep, "stats": _stats, "bytes": _by
 # tests
 # ------------------------------------------------------------------------------------------------
 
-def test_topk_loss_sharded_equals_unsharded_2_ranks(tmp_path):
-    _spawn("topk", 2, tmp_path)
+# Each test spawns its processes once and runs several scenarios in them: starting processes
+# that import torch is most of the time on a small machine.
+
+def test_losses_and_stats_sharded_equal_unsharded_2_ranks(tmp_path):
+    _spawn("topk,kd,stats", 2, tmp_path)
 
 
-def test_kd_loss_and_stats_sharded_equal_unsharded_2_ranks(tmp_path):
-    _spawn("kd,stats", 2, tmp_path)
-
-
-def test_byte_losses_sharded_equal_unsharded_2_ranks(tmp_path):
-    _spawn("bytes,bytes_online", 2, tmp_path)
-
-
-def test_communication_is_row_statistics_not_logits_and_bad_inputs_fail_clearly(tmp_path):
-    _spawn("comm,errors", 2, tmp_path)
+def test_byte_losses_communication_and_errors_2_ranks(tmp_path):
+    _spawn("bytes,bytes_online,comm,errors", 2, tmp_path)
 
 
 @pytest.mark.multicore
-def test_sharded_4_ranks_uneven_with_an_empty_shard(tmp_path):
-    # V=13 over 4 ranks: 4 + 4 + 4 + 1 rows; V=9: 3 + 3 + 3 + 0 (a rank without rows)
-    _spawn("topk,kd,bytes,topk:9,kd:9", 4, tmp_path)
-
-
-@pytest.mark.multicore
-def test_sharded_over_one_dimension_of_a_2x2_mesh(tmp_path):
-    # replicated over mesh dimension 0, sharded over dimension 1 (V=13: 7 + 6)
-    _spawn("topk,kd", 4, tmp_path, mesh_shape=(2, 2))
+def test_sharded_4_ranks_uneven_with_an_empty_shard_and_a_2x2_mesh(tmp_path):
+    # V=13 over 4 ranks: 4 + 4 + 4 + 1 rows; V=9: 3 + 3 + 3 + 0 (a rank without rows); on a
+    # 2 x 2 mesh, replicated over dimension 0 and sharded over dimension 1 (V=13: 7 + 6)
+    _spawn("topk,kd,bytes,topk:9,kd:9,topk@2x2,kd@2x2", 4, tmp_path)
