@@ -4,8 +4,8 @@ A tiny Llama student (float64, untied head, V=37: 19 + 18 rows over 2 tp ranks) 
 from a tiny Llama teacher with ``fastkd.kd_loss`` for a few AdamW steps, once in one process over
 the whole batch and once on a 2 × 2 mesh (data split over dp, heads sharded over tp, both through
 :mod:`fastkd.train.tensor_parallel`). The losses of every step and the final weights agree to
-float64 summation order; a run stopped after 2 steps, checkpointed (``torch.distributed.checkpoint``,
-every rank its own shards) and resumed into fresh sharded models computes the same third step as the run that never stopped.
+float64 summation order; a run stopped after 2 steps, checkpointed as the trainer does (the full model,
+every rank's own AdamW shards) and resumed into fresh sharded models computes the same third step as the run that never stopped.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def _sharded_run(mesh, steps, checkpoint=None):
     tp.shard_student(student, mesh)
     tp.shard_head(teacher, mesh)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
-    if checkpoint is not None:
-        tp.load_sharded(checkpoint, student, optimizer)
+    if checkpoint is not None:  # what the trainer's checkpoints hold, as they load it
+        tp.load_full_model_state(student, checkpoint["model"])
+        tp.load_local_optimizer_state(optimizer, checkpoint["optimizer"])
     index, count = tp.data_rank(mesh)
     losses = []
     for tokens in steps:
@@ -99,7 +100,7 @@ def _sharded_run(mesh, steps, checkpoint=None):
     return losses, student, optimizer
 
 
-def _worker(rank, rendezvous, checkpoint):
+def _worker(rank, rendezvous, checkpoint_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from fastkd.train import tensor_parallel as tp
 
@@ -122,8 +123,11 @@ def _worker(rank, rendezvous, checkpoint):
         assert isinstance(student.lm_head.weight, DTensor)
         # stop after 2 steps, checkpoint (every rank its shards), resume into fresh sharded models
         first, student2, optimizer2 = _sharded_run(mesh, batches[:2])
-        tp.save_sharded(checkpoint, student2, optimizer2)
-        resumed, _, _ = _sharded_run(mesh, batches[2:], checkpoint=checkpoint)
+        state = {"model": tp.full_model_state(student2), "optimizer": tp.local_optimizer_state(optimizer2)}
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        path = os.path.join(checkpoint_dir, f"rank{rank}.pt")
+        torch.save(state, path)
+        resumed, _, _ = _sharded_run(mesh, batches[2:], checkpoint=torch.load(path, weights_only=True))
         assert resumed[0] == losses[2], f"rank {rank}: resumed step 3 loss {resumed[0]!r} vs {losses[2]!r}"
         assert first == losses[:2]
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -153,7 +157,8 @@ def tp_assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tp_assets")
     setup = da.build_demo_setup(root, n_teacher=120, n_student=40, n_heldout=8)
-    vocab = len(AutoTokenizer.from_pretrained(setup.teacher_tokenizer))  # odd splits over 2 ranks
+    vocab = len(AutoTokenizer.from_pretrained(setup.teacher_tokenizer))
+    vocab += 1 - vocab % 2  # an odd V: the heads split unevenly over 2 ranks (one row never used)
     script = root / "train_script.py"
     script.write_text(td.SCRIPT, encoding="utf-8")
     return dict(root=root, script=script, tokenizer=str(setup.teacher_tokenizer),

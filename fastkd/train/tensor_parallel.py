@@ -7,8 +7,11 @@ take the sharded heads as they are (:mod:`fastkd.parallel.vocab_parallel`): the 
 gathered, each rank keeps the gradient of its own rows of the head, and the gradient of the hidden
 states is all-reduced over ``tp``. FSDP2 then reduce-scatters every gradient over ``dp``.
 
-Checkpoints are ``torch.distributed.checkpoint`` directories: every rank writes and reads its own
-shards (model and AdamW state), so a run resumed on the same layout computes the same losses.
+Checkpoints hold the full model (gathered like FSDP2's) and every process's own AdamW shards (the
+full-state loader of ``torch.distributed.checkpoint`` cannot yet scatter an optimizer state laid
+out with FSDP2's ``_StridedShard`` over a tensor-parallel shard: an AssertionError in
+``_StridedShard._shard_tensor``, torch 2.13), so a run resumed on the same layout computes the
+same losses.
 """
 from __future__ import annotations
 
@@ -81,43 +84,37 @@ def data_rank(mesh) -> tuple[int, int]:
     return mesh["dp"].get_local_rank(), mesh["dp"].size()
 
 
-def save_sharded(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Saves the sharded model (and optimizer) state with ``torch.distributed.checkpoint``: each
-    rank writes its own shards (no gather) into the directory ``path`` (collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-    dcp.save(state, checkpoint_id=str(path))
-
-
-def load_sharded(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Loads :func:`save_sharded`'s directory into a sharded model (and optimizer) (collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
-
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        return
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def full_model_state(model: nn.Module) -> dict:
-    """The full (unsharded) model state dict on every rank (collective): for comparisons and for
-    exporting a trained student."""
+def full_model_state(model: nn.Module, cpu_offload: bool = False) -> dict:
+    """The full (unsharded) model state dict (collective); with ``cpu_offload`` on CPU and on the
+    main process only (what a checkpoint writes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+    return get_model_state_dict(model, options=options)
+
+
+@torch.no_grad()
+def load_full_model_state(model: nn.Module, state: dict) -> None:
+    """Loads :func:`full_model_state` into the sharded model: every rank cuts its own shards out of
+    the full tensors (no communication). ``set_model_state_dict(full_state_dict=True)`` scatters
+    instead, which fails on FSDP2's ``_StridedShard`` over an uneven tensor-parallel split (an
+    AssertionError in ``_StridedShard._shard_tensor``, torch 2.13)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = get_model_state_dict(model)  # the model's own (sharded) tensors, by full name
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"resume: the checkpoint's weights do not match the model (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    for name, target in targets.items():
+        full = state[name].to(device=target.device, dtype=target.dtype)
+        if isinstance(target, DTensor):
+            local = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(local.to_local())
+        else:
+            target.copy_(full)
 
 
 def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

@@ -614,10 +614,8 @@ class Trainer:
                              "use a new output_dir or resume=never")
         model = self.acc.unwrap_model(self.student)
         if self.mesh is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            from .tensor_parallel import load_local_optimizer_state
-            set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+            from .tensor_parallel import load_full_model_state, load_local_optimizer_state
+            load_full_model_state(model, state["model"])
             load_local_optimizer_state(self.optimizer, state["optimizer"]["per_process"][self.acc.process_index])
         elif self._fsdp():
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
