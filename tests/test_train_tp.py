@@ -101,7 +101,6 @@ def _sharded_run(mesh, steps, checkpoint=None):
 
 
 def _worker(rank, rendezvous, checkpoint_dir):
-    from torch.distributed.device_mesh import init_device_mesh
     from fastkd.train import tensor_parallel as tp
 
     torch.set_num_threads(1)

@@ -391,7 +391,6 @@ def _topk_statistics(hidden, head: _LocalHead, plan: TopKPlan, dtype):
         t_hidden, t_weight, t_bias, t_cap = plan.teacher
         teacher_head = _LocalHead(t_weight, t_bias, t_cap, dtype)
 
-    names_lse, names_sum = [], []
     cols = {}
 
     def put(name, rows, value):

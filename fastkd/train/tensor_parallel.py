@@ -15,7 +15,6 @@ same losses.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -229,7 +229,7 @@ class Trainer:
     # batches
     # ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:
-        cfg, acc = self.config, self.acc
+        cfg = self.config
         index, count = self._data_shard()
         indices = self.sampler.take(cfg.batch_size * count)
         mine = indices[index * cfg.batch_size:(index + 1) * cfg.batch_size]
