@@ -370,6 +370,7 @@ class TopKPlan:
     counted: Tensor                     # (N,) bool
     opts: dict
     with_stats: bool
+    teacher_stats: Optional[dict] = None  # the online teacher's shard-local statistics at S, if known
 
 
 def _topk_statistics(hidden, head: _LocalHead, plan: TopKPlan, dtype):
@@ -418,7 +419,7 @@ def _topk_statistics(hidden, head: _LocalHead, plan: TopKPlan, dtype):
             del logits
         else:
             put("zS", rows, torch.where(own_c, head.gathered(h, ids_c)[0] / tau, 0.0))
-        if teacher_head is not None:
+        if teacher_head is not None and plan.teacher_stats is None:
             th = t_hidden[rows]
             if tail == "bucket":
                 t_logits = teacher_head.logits(th) / tau
@@ -429,6 +430,11 @@ def _topk_statistics(hidden, head: _LocalHead, plan: TopKPlan, dtype):
             else:
                 put("tS", rows, torch.where(own_c, teacher_head.gathered(th, ids_c)[0] / tau, 0.0))
 
+    if plan.teacher_stats is not None:  # from the selection pass: no second pass over the teacher
+        cols["tS"] = plan.teacher_stats["tS"].to(dtype)
+        if tail == "bucket":
+            cols["teacher_lse"] = plan.teacher_stats["teacher_lse"].to(dtype)
+            cols["teacher_tail_lse"] = plan.teacher_stats["teacher_tail_lse"].to(dtype)
     names_lse = [k for k in ("lse", "tail_lse", "lse_ce", "teacher_lse", "teacher_tail_lse") if k in cols]
     names_sum = [k for k in ("zS", "tS", "target") if k in cols]
     weighted = [(names_lse.index("lse"), cols["mean_z"])] if "mean_z" in cols else []
@@ -686,10 +692,15 @@ class _Dense(torch.autograd.Function):
 
 @torch.no_grad()
 def select_topk(hidden, head: _LocalHead, teacher_hidden, teacher_head: _LocalHead, k: int,
-                topk_from: str, shard: VocabShard, dtype) -> Tensor:
+                topk_from: str, temperature: float, shard: VocabShard, dtype):
     """The set S per row, ``(N, K')`` int64 global ids (``-1`` unused), as ``dv.select_topk``
     chooses it from full rows: each rank's ``K`` largest logits are gathered (``(N, K)`` values and
-    ids per rank) and the global top-k taken among the ``world · K`` candidates."""
+    ids per rank) and the global top-k taken among the ``world · K`` candidates.
+
+    Returns ``(ids, teacher)``. Where the teacher's logits are computed here (``topk_from`` teacher
+    or union), ``teacher`` holds its shard-local statistics at S from this same pass (its ids of S
+    are among this rank's candidates): ``tS (N, K')`` (exact 0 where not owned), ``teacher_lse``
+    and ``teacher_tail_lse`` (over this shard's part of ``V∖S``); else None."""
     n_rows = hidden.shape[0]
     local_k = min(k, shard.size)
 
@@ -707,13 +718,19 @@ def select_topk(hidden, head: _LocalHead, teacher_hidden, teacher_head: _LocalHe
         ids = both[:, 1].permute(1, 0, 2).reshape(values.shape[0], -1).long()
         return ids.gather(1, values.topk(k, dim=1).indices)
 
-    out = []
+    out, teacher_stats = [], []
     for rows in _row_chunks(n_rows, shard, 2, dtype, config.torch_chunk_bytes):
-        teacher = student = None
+        teacher = student = teacher_logits = None
+        local_sets = []
         if topk_from in ("teacher", "union"):
-            teacher = global_topk(*candidates(teacher_head.logits(teacher_hidden[rows])))
+            teacher_logits = teacher_head.logits(teacher_hidden[rows]) / temperature
+            values, local_set = candidates(teacher_logits)
+            teacher = global_topk(values, local_set)
+            local_sets.append(local_set)
         if topk_from in ("student", "union"):
-            student = global_topk(*candidates(head.logits(hidden[rows])))
+            values, local_set = candidates(head.logits(hidden[rows]))
+            student = global_topk(values, local_set)
+            local_sets.append(local_set)
         if topk_from == "teacher":
             out.append(teacher)
         elif topk_from == "student":
@@ -721,10 +738,38 @@ def select_topk(hidden, head: _LocalHead, teacher_hidden, teacher_head: _LocalHe
         else:
             seen = (student.unsqueeze(-1) == teacher.unsqueeze(-2)).any(dim=-1)
             out.append(torch.cat([teacher, torch.where(seen, -1, student)], dim=1))
+        if teacher_logits is not None:
+            teacher_stats.append(_teacher_at(teacher_logits, torch.cat(local_sets, dim=1), out[-1], shard))
+    width = 2 * k if topk_from == "union" else k
     if not out:
-        width = 2 * k if topk_from == "union" else k
-        return torch.empty((0, width), dtype=torch.int64, device=hidden.device)
-    return torch.cat(out, dim=0)
+        return torch.empty((0, width), dtype=torch.int64, device=hidden.device), None
+    if not teacher_stats:
+        return torch.cat(out, dim=0), None
+    return torch.cat(out, dim=0), {name: torch.cat([t[name] for t in teacher_stats], dim=0)
+                                   for name in teacher_stats[0]}
+
+
+def _teacher_at(logits: Tensor, local_set: Tensor, ids: Tensor, shard: VocabShard) -> dict:
+    """The teacher's shard-local statistics at S from its logits ``(c, V_r)`` and this rank's
+    candidate ids ``local_set (c, M)`` (global ids, ``-1`` none, possibly repeated), which hold
+    every id of S this rank owns: the tail over ``V_r∖S`` is the sum over ``V_r∖C_r`` and over
+    ``C_r∖S`` (both exact sums of positive terms)."""
+    local, owned = shard.owned(local_set)
+    m = local_set.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=local_set.device).tril(-1)
+    repeated = ((local_set.unsqueeze(-1) == local_set.unsqueeze(-2)) & earlier).any(dim=-1)
+    first = owned & ~repeated  # each candidate once
+    if logits.shape[1] == 0:
+        candidate_logits = torch.zeros(local.shape, dtype=logits.dtype, device=logits.device)
+    else:
+        candidate_logits = logits.gather(1, local)
+    in_s = (local_set.unsqueeze(-1) == ids.unsqueeze(-2)).any(dim=-1) & first
+    beyond = torch.logsumexp(_without(logits, local, first), dim=1)            # V_r ∖ C_r
+    between = dv.masked_logsumexp(candidate_logits, first & ~in_s)             # C_r ∖ S
+    match = (ids.unsqueeze(-1) == local_set.unsqueeze(-2)) & first.unsqueeze(-2)  # (c, K', M)
+    return {"tS": torch.where(match, candidate_logits.unsqueeze(-2), 0.0).sum(dim=-1),
+            "teacher_lse": torch.logsumexp(logits, dim=1),
+            "teacher_tail_lse": torch.logaddexp(beyond, between)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -852,11 +897,12 @@ def kd_loss(hidden, weight, teacher_hidden, teacher_weight, *, divergence, beta,
         topk_mass = None
     else:
         dtype = _compute_dtype(hidden2, weight_local)
-        ids = select_topk(hidden2.detach(), _LocalHead(weight_local, bias_local, opts["softcap"], dtype),
-                          teacher[0], _LocalHead(teacher[1], teacher[2], teacher_softcap, dtype),
-                          topk, topk_from, shard, dtype)
+        ids, teacher_stats = select_topk(
+            hidden2.detach(), _LocalHead(weight_local, bias_local, opts["softcap"], dtype), teacher[0],
+            _LocalHead(teacher[1], teacher[2], teacher_softcap, dtype), topk, topk_from,
+            opts["temperature"], shard, dtype)
         ids = torch.where(counted.unsqueeze(1), ids, -1)
-        plan = TopKPlan(shard, ids, None, teacher, labels1, counted, opts, return_stats)
+        plan = TopKPlan(shard, ids, None, teacher, labels1, counted, opts, return_stats, teacher_stats)
         loss_rows, kd_rows, stats = _TopK.apply(hidden2, weight_local, bias_local, plan)
         topk_mass = stats[:, 2] if return_stats else None
     loss = _reduce(loss_rows, counted, opts["reduction"])
