@@ -258,6 +258,15 @@ def _bytes_online_teacher(mesh):
     s_teacher = _sharded(p["teacher_weight"], mesh, requires_grad=False)[0]
     pairs = torch.tensor([[0, 1], [1, 2], [4, 3], [6, 6]])
     teacher_labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    # what an offline byte cache stores, from a sharded teacher head
+    ref = fastkd.bytes.byte_targets(p["teacher_hidden"], p["teacher_weight"], teacher_vocab, teacher_labels,
+                                    temperature=1.5, softcap=3.0, impl="torch")
+    out = fastkd.bytes.byte_targets(p["teacher_hidden"], s_teacher, teacher_vocab, teacher_labels,
+                                    temperature=1.5, softcap=3.0, impl="torch")
+    finite = torch.isfinite(ref[0])
+    assert torch.equal(torch.isfinite(out[0]), finite), "byte_targets: -inf buckets differ"
+    _close(out[0][finite], ref[0][finite], "byte_targets byte log-probs")
+    _close(out[1], ref[1], "byte_targets token log-probs")
     for divergence in ("reverse_kl", "jsd"):
         def loss_fn(h, w, b, divergence=divergence):
             teacher_weight = s_teacher if is_vocab_sharded(w) else p["teacher_weight"]
