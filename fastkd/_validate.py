@@ -58,6 +58,9 @@ def _is_dtensor(x) -> bool:
     return module is not None and isinstance(x, module.DTensor)
 
 
+is_dtensor = _is_dtensor  # the API routes a DTensor head to fastkd.parallel (vocabulary parallel)
+
+
 def same_device(reference_name, reference, **others):
     for name, x in others.items():
         if x is not None and x.device != reference.device:

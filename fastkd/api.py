@@ -149,6 +149,13 @@ def topk_kd_loss(
         loss: float32 (float64 for float64 inputs), scalar or ``(N,)``; with ``return_stats``,
         ``(loss, KDStats)``. Gradients flow to ``hidden``, ``weight`` and ``bias`` only.
     """
+    if check.is_dtensor(weight):  # a vocabulary-sharded head (tensor parallel): docs/parallel.md
+        from .parallel import vocab_parallel
+        return vocab_parallel.topk_kd_loss(
+            hidden, weight, teacher_ids, teacher_logprobs, divergence=divergence, beta=beta,
+            tail=tail, temperature=temperature, labels=labels, ignore_index=ignore_index,
+            ce_weight=ce_weight, kd_weight=kd_weight, softcap=softcap, bias=bias,
+            reduction=reduction, impl=impl, return_stats=return_stats)
     opts = check.options(divergence=divergence, beta=beta, tail=tail, temperature=temperature,
                          ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
                          softcap=softcap, reduction=reduction, impl=impl, return_stats=return_stats)
@@ -239,6 +246,14 @@ def kd_loss(
     Returns:
         loss as in :func:`topk_kd_loss`; ``KDStats.topk_mass`` is None when ``topk`` is None.
     """
+    if check.is_dtensor(weight) or check.is_dtensor(teacher_weight):  # docs/parallel.md
+        from .parallel import vocab_parallel
+        return vocab_parallel.kd_loss(
+            hidden, weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
+            topk=topk, topk_from=topk_from, tail=tail, temperature=temperature, labels=labels,
+            ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight, softcap=softcap,
+            teacher_softcap=teacher_softcap, bias=bias, teacher_bias=teacher_bias,
+            reduction=reduction, impl=impl, return_stats=return_stats)
     opts = check.options(divergence=divergence, beta=beta, tail=tail, temperature=temperature,
                          ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
                          softcap=softcap, reduction=reduction, impl=impl, return_stats=return_stats)

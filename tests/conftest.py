@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped with a reason without one)")
+    config.addinivalue_line("markers", "multicore: spawns more processes than 2 cores (CI runs it; "
+                                       "deselect with -m 'not multicore' on a small machine)")
 
 
 def pytest_collection_modifyitems(config, items):

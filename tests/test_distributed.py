@@ -134,8 +134,11 @@ def _check_dtensor_is_rejected():
     model = _student()
     fully_shard(model.lm_head, mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
     tokens, ids, logprobs, labels = _batch(False)
-    with pytest.raises(TypeError, match=r"weight is a DTensor .* pass weight.full_tensor\(\)"):
-        fastkd.topk_kd_loss(model.embed(tokens), model.lm_head.weight, ids, logprobs)
+    rows = slice(dist.get_rank() * ROWS // 2, (dist.get_rank() + 1) * ROWS // 2)  # FSDP: own rows
+    # a DTensor head is taken as vocabulary-parallel (docs/parallel.md), which needs the same rows
+    # on every rank: data-parallel rows are a clear error pointing at full_tensor()
+    with pytest.raises(ValueError, match=r"hidden differs across the ranks .* pass weight.full_tensor\(\)"):
+        fastkd.topk_kd_loss(model.embed(tokens[rows]), model.lm_head.weight, ids[rows], logprobs[rows])
 
 
 def _spawn(wrapper: str, tmp_path):

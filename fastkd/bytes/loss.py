@@ -85,6 +85,10 @@ def _bucket_lse(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], byte_voc
                 temperature: float, softcap: Optional[float], backend: str) -> Tensor:
     """``(R, 257)`` per-bucket log-sum-exps of ``softcap(hidden · Wᵀ + b) / τ`` (see module doc)."""
     tensors = byte_vocab.device_tensors(hidden.device)
+    if check.is_dtensor(weight):  # vocabulary-sharded head: docs/parallel.md
+        from ..parallel import vocab_parallel
+        return vocab_parallel.bucket_lse(hidden, weight, bias, tensors["first_byte"], temperature,
+                                         softcap)
     if backend == "torch":
         return torch_bytes.byte_lse(hidden, weight, bias, tensors["first_byte"], temperature,
                                     softcap, config.torch_chunk_bytes)
@@ -99,7 +103,11 @@ def _bucket_lse(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], byte_voc
 
 
 def _check_head(prefix: str, hidden, weight, bias, byte_vocab, vocab_name: str):
-    rows, dim, vocab = check.head(prefix, hidden, weight, bias)
+    if check.is_dtensor(weight):  # vocabulary-sharded head: docs/parallel.md
+        from ..parallel import vocab_parallel
+        rows, dim, vocab = vocab_parallel.check_head(prefix, hidden, weight, bias)[4:]
+    else:
+        rows, dim, vocab = check.head(prefix, hidden, weight, bias)
     if not isinstance(byte_vocab, ByteVocab):
         raise TypeError(f"{vocab_name} must be a fastkd.ByteVocab (ByteVocab.from_tokenizer(tok)), "
                         f"got {type(byte_vocab).__name__}")
@@ -200,6 +208,9 @@ def byte_targets(
 
 def _label_logits(hidden2, weight, bias, labels, counted, softcap, dtype) -> Tensor:
     """Capped logits ``softcap(h_n · W[label_n] + b[label_n])`` per row (O(N·D), differentiable)."""
+    if check.is_dtensor(weight):  # vocabulary-sharded head: docs/parallel.md
+        from ..parallel import vocab_parallel
+        return vocab_parallel.label_logits(hidden2, weight, bias, labels, counted, softcap, dtype)
     safe = torch.where(counted, labels, 0)
     logits = (hidden2.to(dtype) * weight[safe].to(dtype)).sum(dim=-1)
     if bias is not None:

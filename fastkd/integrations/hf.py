@@ -31,6 +31,9 @@ What is found where:
   shards). A head in the root FSDP unit stays unsharded after the forward and is used as it is.
   FSDP1 (``FullyShardedDataParallel``) is rejected: its flat parameters do not expose the head
   weight outside the forward (use FSDP2, accelerate ``fsdp_version: 2``);
+- tensor parallelism (``ColwiseParallel`` on the head, docs/parallel.md): the head stays a
+  vocabulary-sharded DTensor and fastkd's losses run vocabulary-parallel; the hidden states
+  (replicated) come back as a plain tensor;
 - vocabulary padding: ``vocab_size=V`` keeps the first V rows of the head (e.g. the tokenizer's
   length, when a teacher and a student that share a tokenizer pad their heads differently:
   151936 vs 152064). A head is never padded: extra rows would need ``-inf`` logits.
@@ -104,13 +107,19 @@ def hidden_and_head(model: nn.Module, *, vocab_size: Optional[int] = None, **bat
 
     captured: list[Tensor] = []
     probe_dtype: list[torch.dtype] = []
+    tensor_parallel_input: list[bool] = []
 
     def stand_in(hidden_states, *args, **kwargs):
+        tensor_parallel = _is_dtensor(hidden_states)  # ColwiseParallel's input hook made it one
+        if tensor_parallel:
+            hidden_states = hidden_states.to_local()  # replicated: the same on every rank
         captured.append(hidden_states)
+        tensor_parallel_input.append(tensor_parallel)
         dtype = torch.float64 if hidden_states.device.type in ("cpu", "cuda") else torch.float32
         probe_dtype.append(dtype)
         probe = torch.tensor(_PROBE, dtype=dtype, device=hidden_states.device)
-        return probe.expand(*hidden_states.shape[:-1], len(_PROBE)).contiguous()
+        probe = probe.expand(*hidden_states.shape[:-1], len(_PROBE)).contiguous()
+        return _tensor_parallel_probe(probe, head) if tensor_parallel else probe
 
     had_instance_forward = "forward" in head.__dict__
     previous_forward = head.__dict__.get("forward")
@@ -141,7 +150,14 @@ def hidden_and_head(model: nn.Module, *, vocab_size: Optional[int] = None, **bat
     scale, softcap = transform
 
     weight, bias = _head_parameters(head)
-    weight, bias = _gather_sharded(weight), _gather_sharded(bias)
+    if _is_dtensor(weight) and tensor_parallel_input[0]:
+        # a vocabulary-parallel head stays sharded: fastkd's losses take it (docs/parallel.md)
+        if vocab_size is not None and vocab_size != weight.shape[0]:
+            raise ValueError(f"vocab_size={vocab_size}: a tensor-parallel head of {model_name} "
+                             f"cannot be sliced; its V={weight.shape[0]} rows are all used")
+        vocab_size = None
+    else:
+        weight, bias = _gather_sharded(weight), _gather_sharded(bias)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise TypeError(
@@ -214,6 +230,22 @@ def _head_parameters(head: nn.Module):
             delta = head.lora_B[adapter].bias * head.scaling[adapter]
             bias = delta if bias is None else bias + delta
     return weight, bias
+
+
+def _is_dtensor(x) -> bool:
+    import sys
+
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+def _tensor_parallel_probe(probe: Tensor, head: nn.Module):
+    """The probe as the sharded output ColwiseParallel's output hook expects (every rank the same
+    probe: after the hook's ``to_local()`` each reads back its own copy)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = head.weight.device_mesh
+    return DTensor.from_local(probe, mesh, [Shard(probe.dim() - 1)] * mesh.ndim, run_check=False)
 
 
 def _gather_sharded(tensor: Optional[Tensor]) -> Optional[Tensor]:

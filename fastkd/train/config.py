@@ -77,6 +77,8 @@ class TrainConfig:
     lora_targets: str = _doc("LoRA target modules: all-linear or a comma-separated list", "all-linear")
     bf16: bool = _doc("bf16 autocast for the forward passes", False)
     gradient_checkpointing: bool = _doc("recompute activations in the backward", False)
+    tensor_parallel: int = _doc("shard the student's and teacher's LM heads over this many processes "
+                                "(ColwiseParallel; FSDP2 over the rest; docs/parallel.md)", 1)
 
     # --- optimisation ---------------------------------------------------------------------------
     max_steps: int = _doc("optimizer steps", 100)
@@ -173,6 +175,15 @@ class TrainConfig:
         for name in ("eval_batches", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel != 1:
+            if isinstance(self.tensor_parallel, bool) or not isinstance(self.tensor_parallel, int) \
+                    or self.tensor_parallel < 1:
+                raise ValueError(f"tensor_parallel must be an int >= 1, got {self.tensor_parallel!r}")
+            for name, unsupported in (("lora", self.lora), ("mode", self.mode == "on_policy"),
+                                      ("teacher_url", self.teacher_url)):
+                if unsupported:
+                    raise ValueError(f"{name}: tensor_parallel > 1 does not support "
+                                     f"{name}={getattr(self, name)!r} yet (docs/parallel.md)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm}")
         _betas(self.adam_betas)

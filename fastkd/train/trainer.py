@@ -74,12 +74,21 @@ class Trainer:
         self.items, self.collate, self.eval_items = self._build_data()
         self.sampler = OrderSampler(len(self.items), cfg.seed)
 
+        self.mesh = None  # (dp, tp) with tensor-parallel heads (fastkd.train.tensor_parallel)
+        if cfg.tensor_parallel > 1:
+            from . import tensor_parallel as tp
+
+            self.mesh = tp.make_mesh(cfg.tensor_parallel, acc.device.type)
+            self.student = tp.shard_student(self.student.to(acc.device), self.mesh)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        if self.mesh is None:
+            self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
         if self.teacher is not None:
             self.teacher.to(acc.device)
+            if self.mesh is not None:
+                tp.shard_head(self.teacher, self.mesh)
         self.step = 0
         self.history: list[dict] = []
         torch.manual_seed(cfg.seed + 1 + acc.process_index)  # rollouts differ across processes
@@ -221,9 +230,10 @@ class Trainer:
     # batches
     # ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:
-        cfg, acc = self.config, self.acc
-        indices = self.sampler.take(cfg.batch_size * acc.num_processes)
-        mine = indices[acc.process_index * cfg.batch_size:(acc.process_index + 1) * cfg.batch_size]
+        cfg = self.config
+        index, count = self._data_shard()
+        indices = self.sampler.take(cfg.batch_size * count)
+        mine = indices[index * cfg.batch_size:(index + 1) * cfg.batch_size]
         return self.collate([self.items[i] for i in mine])
 
     def _to_device(self, batch: dict) -> dict:
@@ -398,8 +408,14 @@ class Trainer:
                 # log the mean over processes, not the main one's share
                 loss_sum, kd_sum = (self._all_processes_sum(sums) / acc.num_processes).tolist()
                 total = int(total)
+                total //= cfg.tensor_parallel  # the ranks of a tensor-parallel group share rows
                 # the norm also feeds the non-finite guard (max_norm inf: no clipping, grads * 1.0)
-                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+                max_norm = cfg.max_grad_norm or math.inf
+                if self.mesh is not None:
+                    from .tensor_parallel import clip_grad_norm_
+                    grad_norm = float(clip_grad_norm_(params, max_norm))
+                else:
+                    grad_norm = float(acc.clip_grad_norm_(params, max_norm))
                 lr = self.scheduler.get_last_lr()[0]
                 if not guard.check(self.step + 1, loss_sum, grad_norm):  # on_nonfinite: error raises
                     self.optimizer.step()
@@ -442,6 +458,14 @@ class Trainer:
                 "eval": last_eval, "checkpoint": str(checkpoint), "output_dir": str(self.out),
                 "tokens": tokens}
 
+    def _data_shard(self) -> tuple[int, int]:
+        """``(index, count)`` of this process's share of the data: its data-parallel coordinate
+        (the ranks of a tensor-parallel group read the same rows)."""
+        if self.mesh is not None:
+            from .tensor_parallel import data_rank
+            return data_rank(self.mesh)
+        return self.acc.process_index, self.acc.num_processes
+
     def _all_processes_sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over the processes (one all-reduce; as it is with one process)."""
         return tensor if self.acc.num_processes == 1 else self.acc.reduce(tensor, reduction="sum")
@@ -466,8 +490,9 @@ class Trainer:
         starts = list(range(0, n_items, cfg.batch_size))[:cfg.eval_batches]
         # every process runs the same number of forwards (FSDP all-gathers in each; DDP syncs
         # buffers): a process short of batches repeats its first one with weight 0
-        per_process = -(-len(starts) // acc.num_processes)
-        mine = starts[acc.process_index::acc.num_processes]
+        index, count = self._data_shard()
+        per_process = -(-len(starts) // count)
+        mine = starts[index::count]
         kl_name = None
         for k in range(per_process):
             start = mine[k] if k < len(mine) else starts[0]
@@ -478,7 +503,7 @@ class Trainer:
             weight = 1.0 if k < len(mine) else 0.0
             sums += weight * torch.tensor([ce, n, batch.get("n_bytes", 0), kl or 0.0, n if kl is not None else 0,
                                            "n_bytes" not in batch], dtype=torch.float64)
-        sums = self._all_processes_sum(sums.to(acc.device)).cpu()
+        sums = self._all_processes_sum(sums.to(acc.device)).cpu() / self.config.tensor_parallel
         model.train(was_training)
         ce, n, n_bytes, kl, kl_rows, unknown_bytes = sums.tolist()
         out = {"eval_ce": ce / max(n, 1), "eval_tokens": int(n)}
@@ -525,7 +550,7 @@ class Trainer:
         """The weights a checkpoint holds: all of them, or the trainable ones with LoRA; full
         (unsharded) tensors under FSDP2, collected on every process, kept by the main one."""
         model = self.acc.unwrap_model(self.student)
-        if self._fsdp():
+        if self._fsdp() or self.mesh is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -561,6 +586,11 @@ class Trainer:
         return path
 
     def _optimizer_state(self) -> dict:
+        if self.mesh is not None:  # every process's own shards, in process order (same layout to resume)
+            from accelerate.utils import gather_object
+
+            from .tensor_parallel import local_optimizer_state
+            return {"per_process": gather_object([local_optimizer_state(self.optimizer)])}
         if self._fsdp():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -592,7 +622,11 @@ class Trainer:
             raise ValueError(f"resume: {path} was trained with other settings ({', '.join(sorted(changed))}); "
                              "use a new output_dir or resume=never")
         model = self.acc.unwrap_model(self.student)
-        if self._fsdp():
+        if self.mesh is not None:
+            from .tensor_parallel import load_full_model_state, load_local_optimizer_state
+            load_full_model_state(model, state["model"])
+            load_local_optimizer_state(self.optimizer, state["optimizer"]["per_process"][self.acc.process_index])
+        elif self._fsdp():
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
 
@@ -621,6 +655,8 @@ class Trainer:
         """The trained student (or its LoRA adapter) and tokenizer, ``save_pretrained`` in safetensors."""
         acc = self.acc
         state = acc.get_state_dict(self.student) if self._fsdp() else None
+        if self.mesh is not None:
+            state = self._model_state()
         if acc.is_main_process:
             model = acc.unwrap_model(self.student)
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
