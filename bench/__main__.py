@@ -115,6 +115,12 @@ def plot(records: list[dict], path: Path) -> bool:
 
 
 def main(argv=None) -> None:
+    argv = list(__import__("sys").argv[1:] if argv is None else argv)
+    if "--model" in argv:  # the cost model: no measurement, no GPU needed
+        argv.remove("--model")
+        from .model import main as model_main
+        model_main(argv)
+        return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--set", choices=("cpu", "gpu"), default=None,
                         help="shape set (default: gpu when CUDA is available)")
