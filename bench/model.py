@@ -372,18 +372,24 @@ TORCH_BACKWARD_BYTES = 4 + 8 + 8 + 4 + 8
 
 def torch_backend(shape: Shape) -> Plan:
     """The torch backend on a GPU: fp32 upcast of the weight, four fp32 GEMMs on CUDA cores
-    (forward logits; backward recompute, dh, dW) and its element passes over fp32 blocks."""
+    (forward logits; backward recompute, dh, dW) and its element passes over fp32 blocks; with an
+    online dense teacher (``shape.teacher_dim``) the teacher's GEMM in the forward and again in
+    the backward's recomputation, and one more fp32 read per pass."""
     n, d, v = shape.tokens, shape.dim, shape.vocab
+    dt = shape.teacher_dim
     upcast = Kernel("weight fp32 upcast (fwd and bwd)", hbm_bytes=v * d * (shape.element_bytes + 4), count=2)
+    teacher_read = 4 if dt else 0
     kernels = [
         upcast,
         gemm("logits GEMM (fp32)", n, v, d, in_bytes=4, out_bytes=4, fp32_cores=True, logit_passes=1.0),
-        rowwise("forward element passes", n, v, read=TORCH_FORWARD_BYTES - 4, write=0, sfu=2),
+        rowwise("forward element passes", n, v, read=TORCH_FORWARD_BYTES - 4 + teacher_read, write=0, sfu=2),
         gemm("recompute GEMM (fp32)", n, v, d, in_bytes=4, out_bytes=4, fp32_cores=True, logit_passes=1.0),
-        rowwise("backward element passes", n, v, read=TORCH_BACKWARD_BYTES - 4, write=0, sfu=1),
+        rowwise("backward element passes", n, v, read=TORCH_BACKWARD_BYTES - 4 + teacher_read, write=0, sfu=1),
         gemm("dh GEMM (fp32)", n, d, v, in_bytes=4, out_bytes=4, fp32_cores=True),
         gemm("dW GEMM (fp32)", v, d, n, in_bytes=4, out_bytes=4, fp32_cores=True),
     ]
+    if dt:
+        kernels += [gemm("teacher GEMM (fp32)", n, v, dt, in_bytes=4, out_bytes=4, fp32_cores=True, count=2)]
     return Plan("torch", shape, kernels)
 
 
@@ -394,7 +400,8 @@ NAIVE_ELEMENT_BYTES = (2 + 4) + (4 + 4 + 4) + (4 + 4 + 4) + (4 + 2)
 
 
 def naive(shape: Shape) -> Plan:
-    """bf16 logits of every row, fp32 ``log_softmax``, autograd: 3 GEMMs and ~38 B per logit."""
+    """bf16 logits of every row, fp32 ``log_softmax``, autograd: 3 GEMMs and ~38 B per logit;
+    an online dense teacher adds its GEMM and its own upcast and ``log_softmax`` (no backward)."""
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     kernels = [
         gemm("logits GEMM (bf16 out)", n, v, d, in_bytes=e, out_bytes=e, logit_passes=1.0),
@@ -403,6 +410,9 @@ def naive(shape: Shape) -> Plan:
         gemm("dh GEMM", n, d, v, in_bytes=e, out_bytes=e),
         gemm("dW GEMM", v, d, n, in_bytes=e, out_bytes=e),
     ]
+    if shape.teacher_dim:
+        kernels += [gemm("teacher GEMM", n, v, shape.teacher_dim, in_bytes=e, out_bytes=e),
+                    rowwise("teacher upcast, log_softmax", n, v, read=e + 4 + 4, write=4 + 4, sfu=1)]
     return Plan("naive (bf16 logits, HF)", shape, kernels)
 
 
