@@ -193,6 +193,16 @@ def plot(records: list[dict], path: Path) -> bool:
     return True
 
 
+def save(stem: Path, env: dict, not_here: dict, records: list[dict]) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"environment": env, "not_here": not_here, "records": records}, indent=1) + "\n")
+    fields = sorted({key for r in records for key in r})
+    with stem.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n\n")[0],
@@ -215,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check (not recommended)")
+    p.add_argument("--stop-on-wrong", action="store_true", help="stop after the first case with a wrong result")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p
 
@@ -234,6 +245,9 @@ def main(argv=None) -> int:
     env["copy_bytes_per_s"] = bandwidth
     impls = list(args.impl)
     records, not_here, not_applicable, wrong = [], {}, {}, []
+    args.out.mkdir(parents=True, exist_ok=True)
+    device_tag = env["device_name"].replace(" ", "-").replace("/", "-") or device
+    stem = args.out / f"bench-{shape_set}-{device_tag}-{env['date']}"
     for loss in args.loss:
         for case in SETS[shape_set](loss, args.divergence, args.tail, args.topk):
             if args.models and case.model not in args.models:
@@ -255,22 +269,16 @@ def main(argv=None) -> int:
             print_table(case, rows, realism, gpu, device)
             records += [{**flatten(env, case, row), **{f"input_{k}": v for k, v in realism.items()}}
                         for row in rows]
+            save(stem, env, not_here, records)   # after every case: a run cut short keeps what it measured
+            if wrong and args.stop_on_wrong:
+                print("\nWRONG RESULT, stopping (--stop-on-wrong):\n  " + "\n  ".join(wrong))
+                return WRONG_EXIT
 
     print("\nbound: the cost model's lower bound for the row's path (bench/model.py, python -m bench "
           "--model), at datasheet rates on an H100/H200, elsewhere at the GEMM and copy rates measured "
           "in this run; '-' where the row has no modelled path")
     for (impl, reason), losses in not_applicable.items():
         print(f"not applicable: {impl} for {', '.join(sorted(losses))} ({reason})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    device_tag = env["device_name"].replace(" ", "-").replace("/", "-") or device
-    stem = args.out / f"bench-{shape_set}-{device_tag}-{env['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"environment": env, "not_here": not_here, "records": records}, indent=1) + "\n")
-    fields = sorted({key for r in records for key in r})
-    with stem.with_suffix(".csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
     print(f"wrote {stem}.json and {stem}.csv")
     for loss in args.loss:
         subset = [r for r in records if r["case_loss"] == loss]
