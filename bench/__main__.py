@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -82,14 +83,15 @@ def model_plan(impl: str, case: Case, device: str):
                              teacher_dim=2 * case.dim if case.loss == "dense" else None,
                              softcap=case.softcap, element_bytes=torch.finfo(getattr(torch, case.dtype)).bits // 8)
     teacher = "dense" if case.loss == "dense" else None
+    engine = importlib.util.find_spec("fastkd.backends.chunked") is not None   # the chunked plan is in
     if impl == "fastkd-auto":
         impl = "fastkd-torch" if device == "cpu" else "fastkd-chunked"
     if impl == "fastkd-torch":
-        return cost_model.torch_backend(shape)
+        return cost_model.torch_chunked(shape) if engine else cost_model.torch_backend(shape)
     if impl == "fastkd-triton":
         return cost_model.streaming(shape, teacher=teacher)
-    if impl == "fastkd-cuda":
-        return cost_model.cuda_backend(shape, teacher=teacher)
+    if impl == "fastkd-cuda":   # with the engine, impl="cuda" is the chunked plan with csrc epilogues
+        return cost_model.chunked(shape, teacher=teacher) if engine else cost_model.cuda_backend(shape, teacher=teacher)
     if impl == "fastkd-chunked":
         return cost_model.chunked(shape, teacher=teacher)
     if impl.startswith("naive"):

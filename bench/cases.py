@@ -354,6 +354,7 @@ def _trl(x: dict, case: Case):
 
 IMPLEMENTATIONS: dict[str, Builder] = {
     "fastkd-auto": _fastkd("auto"),
+    "fastkd-chunked": _fastkd("chunked"),
     "fastkd-torch": _fastkd("torch"),
     "fastkd-triton": _fastkd("triton"),
     "fastkd-cuda": _fastkd("cuda"),

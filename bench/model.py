@@ -245,9 +245,16 @@ def _chunks(tokens: int, rows: int) -> list[tuple[int, int]]:
 # Paths
 # ------------------------------------------------------------------------------------------------
 
-def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = GiB,
+# The engine's memory budget for its logits buffers (``fastkd.config.chunk_bytes``) and row
+# alignment (``fastkd.backends.chunked.ROW_ALIGN``), as on the engine branch.
+CHUNK_BYTES = 512 * 2**20
+ROW_ALIGN = 64
+
+
+def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
             byte_level: bool = False, stats_in_gemm: bool = False) -> Plan:
-    """The chunked engine (default on CUDA), summing reduction: per chunk of rows, the logits GEMM
+    """The chunked engine (default on CUDA), summing reduction: per chunk of rows (``budget_bytes``
+    of fp32 logits buffers, rows rounded down to ``ROW_ALIGN``), the logits GEMM
     (bf16 x bf16 -> fp32 buffer), a stats epilogue reading the fp32 logits, a grad epilogue
     reading them again and writing bf16 ``dz``, then ``dh = dz·W`` and ``dW += dzᵀ·h`` (fp32
     accumulator). ``teacher="dense"|"topk"``: the online teacher's GEMM once per chunk into a
@@ -259,7 +266,7 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     dt = shape.teacher_dim if teacher else None
     buffers = 2 if teacher else 1
-    rows = chunk_rows(n, v, budget_bytes, 4 * buffers)
+    rows = chunk_rows(n, v, budget_bytes, 4 * buffers, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
     kernels = []
     for index, (c, count) in enumerate(_chunks(n, rows)):
@@ -398,6 +405,28 @@ def torch_backend(shape: Shape) -> Plan:
     return Plan("torch", shape, kernels)
 
 
+# The chunked plan with torch epilogues (the engine's ``impl="torch"``, the CPU path): bytes per
+# logit element of its fused in-place passes (top-k: softmax in place, the tail sum, the dz
+# scaling; dense: two log_softmax, exp, divergence, dz), approximate.
+TORCH_EPILOGUE_BYTES = {None: 4 + 8 + 4 + 8, "dense": 2 * 8 + 8 + 8 + 8 + 8}
+
+
+def torch_chunked(shape: Shape, *, budget_bytes: int = CHUNK_BYTES) -> Plan:
+    """The engine's ``impl="torch"``: the chunked plan (three GEMMs, gradients in the forward)
+    with torch epilogues, on the CPU in float32 (GEMMs counted as fp32 work)."""
+    n, d, v = shape.tokens, shape.dim, shape.vocab
+    teacher = "dense" if shape.teacher_dim else None
+    kernels = [
+        gemm("logits GEMM (fp32)", n, v, d, in_bytes=4, out_bytes=4, fp32_cores=True, logit_passes=1.0),
+        rowwise("torch epilogue passes", n, v, read=TORCH_EPILOGUE_BYTES[teacher], write=0, sfu=2),
+        gemm("dh GEMM (fp32)", n, d, v, in_bytes=4, out_bytes=4, fp32_cores=True),
+        gemm("dW GEMM (fp32)", v, d, n, in_bytes=4, out_bytes=4, fp32_cores=True),
+    ]
+    if teacher:
+        kernels.append(gemm("teacher GEMM (fp32)", n, v, shape.teacher_dim, in_bytes=4, out_bytes=4, fp32_cores=True))
+    return Plan("torch (chunked plan)", shape, kernels)
+
+
 # The naive loss as Hugging Face models compute it: bf16 logits, ``.float()``, ``log_softmax``
 # (two passes), the loss, autograd's softmax backward and the cast back to bf16. Bytes per
 # logit element, counted from those ops (each op reads its inputs and writes its output once).
@@ -433,14 +462,14 @@ def ring_allreduce_bytes(size: float, ranks: int) -> float:
     return 2.0 * (ranks - 1) / ranks * size
 
 
-def vocab_parallel(shape: Shape, ranks: int, *, budget_bytes: int = GiB) -> Plan:
+def vocab_parallel(shape: Shape, ranks: int, *, budget_bytes: int = CHUNK_BYTES) -> Plan:
     """fastkd's vocabulary-parallel top-k loss on ``ranks`` GPUs: each rank runs the chunked plan
     on its ``V/ranks`` rows of the head; the row statistics (``ROW_STATS`` floats plus the K
     logits at S) are all-reduced, the candidates of a top-k selection gathered (K ids and values
     per row per rank), and ``dh`` (fp32) all-reduced; dW stays local."""
     n, d, k = shape.tokens, shape.dim, shape.topk
     local = replace(shape, vocab=math.ceil(shape.vocab / ranks))
-    plan = chunked(local)
+    plan = chunked(local, budget_bytes=budget_bytes)
     stats = ring_allreduce_bytes(n * (k + ROW_STATS) * 4, ranks)
     candidates = (ranks - 1) * n * k * 8          # all-gather: each rank sends its K (id, value) per row to every other
     grad_hidden = ring_allreduce_bytes(n * d * 4, ranks)
@@ -583,6 +612,19 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
                      chunked(LIGER_JSD_SHAPE, teacher="dense", stats_in_gemm=True), streaming(LIGER_JSD_SHAPE, teacher="dense", gpu=gpu),
                      cuda_backend(LIGER_JSD_SHAPE, teacher="dense")):
             out.append(_line(row(plan, gpu)))
+        out.append(f"\nchunked engine against its memory budget (fastkd.config.chunk_bytes; N=8192, {gpu.name}): "
+                   "ratio to the floor, rows per chunk")
+        budgets = (256 * 2**20, 512 * 2**20, GiB, 2 * GiB, 4 * GiB)
+        out.append(f"{'model':<14}{'loss':<14}" + "".join(f"{format(b / GiB, 'g') + ' GiB':>16}" for b in budgets))
+        for model in models:
+            d, v, cap = MODELS[model]
+            for teacher in (None, "dense"):
+                shape = Shape(model, 8192, d, v, softcap=cap, teacher_dim=2 * d if teacher else None)
+                cells = []
+                for b in budgets:
+                    plan = chunked(shape, teacher=teacher, budget_bytes=b)
+                    cells.append(f"{plan.ratio(gpu):.2f} ({plan.extra['chunk_rows']})")
+                out.append(f"{model:<14}{teacher or 'top-k':<14}" + "".join(f"{c:>16}" for c in cells))
         out.append(f"\nvocabulary parallel (per rank; top-k K=64, N=8192; comm = bytes each rank sends)")
         out.append(f"{'model':<14}{'ways':>5}{'TFLOP/rank':>11}{'HBM GB':>8}{'bound ms':>9}"
                    f"{'floor ms':>9}{'ratio':>7}{'stats MB':>9}{'cand MB':>8}{'dh MB':>8}{'comm ms':>8}"

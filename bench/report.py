@@ -22,6 +22,7 @@ BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
 # online dense teacher of width 2·D).
 PATH_OF_IMPL = {
     ("fastkd-auto", "topk"): "chunked", ("fastkd-auto", "dense"): "chunked online dense",
+    ("fastkd-chunked", "topk"): "chunked", ("fastkd-chunked", "dense"): "chunked online dense",
     ("fastkd-triton", "topk"): "streaming", ("fastkd-triton", "dense"): "streaming online dense",
     ("fastkd-cuda", "topk"): "cuda (today)", ("fastkd-cuda", "dense"): "cuda online dense (today)",
     ("fastkd-torch", "topk"): "torch", ("naive-hf", "topk"): "naive (bf16 logits, HF)",
