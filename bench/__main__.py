@@ -107,7 +107,7 @@ def print_table(case: Case, rows: list[dict], realism: dict, gpu: cost_model.Gpu
     shown = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in realism.items())
     print(f"\n{case.label}   (3 bare GEMMs {floor * 1e3:.2f} ms, {rows[0]['tflops']:.2f} TFLOP/s; "
           f"inputs: {shown})")
-    print(f"{'impl':<16}{'fwd ms':>9}{'fwd+bwd':>10}{'IQR':>8}{'bound':>9}{'x bound':>8}{'x GEMMs':>8}"
+    print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd':>11}{'IQR':>10}{'bound':>10}{'x bound':>8}{'x GEMMs':>8}"
           f"{'x naive':>8}{'peak MiB':>10}  errors loss / dh / dW")
     for row in rows[1:]:
         status = row["status"]
@@ -122,9 +122,9 @@ def print_table(case: Case, rows: list[dict], realism: dict, gpu: cost_model.Gpu
         row["bound_s"] = bound
         mem = row.get("peak_extra_bytes")
         errors = row.get("errors")
-        print(f"{row['impl']:<16}{row['fwd']['median_s'] * 1e3:>9.2f}{t * 1e3:>10.2f}"
-              f"{(row['fwd_bwd']['q75_s'] - row['fwd_bwd']['q25_s']) * 1e3:>8.2f}"
-              + (f"{bound * 1e3:>9.2f}{t / bound:>8.2f}" if bound else f"{'-':>9}{'':>8}")
+        print(f"{row['impl']:<16}{row['fwd']['median_s'] * 1e3:>10.2f}{t * 1e3:>11.2f}"
+              f"{(row['fwd_bwd']['q75_s'] - row['fwd_bwd']['q25_s']) * 1e3:>10.2f}"
+              + (f"{bound * 1e3:>10.2f}{t / bound:>8.2f}" if bound else f"{'-':>10}{'':>8}")
               + f"{t / floor:>8.2f}" + (f"{t / naive:>8.2f}" if naive else f"{'':>8}")
               + (f"{mem / 2**20:>10.1f}" if mem is not None else f"{'':>10}")
               + ("  " + " / ".join(f"{errors[k]:.1e}" for k in ("loss", "hidden", "weight")) if errors else ""))
