@@ -454,7 +454,9 @@ def naive(shape: Shape) -> Plan:
 # Vocabulary parallel
 # ------------------------------------------------------------------------------------------------
 
-ROW_STATS = 4   # floats per row all-reduced besides the K logits: lse, lse over V∖S, CE lse, E_p[z]
+# Floats per row all-reduced besides the K logits, as the vp branch's docs/parallel.md counts them
+# for topk_kd_loss with the tail bucket and CE: a MAX of 2 + 1 and a SUM of 2 + 2 (+ K).
+ROW_STATS = 7
 
 
 def ring_allreduce_bytes(size: float, ranks: int) -> float:
@@ -462,19 +464,24 @@ def ring_allreduce_bytes(size: float, ranks: int) -> float:
     return 2.0 * (ranks - 1) / ranks * size
 
 
-def vocab_parallel(shape: Shape, ranks: int, *, budget_bytes: int = CHUNK_BYTES) -> Plan:
+def vocab_parallel(shape: Shape, ranks: int, *, budget_bytes: int = CHUNK_BYTES, selection: bool = False,
+                   as_built: bool = False) -> Plan:
     """fastkd's vocabulary-parallel top-k loss on ``ranks`` GPUs: each rank runs the chunked plan
     on its ``V/ranks`` rows of the head; the row statistics (``ROW_STATS`` floats plus the K
-    logits at S) are all-reduced, the candidates of a top-k selection gathered (K ids and values
-    per row per rank), and ``dh`` (fp32) all-reduced; dW stays local."""
+    logits at S) are all-reduced, ``dh`` (fp32) all-reduced, dW stays local. ``selection``: an
+    online top-k selection also all-gathers each rank's K candidates (id and value) per row.
+    ``as_built``: the shard-local passes on the torch backend's plan (fp32 GEMMs, the logits
+    recomputed in the backward), as the vp branch runs them today (its docs/parallel.md, "Limits")."""
     n, d, k = shape.tokens, shape.dim, shape.topk
     local = replace(shape, vocab=math.ceil(shape.vocab / ranks))
-    plan = chunked(local, budget_bytes=budget_bytes)
+    plan = torch_backend(local) if as_built else chunked(local, budget_bytes=budget_bytes)
     stats = ring_allreduce_bytes(n * (k + ROW_STATS) * 4, ranks)
-    candidates = (ranks - 1) * n * k * 8          # all-gather: each rank sends its K (id, value) per row to every other
+    # all-gather: each rank sends its K (id, value) per row to every other
+    candidates = (ranks - 1) * n * k * 8 if selection else 0
     grad_hidden = ring_allreduce_bytes(n * d * 4, ranks)
     comm = stats + candidates + grad_hidden
-    return Plan(f"vocab-parallel x{ranks}", shape, plan.kernels, comm_bytes=comm, ranks=ranks,
+    return Plan(f"vocab-parallel x{ranks}" + (" (as built)" if as_built else ""), shape, plan.kernels,
+                comm_bytes=comm, ranks=ranks,
                 extra={"stats_bytes": stats, "candidate_bytes": candidates, "dh_bytes": grad_hidden,
                        "per_shard_logits_bytes": n * local.vocab * 4,
                        "gather_logits_bytes": (ranks - 1) / ranks * n * shape.vocab * shape.element_bytes,
@@ -625,18 +632,21 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
                     plan = chunked(shape, teacher=teacher, budget_bytes=b)
                     cells.append(f"{plan.ratio(gpu):.2f} ({plan.extra['chunk_rows']})")
                 out.append(f"{model:<14}{teacher or 'top-k':<14}" + "".join(f"{c:>16}" for c in cells))
-        out.append(f"\nvocabulary parallel (per rank; top-k K=64, N=8192; comm = bytes each rank sends)")
+        out.append(f"\nvocabulary parallel (per rank; top-k K=64, N=8192; comm = bytes each rank sends; "
+                   f"cand = online top-k selection only; 'as built' = the vp branch's torch plan per shard)")
         out.append(f"{'model':<14}{'ways':>5}{'TFLOP/rank':>11}{'HBM GB':>8}{'bound ms':>9}"
-                   f"{'floor ms':>9}{'ratio':>7}{'stats MB':>9}{'cand MB':>8}{'dh MB':>8}{'comm ms':>8}"
+                   f"{'floor ms':>9}{'ratio':>7}{'as built':>9}{'stats MB':>9}{'cand MB':>8}{'dh MB':>8}{'comm ms':>8}"
                    f"{'| per-shard logits MiB':>22}{'gather logits GB':>17}{'gather W GB':>12}")
         for model in ("llama3-8b", "gemma2-2b"):
             d, v, cap = MODELS[model]
             for ranks in ways:
-                plan = vocab_parallel(Shape(model, 8192, d, v, softcap=cap), ranks)
+                plan = vocab_parallel(Shape(model, 8192, d, v, softcap=cap), ranks, selection=True)
+                built = vocab_parallel(Shape(model, 8192, d, v, softcap=cap), ranks, as_built=True)
                 x = plan.extra
                 out.append(f"{model:<14}{ranks:>5}{plan.total('tc_flops') / 1e12:>11.1f}"
                            f"{plan.total('hbm_bytes') / 1e9:>8.1f}{plan.bound(gpu) * 1e3:>9.2f}"
-                           f"{plan.floor(gpu) * 1e3:>9.2f}{plan.ratio(gpu):>7.2f}{x['stats_bytes'] / 1e6:>9.1f}"
+                           f"{plan.floor(gpu) * 1e3:>9.2f}{plan.ratio(gpu):>7.2f}{built.ratio(gpu):>9.1f}"
+                           f"{x['stats_bytes'] / 1e6:>9.1f}"
                            f"{x['candidate_bytes'] / 1e6:>8.1f}{x['dh_bytes'] / 1e6:>8.1f}"
                            f"{plan.comm_time(gpu) * 1e3:>8.2f}{x['per_shard_logits_bytes'] / 2**20:>22.0f}"
                            f"{x['gather_logits_bytes'] / 1e9:>17.2f}{x['gather_weight_bytes'] / 1e9:>12.2f}")

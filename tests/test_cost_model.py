@@ -98,7 +98,7 @@ def test_split_v_fills_the_gpu():
 
 def test_vocab_parallel_communication_by_hand():
     shape = cm.Shape("toy", 100, 8, 1001, topk=4)
-    plan = cm.vocab_parallel(shape, 2, budget_bytes=2**20)
+    plan = cm.vocab_parallel(shape, 2, budget_bytes=2**20, selection=True)
     stats = 2 * (1 / 2) * 100 * (4 + cm.ROW_STATS) * 4
     candidates = 1 * 100 * 4 * 8
     grad_hidden = 2 * (1 / 2) * 100 * 8 * 4
@@ -109,8 +109,10 @@ def test_vocab_parallel_communication_by_hand():
     # a design that gathers the bf16 logits moves O(N·V): here each rank receives half of them
     assert plan.extra["gather_logits_bytes"] == pytest.approx(0.5 * 100 * 1001 * 2)
     # communication does not grow with V (only the gather designs do)
-    wide = cm.vocab_parallel(cm.Shape("toy", 100, 8, 100_001, topk=4), 2, budget_bytes=2**20)
+    wide = cm.vocab_parallel(cm.Shape("toy", 100, 8, 100_001, topk=4), 2, budget_bytes=2**20, selection=True)
     assert wide.comm_bytes == plan.comm_bytes
+    offline = cm.vocab_parallel(shape, 2, budget_bytes=2**20)     # ids given: no candidates gathered
+    assert plan.comm_bytes - offline.comm_bytes == candidates
 
 
 def test_torch_backend_is_on_cuda_cores():
