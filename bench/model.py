@@ -296,9 +296,10 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
     return Plan(name, shape, kernels, extra={"chunk_rows": rows, "buffer_bytes": rows * v * 4 * buffers})
 
 
-def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 128, bn_forward: int = 256,
+def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 64, bn_forward: int = 128,
               bn_backward: int = 128, byte_level: bool = False, gpu: Optional[Gpu] = None) -> Plan:
-    """The streaming Triton kernels (never a logits tile in HBM). Forward: one program per
+    """The streaming Triton kernels (never a logits tile in HBM), with the sm_90 tiles of the
+    compile branch (``launch_configs``: 64 x 128, forward and backward). Forward: one program per
     ``bm`` rows x vocabulary split (split-V, enough splits for 2 programs per SM), each walking
     its part of V in ``bn_forward`` tiles (online log-sum-exp), then a tiny combine. Backward:
     one program per (``bm`` rows, ``bn_backward`` columns) tile: recompute the logits tile, form
@@ -313,8 +314,7 @@ def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 128, bn_
     dt = shape.teacher_dim or 0
     cap = 1 if shape.softcap else 0
     row_blocks = math.ceil(n / bm)
-    splits = max(1, 2 ** math.ceil(math.log2(max(1.0, 2 * gpu.sms / row_blocks))))
-    splits = min(splits, math.ceil(v / bn_forward))
+    splits = max(1, min(math.ceil(v / bn_forward), math.ceil(2 * gpu.sms / row_blocks)))
     fwd_flops = 2.0 * n * d * v + (2.0 * n * dt * v if teacher else 0.0)
     fwd_l2 = n * v * d * e * (1 / bn_forward + 1 / bm) + (n * v * dt * e * (1 / bn_forward + 1 / bm) if teacher else 0)
     fwd_hbm = (n * d + v * d) * e + ((n * dt + v * dt) * e if teacher else 0)
