@@ -335,12 +335,16 @@ def _cut_cross_entropy(x: dict, case: Case):
 
 
 def _trl(x: dict, case: Case):
-    """TRL's ``GKDTrainer.generalized_jsd_loss`` on full logits (TRL's chunked path is Liger's
-    module above, through ``use_liger_kernel``)."""
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` on full logits. TRL's chunked path *is* Liger's
+    module above: its GKD trainer builds ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``
+    when ``use_liger_kernel`` is set (huggingface/trl, ``trl/experimental/gkd/gkd_trainer.py``)."""
     if case.loss != "dense":
         raise Missing("TRL's GKD divergence is a full-vocabulary loss", applies=False)
     try:
-        from trl import GKDTrainer
+        try:
+            from trl.experimental.gkd import GKDTrainer   # trl >= 0.2x moved it here
+        except ImportError:
+            from trl import GKDTrainer
     except Exception as error:  # trl pulls many optional packages; any import failure means missing
         raise Missing(f"trl is not importable ({type(error).__name__})") from None
     beta = BETA[case.divergence]
