@@ -141,3 +141,15 @@ def test_report_prints_every_path():
                  "chunked online dense", "chunked online top-k", "vocabulary parallel", "Liger"):
         assert name in text
     assert "datasheet" in text
+
+
+def test_results_table_is_spliced_between_markers(tmp_path):
+    from bench import report
+
+    text = report.table()
+    assert text.count("| llama3-8b N=8192") >= 10 and "Liger JSD shape" in text
+    assert "MISSES" in text or "meets" in text
+    target = tmp_path / "RESULTS.md"
+    target.write_text(f"head\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    report.write(target, "new table")
+    assert target.read_text() == f"head\n{report.BEGIN}\nnew table\n{report.END}\ntail\n"
