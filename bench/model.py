@@ -632,7 +632,7 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
                     plan = chunked(shape, teacher=teacher, budget_bytes=b)
                     cells.append(f"{plan.ratio(gpu):.2f} ({plan.extra['chunk_rows']})")
                 out.append(f"{model:<14}{teacher or 'top-k':<14}" + "".join(f"{c:>16}" for c in cells))
-        out.append(f"\nvocabulary parallel (per rank; top-k K=64, N=8192; comm = bytes each rank sends; "
+        out.append("\nvocabulary parallel (per rank; top-k K=64, N=8192; comm = bytes each rank sends; "
                    "cand = online top-k selection only; 'as built' = the vp branch's torch plan per shard)")
         out.append(f"{'model':<14}{'ways':>5}{'TFLOP/rank':>11}{'HBM GB':>8}{'bound ms':>9}"
                    f"{'floor ms':>9}{'ratio':>7}{'as built':>9}{'stats MB':>9}{'cand MB':>8}{'dh MB':>8}{'comm ms':>8}"
