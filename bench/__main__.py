@@ -216,19 +216,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", choices=list(SETS), default=None,
                    help="shape set: cpu (2 small shapes, float32), gpu (every model at 4k-32k tokens, "
                         "bf16), gpu-main (N=8192, the targets' shapes); default gpu when CUDA is available, else cpu")
-    p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES))
-    p.add_argument("--divergence", default="reverse_kl", choices=("forward_kl", "reverse_kl", "jsd"))
-    p.add_argument("--tail", default="bucket", choices=("bucket", "renormalize"))
-    p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--impl", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
+    p.add_argument("--loss", nargs="+", choices=LOSSES, default=list(LOSSES),
+                   help="topk: offline top-k teacher; dense: online full-vocabulary teacher; ce: CE only")
+    p.add_argument("--divergence", default="reverse_kl", choices=("forward_kl", "reverse_kl", "jsd"),
+                   help="divergence of the KD losses")
+    p.add_argument("--tail", default="bucket", choices=("bucket", "renormalize"), help="top-k tail mode")
+    p.add_argument("--topk", type=int, default=64, help="K of the top-k loss")
+    p.add_argument("--impl", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS),
+                   help="implementations to run")
     p.add_argument("--models", nargs="+", choices=[*MODELS, *CPU_MODELS], default=None,
                    help="only these models (default: every model of the set)")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="skip cases with more tokens")
     p.add_argument("--reps", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check (not recommended)")
     p.add_argument("--stop-on-wrong", action="store_true", help="stop after the first case with a wrong result")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON, CSV and PNG")
     return p
 
 

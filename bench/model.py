@@ -673,9 +673,12 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m bench --model", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--gpus", nargs="+", choices=list(GPUS), default=list(GPUS))
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    parser.add_argument("--gpus", nargs="+", choices=list(GPUS), default=list(GPUS), help="GPUs to model")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="head shapes of DESIGN.md §6 (" + "; ".join(
+                            f"{m}: D {d}, V {v}" + (f", softcap {c:g}" if c else "") for m, (d, v, c) in MODELS.items()) + ")")
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS),
+                        help="token counts of the sweep (the per-path tables use 8192)")
     parser.add_argument("--rates", choices=("datasheet", "measured"), default="datasheet",
                         help="peak rates from the datasheets, or the matmul/copy rates measured on "
                              "this workplace's machines")
