@@ -60,3 +60,16 @@ def test_peers_that_do_not_apply_say_so():
     with pytest.raises(Missing) as why:
         IMPLEMENTATIONS["liger"](x, CASES[0])
     assert not why.value.applies
+
+
+def test_fastkd_bench_outside_a_checkout_says_how_to_get_the_suite(monkeypatch, capsys):
+    import sys
+
+    from fastkd import cli
+
+    for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bench", None)      # as if no checkout were on the path
+    assert cli.main(["bench", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert "bench/ folder of a fastkd source checkout" in err and "pip install -e '.[bench]'" in err
