@@ -177,12 +177,12 @@ def plot(records: list[dict], path: Path) -> bool:
             xs = [p[0] for p in pts]
             axes[0][col].plot(xs, [p[1] * 1e3 for p in pts], marker="o", color=colours[impl], label=impl)
             if all(p[3] for p in pts):
-                axes[0][col].plot(xs, [p[3] * 1e3 for p in pts], linestyle=":", color=colours[impl])
+                axes[0][col].plot(xs, [p[3] * 1e3 for p in pts], linestyle=":", marker="x", color=colours[impl])
             if all(p[2] is not None for p in pts):
                 axes[1][col].plot(xs, [p[2] / 2**20 for p in pts], marker="o", color=colours[impl], label=impl)
         shape = next(r for r in ok if r["case_model"] == model)
         axes[0][col].set(title=f"{model} D={shape['case_dim']} V={shape['case_vocab']}\n{what}: fwd+bwd "
-                               "(dotted: model bound)", xlabel="tokens", ylabel="ms", xscale="log", yscale="log")
+                               "(x: bound)", xlabel="tokens", ylabel="ms", xscale="log", yscale="log")
         axes[1][col].set(title=f"{model}: peak extra memory\n{what}", xlabel="tokens", ylabel="MiB",
                          xscale="log", yscale="log")
         for ax in (axes[0][col], axes[1][col]):
