@@ -94,8 +94,10 @@ def model_plan(impl: str, case: Case, device: str):
         return cost_model.chunked(shape, teacher=teacher) if engine else cost_model.cuda_backend(shape, teacher=teacher)
     if impl == "fastkd-chunked":
         return cost_model.chunked(shape, teacher=teacher)
-    if impl.startswith("naive"):
+    if impl == "naive-hf":
         return cost_model.naive(shape)
+    if impl == "naive-fp32":   # on the CPU every GEMM is fp32 work at the measured rate either way
+        return cost_model.naive(shape, fp32=device == "cuda")
     return None
 
 

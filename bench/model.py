@@ -433,21 +433,23 @@ def torch_chunked(shape: Shape, *, budget_bytes: int = CHUNK_BYTES) -> Plan:
 NAIVE_ELEMENT_BYTES = (2 + 4) + (4 + 4 + 4) + (4 + 4 + 4) + (4 + 2)
 
 
-def naive(shape: Shape) -> Plan:
+def naive(shape: Shape, *, fp32: bool = False) -> Plan:
     """bf16 logits of every row, fp32 ``log_softmax``, autograd: 3 GEMMs and ~38 B per logit;
-    an online dense teacher adds its GEMM and its own upcast and ``log_softmax`` (no backward)."""
-    n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
+    an online dense teacher adds its GEMM and its own upcast and ``log_softmax`` (no backward).
+    ``fp32``: the operands upcast to fp32 first (``naive-fp32``): fp32 GEMMs on CUDA cores."""
+    n, d, v = shape.tokens, shape.dim, shape.vocab
+    e = 4 if fp32 else shape.element_bytes
     kernels = [
-        gemm("logits GEMM (bf16 out)", n, v, d, in_bytes=e, out_bytes=e, logit_passes=1.0),
+        gemm("logits GEMM", n, v, d, in_bytes=e, out_bytes=e, fp32_cores=fp32, logit_passes=1.0),
         rowwise("upcast, log_softmax, loss, backward, downcast", n, v,
                 read=NAIVE_ELEMENT_BYTES - e, write=0, sfu=2),
-        gemm("dh GEMM", n, d, v, in_bytes=e, out_bytes=e),
-        gemm("dW GEMM", v, d, n, in_bytes=e, out_bytes=e),
+        gemm("dh GEMM", n, d, v, in_bytes=e, out_bytes=e, fp32_cores=fp32),
+        gemm("dW GEMM", v, d, n, in_bytes=e, out_bytes=e, fp32_cores=fp32),
     ]
     if shape.teacher_dim:
-        kernels += [gemm("teacher GEMM", n, v, shape.teacher_dim, in_bytes=e, out_bytes=e),
+        kernels += [gemm("teacher GEMM", n, v, shape.teacher_dim, in_bytes=e, out_bytes=e, fp32_cores=fp32),
                     rowwise("teacher upcast, log_softmax", n, v, read=e + 4 + 4, write=4 + 4, sfu=1)]
-    return Plan("naive (bf16 logits, HF)", shape, kernels)
+    return Plan("naive (fp32)" if fp32 else "naive (bf16 logits, HF)", shape, kernels)
 
 
 # ------------------------------------------------------------------------------------------------
