@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from bench.cases import IMPLEMENTATIONS, LOSSES, MODELS, Case, Missing, gemm_floor, make_inputs
-from bench.harness import run_step
+from bench.__main__ import model_plan
+from bench.harness import no_value_checks, run_step
+from bench.model import GPUS
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 MODES = ("fwd", "fwd_bwd")
@@ -49,7 +51,11 @@ def _bench(benchmark, case, impl, mode):
             if device == "cuda":
                 torch.cuda.synchronize()
     benchmark.extra_info.update(case=case.label, impl=impl, mode=mode, gemm_flops=case.gemm_flops)
-    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+    plan = model_plan(impl, case, device) if impl != "gemm-floor" else None
+    if plan is not None:   # the cost model's bound at datasheet rates, to set beside the time
+        benchmark.extra_info.update({f"model_bound_s_{key}": plan.bound(gpu) for key, gpu in GPUS.items()})
+    with no_value_checks():  # its host sync has no place in a timed region
+        benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("mode", MODES)

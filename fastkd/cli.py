@@ -74,12 +74,20 @@ def bench(bench_args: list[str]) -> int:
     sys.path.insert(0, os.getcwd())  # bench/ lives in the checkout, not in the installed package
     try:
         from bench.__main__ import main as bench_main
+        from bench.cases import IMPLEMENTATIONS  # noqa: F401  (fastkd's suite, not another "bench")
     except ImportError:
-        print("fastkd bench runs the benchmark suite of a fastkd checkout: run it from the "
-              "repository root (or use python -m bench there)", file=sys.stderr)
+        print("fastkd bench runs the benchmark suite, which is not part of the installed package: it "
+              "is the bench/ folder of a fastkd source checkout. Get the source of this version "
+              f"(fastkd {_version()}), then from its root: pip install -e '.[bench]' && fastkd bench "
+              "--help (or python -m bench --help; python -m bench --model prints the cost model)",
+              file=sys.stderr)
         return 2
-    bench_main(bench_args)
-    return 0
+    return bench_main(bench_args) or 0
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
 
 
 _CACHE_ACTIONS = ("capture", "import-vllm", "import-dataset", "verify")

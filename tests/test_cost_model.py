@@ -1,0 +1,155 @@
+"""The cost model (bench/model.py) on hand-computed cases: FLOPs, bytes, programs, bounds, targets."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import model as cm
+
+# A toy GPU with round rates, so every expected time below is computed by hand.
+TOY = cm.Gpu(name="toy", tc_flops=1e6, fp32_flops=1e5, hbm_bytes=1e3, l2_bytes=1e4, sfu_ops=1e2,
+             sms=4, l2_size=4096, link_bytes=10.0, source="test")
+
+
+def test_gemm_counts_flops_bytes_and_programs():
+    k = cm.gemm("g", 256, 512, 128, in_bytes=2, out_bytes=4)
+    assert k.tc_flops == 2 * 256 * 512 * 128
+    assert k.hbm_bytes == (256 * 128 + 512 * 128) * 2 + 256 * 512 * 4
+    assert k.programs == math.ceil(256 / 128) * math.ceil(512 / 256) == 4
+    # operands re-read from L2 once per 256 rows / columns of the other operand
+    assert k.l2_bytes == 256 * 512 * 128 * 2 * (1 / 256 + 1 / 256)
+    accumulated = cm.gemm("g", 256, 512, 128, in_bytes=2, out_bytes=4, accumulate=True)
+    assert accumulated.hbm_bytes - k.hbm_bytes == 256 * 512 * 4   # C read as well as written
+    on_cores = cm.gemm("g", 256, 512, 128, fp32_cores=True)
+    assert on_cores.tc_flops == 0 and on_cores.fp32_flops == k.tc_flops
+
+
+def test_kernel_bound_is_its_slowest_resource_and_idle_sms_count():
+    k = cm.Kernel("k", tc_flops=2e6, hbm_bytes=1e3, sfu_ops=50)       # 2 s, 1 s, 0.5 s
+    assert k.bound(TOY) == (2.0, "tensor cores")
+    k.count = 3
+    assert k.bound(TOY) == (6.0, "tensor cores")
+    memory = cm.Kernel("m", tc_flops=1e6, hbm_bytes=5e3, l2_bytes=2e4, atomic_bytes=2e4)  # 1, 5, 4 s
+    assert memory.bound(TOY) == (5.0, "HBM")
+    # two long-running programs on four SMs: half the chip computes
+    walk = cm.Kernel("w", tc_flops=2e6, programs=2, long_programs=True)
+    assert walk.bound(TOY) == (4.0, "tensor cores")
+    short = cm.Kernel("s", tc_flops=2e6, programs=2)   # many short programs rebalance: no penalty
+    assert short.bound(TOY) == (2.0, "tensor cores")
+
+
+def test_chunk_rows_from_the_budget():
+    assert cm.chunk_rows(10_000, 1000, 1000 * 4 * 300, 4) == 256       # 300 rows fit, rounded to 128
+    assert cm.chunk_rows(10_000, 1000, 1000 * 4 * 50, 4) == 128        # never below one multiple
+    assert cm.chunk_rows(100, 1000, 2**30, 4) == 100                   # never above N
+    assert cm._chunks(1000, 256) == [(256, 3), (232, 1)]
+
+
+def test_chunked_plan_by_hand():
+    n, d, v = 1000, 64, 1000
+    shape = cm.Shape("toy", n, d, v)
+    plan = cm.chunked(shape, budget_bytes=v * 4 * 256)
+    assert plan.extra["chunk_rows"] == 256
+    assert plan.total("tc_flops") == 6 * n * d * v                      # exactly the three GEMMs
+    assert plan.logit_passes == pytest.approx(1.0)
+    epilogues = sum(k.count * k.hbm_bytes for k in plan.kernels if "epilogue" in k.name)
+    assert epilogues == (4 + 4 + 2) * n * v                              # fp32 read twice, bf16 dz written
+    dw = sum(k.count * k.hbm_bytes for k in plan.kernels if k.name == "dW GEMM")
+    chunks = 4
+    assert dw == (v + d) * n * 2 + v * d * 4 * (1 + 2 * (chunks - 1))  # fp32 accumulator read+written
+    # the bound is the sum of the kernels' bounds
+    assert plan.bound(TOY) == pytest.approx(sum(k.bound(TOY)[0] for k in plan.kernels))
+    assert plan.floor(TOY) == pytest.approx(6 * n * d * v / 1e6)
+
+
+def test_online_teacher_adds_one_gemm_and_reads():
+    shape = cm.Shape("toy", 512, 64, 1024, teacher_dim=128)
+    dense = cm.chunked(shape, teacher="dense", budget_bytes=1024 * 8 * 128)
+    topk = cm.chunked(shape, teacher="topk", budget_bytes=1024 * 8 * 128)
+    assert dense.total("tc_flops") == 6 * 512 * 64 * 1024 + 2 * 512 * 128 * 1024
+    assert shape.floor_flops == dense.total("tc_flops")
+    grad = lambda p: sum(k.count * k.hbm_bytes for k in p.kernels if k.name == "grad epilogue")
+    assert grad(dense) - grad(topk) == 4 * 512 * 1024                   # dense reads the teacher again
+
+
+def test_streaming_plan_by_hand():
+    n, d, v = 1024, 256, 2048
+    plan = cm.streaming(cm.Shape("toy", n, d, v), bm=128, bn_forward=256, bn_backward=128, gpu=TOY)
+    forward, backward = plan.kernels
+    assert plan.total("tc_flops") == 8 * n * d * v                      # forward + recompute, dh, dW
+    assert plan.logit_passes == 2
+    assert backward.atomic_bytes == n * v * d * 4 * (1 / 128 + 1 / 128)
+    assert backward.programs == (n // 128) * (v // 128)
+    # 8 row blocks, 4 SMs: the split-V forward needs one split for 2 programs per SM
+    assert plan.extra["splits"] == 1 and forward.programs == 8
+    # dh rows a group keeps in L2: half of 4096 bytes / (256 x 4) -> below one block: one block,
+    # so dW (v x d fp32) is read and written once per row block
+    assert plan.extra["dW_groups"] == n // 128
+    assert backward.hbm_bytes == (n * d + v * d) * 2 + n * d * 4 + (n // 128) * v * d * 4 * 2
+
+
+def test_split_v_fills_the_gpu():
+    plan = cm.streaming(cm.Shape("toy", 4096, 4096, 128256), gpu=cm.GPUS["H100"])
+    forward = plan.kernels[0]
+    assert plan.extra["splits"] == math.ceil(2 * 132 / (4096 // 64)) == 5  # 64 row blocks x 5 splits
+    assert forward.programs == 64 * 5 >= 2 * cm.GPUS["H100"].sms
+
+
+def test_vocab_parallel_communication_by_hand():
+    shape = cm.Shape("toy", 100, 8, 1001, topk=4)
+    plan = cm.vocab_parallel(shape, 2, budget_bytes=2**20, selection=True)
+    stats = 2 * (1 / 2) * 100 * (4 + cm.ROW_STATS) * 4
+    candidates = 1 * 100 * 4 * 8
+    grad_hidden = 2 * (1 / 2) * 100 * 8 * 4
+    assert plan.comm_bytes == pytest.approx(stats + candidates + grad_hidden)
+    assert plan.total("tc_flops") == 6 * 100 * 8 * 501                  # the local shard: ceil(V / 2)
+    assert plan.comm_time(TOY) == pytest.approx(plan.comm_bytes / 10.0)
+    assert plan.floor(TOY) == pytest.approx(shape.floor_flops / 2 / 1e6)
+    # a design that gathers the bf16 logits moves O(N·V): here each rank receives half of them
+    assert plan.extra["gather_logits_bytes"] == pytest.approx(0.5 * 100 * 1001 * 2)
+    # communication does not grow with V (only the gather designs do)
+    wide = cm.vocab_parallel(cm.Shape("toy", 100, 8, 100_001, topk=4), 2, budget_bytes=2**20, selection=True)
+    assert wide.comm_bytes == plan.comm_bytes
+    offline = cm.vocab_parallel(shape, 2, budget_bytes=2**20)     # ids given: no candidates gathered
+    assert plan.comm_bytes - offline.comm_bytes == candidates
+
+
+def test_torch_backend_is_on_cuda_cores():
+    plan = cm.torch_backend(cm.Shape("toy", 512, 64, 1024))
+    assert plan.total("tc_flops") == 0
+    assert plan.total("fp32_flops") == 8 * 512 * 64 * 1024
+
+
+def test_targets_are_judged_where_stated():
+    h100 = cm.GPUS["H100"]
+    for model, (d, v, cap) in cm.MODELS.items():
+        shape = cm.Shape(model, 8192, d, v, softcap=cap)
+        for plan, limit in ((cm.chunked(shape), 1.10), (cm.streaming(shape, gpu=h100), 2.0)):
+            expected = "meets" if plan.ratio(h100) <= limit else "MISSES"
+            assert cm.verdict(plan, h100).startswith(expected)
+        assert cm.verdict(cm.chunked(cm.Shape(model, 4096, d, v, softcap=cap)), h100) == ""
+        assert cm.verdict(cm.chunked(shape), cm.GPUS["H200"]) == ""
+    liger = cm.chunked(cm.LIGER_JSD_SHAPE, teacher="dense")
+    expected = "meets" if liger.bound(h100) * 1e3 <= 30.0 else "MISSES"
+    assert cm.verdict(liger, h100).startswith(expected)
+
+
+def test_report_prints_every_path():
+    text = cm.report(gpu_keys=("H100",), models=("llama3-8b",), tokens=(4096, 8192), ways=(2,))
+    for name in ("chunked", "streaming", "cuda (today)", "torch", "byte (chunked)", "byte (streaming)",
+                 "chunked online dense", "chunked online top-k", "vocabulary parallel", "Liger"):
+        assert name in text
+    assert "datasheet" in text
+
+
+def test_results_table_is_spliced_between_markers(tmp_path):
+    from bench import report
+
+    text = report.table()
+    assert text.count("| llama3-8b N=8192") >= 10 and "Liger JSD shape" in text
+    assert "MISSES" in text or "meets" in text
+    target = tmp_path / "RESULTS.md"
+    target.write_text(f"head\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    report.write(target, "new table")
+    assert target.read_text() == f"head\n{report.BEGIN}\nnew table\n{report.END}\ntail\n"
