@@ -310,7 +310,7 @@ def host_backend(host_ext, monkeypatch):
                         else resolve(impl, device, dtype))
     monkeypatch.setattr(cuda_build, "_module", host_ext)
     # A small budget: several chunks (and a last short one) even on these shapes.
-    monkeypatch.setattr(fastkd.config, "cuda_chunk_bytes", 5 * 301 * 4)
+    monkeypatch.setattr(fastkd.config, "chunk_bytes", 5 * 301 * 4)
 
 
 def _grads(loss, tensors, grad_output):
@@ -407,7 +407,7 @@ def test_chunk_rows_follow_the_budget():
     assert cuda_backend.chunk_rows(10, 128256, 2, 512 * mib) == 10  # never more than N
     assert cuda_backend.chunk_rows(100, 1000, 4, 40_000) == 10  # fewer than 64 fit: not rounded
     assert cuda_backend.chunk_rows(100, 1000, 4, 1) == 1  # below one row: one row at a time
-    assert fastkd.config.cuda_chunk_bytes == 512 * mib
+    assert fastkd.config.chunk_bytes == 512 * mib
     with pytest.raises(ValueError, match="chunk budget"):
         cuda_backend.chunk_rows(10, 10, 4, 0)
 

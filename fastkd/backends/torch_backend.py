@@ -2,7 +2,7 @@
 
 Per chunk of rows it materialises at most a few ``chunk x V`` blocks in the compute dtype
 (float32, or float64 for float64 inputs), never ``N x V``. The chunk height comes from a byte
-budget (``fastkd.config.torch_chunk_bytes``) divided by the number of blocks a path keeps alive.
+budget (``fastkd.config.chunk_bytes``) divided by the number of blocks a path keeps alive.
 
 Forward and backward are separate ops; the backward recomputes the logit block of each chunk and
 forms the gradient with the §1 formula of DESIGN.md (``fastkd.divergences``):

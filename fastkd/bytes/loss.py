@@ -81,7 +81,7 @@ def _bucket_lse(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], byte_voc
     tensors = byte_vocab.device_tensors(hidden.device)
     if backend == "torch":
         return torch_bytes.byte_lse(hidden, weight, bias, tensors["first_byte"], temperature,
-                                    softcap, config.torch_chunk_bytes)
+                                    softcap, config.chunk_bytes)
     from ..backends import triton_bytes
 
     block_v = triton_bytes.block_sizes(hidden.device)["BLOCK_V"]
