@@ -27,13 +27,15 @@ from fastkd.backends import triton_epilogue as te
 from fastkd.backends.torch_backend import _topk_epilogue
 from fastkd.reference import kd_loss_reference, topk_kd_loss_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEFAULT_TILE = te.MAX_BLOCK_V
 ROWS, VOCAB, K, TILE = 6, 300, 9, 64
 IGNORED = (1, 4)
 IGNORE_INDEX = -100
 KD_WEIGHT = 0.8
 FACTOR = 4.0
 # Below this a relative error is rounding of the output dtype itself (a few ulps).
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +49,11 @@ def _assert_close(out, ref, baseline, dtype, what):
     err, base = rel_error(out, ref), rel_error(baseline, ref)
     tol = max(FACTOR * base, FLOOR[dtype])
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.3e} (float32 PyTorch: {base:.3e})"
+
+
+def _baseline(dtype):
+    """The dtype plain PyTorch computes in for a buffer of ``dtype``: float32, or float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logits(dist: str, gen: torch.Generator):
@@ -83,15 +90,15 @@ def _topk_set(teacher_logits, gen):
     return ids, logprobs.float()
 
 
-def _sorted(ids, unused):
+def _sorted(ids, vocab, unused):
     """Ids sorted per row, the -1 slots first (``unused="first"``) or as V, last; int32."""
-    key = ids if unused == "first" else torch.where(ids >= 0, ids, VOCAB)
+    key = ids if unused == "first" else torch.where(ids >= 0, ids, vocab)
     sorted_ids, perm = key.sort(dim=1, stable=True)
     return sorted_ids.to(torch.int32), perm
 
 
-def _rows():
-    return [torch.full((ROWS,), float("nan")) for _ in range(4)]
+def _rows(n, dtype=torch.float32, device="cpu"):
+    return [torch.full((n,), float("nan"), dtype=dtype, device=device) for _ in range(4)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,20 +119,28 @@ TOPK_CASES = [
      3.0, 0.3, None, "last"),
     ("peaked-f16-tau-outbf16", torch.float16, "peaked", "bucket", "reverse_kl", 0.5, 1.5, None, 0.0,
      torch.bfloat16, "first"),
+    # float64 buffers (the chunked plan's float64 path) are computed in float64
+    ("peaked-f64-fkl-cap-tau-ce", torch.float64, "peaked", "bucket", "forward_kl", 0.5, 0.7, 5.0, 0.6,
+     None, "last"),
 ]
 
 
 def _topk_kernels(buf, ids, teacher_lp, labels, grad_rows, case, out):
-    """The chunked plan's top-k epilogue on one chunk: stats, (rows, K) math, dz."""
+    """The chunked plan's top-k epilogue on one chunk (on the buffer's device): stats, the
+    (rows, K) math of the torch backend, dz. Returns the statistics and dz, on the CPU."""
     _, _, _, tail, divergence, beta, tau, cap, ce_weight, _, unused = case
+    (rows, vocab), k, device = buf.shape, ids.shape[1], buf.device
     with_tail, use_ce = tail == "bucket", ce_weight != 0.0
+    ids, labels = ids.to(device), labels.to(device)
     counted = labels != IGNORE_INDEX
     valid = ids >= 0
-    sorted_ids, perm = _sorted(ids, unused)
-    lse, tail_lse, lse_ce, mean_z = _rows()
-    te.topk_stats(buf, ROWS, VOCAB, sorted_ids, K, 1.0 / tau, cap, with_tail, use_ce, True, lse,
+    sorted_ids, perm = _sorted(ids, vocab, unused)
+    acc = _baseline(buf.dtype)  # the plan's state dtype: float32, float64 for float64 buffers
+    teacher_lp, grad_rows = teacher_lp.to(device, acc), grad_rows.to(device, acc)
+    lse, tail_lse, lse_ce, mean_z = _rows(rows, acc, device)
+    te.topk_stats(buf, rows, vocab, sorted_ids, k, 1.0 / tau, cap, with_tail, use_ce, True, lse,
                   tail_lse if with_tail else None, lse_ce if use_ce else None, mean_z)
-    topk_logits = dv.softcap(buf.gather(1, ids.clamp(min=0)).float(), cap) / tau
+    topk_logits = dv.softcap(buf.gather(1, ids.clamp(min=0)).to(acc), cap) / tau
     _kd, w, kd_lse, dense, topk_coef = _topk_epilogue(
         topk_logits, lse, tail_lse if with_tail else None, teacher_lp, None, valid, tail,
         divergence, beta)
@@ -134,10 +149,12 @@ def _topk_kernels(buf, ids, teacher_lp, labels, grad_rows, case, out):
     on_topk = kd_scale[:, None] * (w - torch.exp(topk_logits - kd_lse[:, None]) * topk_coef[:, None])
     on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).contiguous()
     safe_labels = torch.where(counted, labels, 0)
-    dz = te.topk_grad(buf, ROWS, VOCAB, sorted_ids, on_topk, K, kd_lse, kd_scale * dense,
+    dz = te.topk_grad(buf, rows, vocab, sorted_ids, on_topk, k, kd_lse, kd_scale * dense,
                       lse_ce if use_ce else None, ce_scale, safe_labels, 1.0 / tau, cap, with_tail,
                       use_ce, out=out)
-    return dict(lse=lse, tail_lse=tail_lse, lse_ce=lse_ce, mean_z=mean_z), dz
+    assert dz is (buf if out is None else out)
+    stats = dict(lse=lse, tail_lse=tail_lse, lse_ce=lse_ce, mean_z=mean_z)
+    return {key: value.cpu() for key, value in stats.items()}, dz.cpu()
 
 
 def _topk_reference(x, ids, teacher_lp, labels, grad_rows, case, dtype):
@@ -165,23 +182,23 @@ def test_topk_epilogue_matches_reference(case):
     ids, teacher_lp = _topk_set(teacher_logits, gen)
     labels = _labels(gen)
     grad_rows = torch.rand(ROWS, generator=gen) + 0.5
-    buf = x64.to(dtype)
-    before = buf.clone()
-    out = None if out_dtype is None else torch.full(buf.shape, float("nan"), dtype=out_dtype)
+    buf = x64.to(DEVICE, dtype)
+    before = buf.cpu().clone()
+    out = None if out_dtype is None else torch.full(buf.shape, float("nan"), dtype=out_dtype, device=DEVICE)
     stats, dz = _topk_kernels(buf, ids, teacher_lp, labels, grad_rows, case, out)
     x = before.double()  # the reference sees exactly the buffer's values (dz may overwrite it)
     ref_stats, ref_dz = _topk_reference(x, ids, teacher_lp, labels, grad_rows, case, torch.float64)
-    f32_stats, f32_dz = _topk_reference(x, ids, teacher_lp, labels, grad_rows, case, torch.float32)
+    f32_stats, f32_dz = _topk_reference(x, ids, teacher_lp, labels, grad_rows, case, _baseline(dtype))
 
     asked = ["lse", "mean_z"] + (["tail_lse"] if tail == "bucket" else []) + (["lse_ce"] if ce_weight else [])
     for key in asked:
-        _assert_close(stats[key], ref_stats[key], f32_stats[key], torch.float32, f"{name}: {key}")
+        _assert_close(stats[key], ref_stats[key], f32_stats[key], _baseline(dtype), f"{name}: {key}")
     written_dtype = dtype if out_dtype is None else out_dtype
-    assert dz.dtype == written_dtype and (out is None or dz is out)
+    assert dz.dtype == written_dtype
     _assert_close(dz, ref_dz, f32_dz.to(written_dtype), written_dtype, f"{name}: dz")
     assert (dz[list(IGNORED)] == 0).all(), f"{name}: ignored rows not exactly zero"
     if out is not None:
-        assert torch.equal(buf, before), f"{name}: out= must leave the logits untouched"
+        assert torch.equal(buf.cpu(), before), f"{name}: out= must leave the logits untouched"
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # log(0) = −inf, as meant
@@ -193,15 +210,17 @@ def test_topk_set_covering_the_vocabulary_and_no_set():
     ids = torch.stack([torch.arange(vocab), torch.randperm(vocab, generator=gen)]).sort(dim=1).values
     ids[1, :5] = -1  # row 1: 35 of the 40 ids, sorted with the -1 slots first
     ids = ids.sort(dim=1).values.to(torch.int32)
-    lse, tail_lse = torch.empty(2), torch.empty(2)
-    te.topk_stats(buf, 2, vocab, ids, vocab, 1.0, None, True, False, False, lse, tail_lse, None, None)
+    lse, tail_lse = torch.empty(2, device=DEVICE), torch.empty(2, device=DEVICE)
+    te.topk_stats(buf.to(DEVICE), 2, vocab, ids.to(DEVICE), vocab, 1.0, None, True, False, False, lse,
+                  tail_lse, None, None)
     missing = torch.ones(vocab, dtype=torch.bool)
     missing[ids[1][ids[1] >= 0].long()] = False
-    assert tail_lse[0] == float("-inf")
-    assert torch.allclose(tail_lse[1], torch.logsumexp(buf[1][missing], 0), atol=1e-6)
-    te.topk_stats(buf, 2, vocab, None, 0, 1.0, None, True, False, False, lse, tail_lse, None, None)
-    assert torch.allclose(tail_lse, torch.logsumexp(buf, 1), atol=1e-6)
-    assert torch.allclose(lse, torch.logsumexp(buf, 1), atol=1e-6)
+    assert tail_lse[0].item() == float("-inf")
+    assert torch.allclose(tail_lse[1].cpu(), torch.logsumexp(buf[1][missing], 0), atol=1e-6)
+    te.topk_stats(buf.to(DEVICE), 2, vocab, None, 0, 1.0, None, True, False, False, lse, tail_lse,
+                  None, None)
+    assert torch.allclose(tail_lse.cpu(), torch.logsumexp(buf, 1), atol=1e-6)
+    assert torch.allclose(lse.cpu(), torch.logsumexp(buf, 1), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +237,7 @@ DENSE_CASES = [
     ("flat-f16-jsd-cap-ce", torch.float16, "flat", "jsd", 0.7, 1.0, 3.0, None, 1.0, None),
     ("peaked-f16-rkl-tau-out16", torch.float16, "peaked", "reverse_kl", 0.5, 1.3, None, None, 0.0,
      torch.float16),
+    ("flat-f64-jsd-caps-tau-ce", torch.float64, "flat", "jsd", 0.4, 0.7, 3.0, 6.0, 0.5, None),
 ]
 
 
@@ -237,49 +257,122 @@ def _dense_reference(x, y, labels, grad_rows, case, dtype):
     return stats, loss.detach(), hidden.grad
 
 
+def _dense_kernels(student, teacher, labels, grad_rows, case, out):
+    """The chunked plan's dense epilogue on one chunk (on the buffers' device): stats, divergence,
+    dz. Returns the statistics, the loss rows (kd from the kernel, CE from its lse) and dz, on the CPU."""
+    _, _, _, divergence, beta, tau, cap, teacher_cap, ce_weight, _ = case
+    (rows, vocab), device = student.shape, student.device
+    acc = _baseline(student.dtype)
+    use_ce = ce_weight != 0.0
+    labels = labels.to(device)
+    counted = labels != IGNORE_INDEX
+    safe_labels = torch.where(counted, labels, 0)
+    kind = te.KIND_CODES[divergence]
+    lse, teacher_lse, lse_ce, mean_z = _rows(rows, acc, device)
+    te.dense_stats(student, teacher, rows, vocab, 1.0 / tau, cap, teacher_cap, use_ce, True, lse,
+                   teacher_lse, lse_ce if use_ce else None, mean_z)
+    kd, wsum = torch.empty(rows, dtype=acc, device=device), torch.empty(rows, dtype=acc, device=device)
+    te.dense_divergence(student, teacher, rows, vocab, 1.0 / tau, cap, teacher_cap, kind, beta, lse,
+                        teacher_lse, kd, wsum)
+    loss = KD_WEIGHT * tau**2 * kd
+    if use_ce:
+        target = dv.softcap(student.gather(1, safe_labels[:, None]).to(acc), cap).squeeze(1)
+        loss = loss + ce_weight * (lse_ce - target)
+    loss = torch.where(counted, loss, 0.0)
+    g = grad_rows.to(device, acc)
+    kd_scale = torch.where(counted, KD_WEIGHT * tau * g, 0.0)
+    ce_scale = torch.where(counted, ce_weight * g, 0.0)
+    dz = te.dense_grad(student, teacher, rows, vocab, 1.0 / tau, cap, teacher_cap, kind, beta, lse,
+                       teacher_lse, wsum, kd_scale, lse_ce if use_ce else None, ce_scale, safe_labels,
+                       use_ce, out=out)
+    assert dz is (student if out is None else out)
+    stats = dict(lse=lse, teacher_lse=teacher_lse, lse_ce=lse_ce, mean_z=mean_z)
+    return {key: value.cpu() for key, value in stats.items()}, loss.cpu(), dz.cpu()
+
+
 @pytest.mark.parametrize("case", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
 def test_dense_epilogue_matches_reference(case):
-    name, dtype, dist, divergence, beta, tau, cap, teacher_cap, ce_weight, out_dtype = case
+    name, dtype, dist, _div, _beta, _tau, _cap, _tcap, ce_weight, out_dtype = case
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     x64, y64 = _logits(dist, gen)
     labels = _labels(gen)
     grad_rows = torch.rand(ROWS, generator=gen) + 0.5
-    student, teacher = x64.to(dtype), y64.to(dtype)
-    before = student.clone()
-    use_ce = ce_weight != 0.0
-    counted = labels != IGNORE_INDEX
-    kind = te.KIND_CODES[divergence]
+    student, teacher = x64.to(DEVICE, dtype), y64.to(DEVICE, dtype)
+    before = student.cpu().clone()
+    out = None if out_dtype is None else torch.full(student.shape, float("nan"), dtype=out_dtype, device=DEVICE)
+    stats, loss, dz = _dense_kernels(student, teacher, labels, grad_rows, case, out)
 
-    lse, teacher_lse, lse_ce, mean_z = _rows()
-    te.dense_stats(student, teacher, ROWS, VOCAB, 1.0 / tau, cap, teacher_cap, use_ce, True, lse,
-                   teacher_lse, lse_ce if use_ce else None, mean_z)
-    kd, wsum = torch.empty(ROWS), torch.empty(ROWS)
-    te.dense_divergence(student, teacher, ROWS, VOCAB, 1.0 / tau, cap, teacher_cap, kind, beta, lse,
-                        teacher_lse, kd, wsum)
-    loss = KD_WEIGHT * tau**2 * kd
-    if use_ce:
-        target = dv.softcap(student.gather(1, torch.where(counted, labels, 0)[:, None]).float(), cap)
-        loss = loss + ce_weight * (lse_ce - target.squeeze(1))
-    loss = torch.where(counted, loss, 0.0)
-    out = None if out_dtype is None else torch.full(student.shape, float("nan"), dtype=out_dtype)
-    kd_scale = torch.where(counted, KD_WEIGHT * tau * grad_rows, 0.0)
-    ce_scale = torch.where(counted, ce_weight * grad_rows, 0.0)
-    dz = te.dense_grad(student, teacher, ROWS, VOCAB, 1.0 / tau, cap, teacher_cap, kind, beta, lse,
-                       teacher_lse, wsum, kd_scale, lse_ce if use_ce else None, ce_scale,
-                       torch.where(counted, labels, 0), use_ce, out=out)
-
-    x, y = before.double(), teacher.double()
+    x, y = before.double(), teacher.cpu().double()
     ref_stats, ref_loss, ref_dz = _dense_reference(x, y, labels, grad_rows, case, torch.float64)
-    f32_stats, f32_loss, f32_dz = _dense_reference(x, y, labels, grad_rows, case, torch.float32)
-    for key in ["lse", "teacher_lse", "mean_z"] + (["lse_ce"] if use_ce else []):
-        _assert_close(locals()[key], ref_stats[key], f32_stats[key], torch.float32, f"{name}: {key}")
-    _assert_close(loss, ref_loss, f32_loss, torch.float32, f"{name}: loss rows (kd from the kernel)")
+    f32_stats, f32_loss, f32_dz = _dense_reference(x, y, labels, grad_rows, case, _baseline(dtype))
+    for key in ["lse", "teacher_lse", "mean_z"] + (["lse_ce"] if ce_weight else []):
+        _assert_close(stats[key], ref_stats[key], f32_stats[key], _baseline(dtype), f"{name}: {key}")
+    _assert_close(loss, ref_loss, f32_loss, _baseline(dtype), f"{name}: loss rows (kd from the kernel)")
     written_dtype = dtype if out_dtype is None else out_dtype
-    assert dz.dtype == written_dtype and (out is None or dz is out)
+    assert dz.dtype == written_dtype
     _assert_close(dz, ref_dz, f32_dz.to(written_dtype), written_dtype, f"{name}: dz")
     assert (dz[list(IGNORED)] == 0).all(), f"{name}: ignored rows not exactly zero"
     if out is not None:
-        assert torch.equal(student, before), f"{name}: out= must leave the logits untouched"
+        assert torch.equal(student.cpu(), before), f"{name}: out= must leave the logits untouched"
+
+
+# ------------------------------------------------------------------------------------------------
+# through a real head: dh = dz·W against the references' d hidden (GPU: Llama-3's vocabulary)
+# ------------------------------------------------------------------------------------------------
+
+def _through_head(rows, vocab, dim, k, device, case, dense):
+    """Logits ``h·Wᵀ`` rounded to a float32 buffer on ``device``, the epilogue chain, then
+    ``dh = dz·W`` in float64, against the float64 reference's ``d hidden`` (and float32 PyTorch's)."""
+    gen = torch.Generator().manual_seed(rows + vocab)
+    hidden = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) * (2.0 / dim**0.5)
+    teacher_hidden = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[1::3] = IGNORE_INDEX
+    grad_rows = torch.rand(rows, generator=gen) + 0.5
+    buf = (hidden @ weight.T).to(device, torch.float32)
+    if dense:
+        teacher = (teacher_hidden @ weight.T).to(device, torch.float32)
+        _stats, _loss, dz = _dense_kernels(buf, teacher, labels, grad_rows, case, None)
+    else:
+        teacher_lp = torch.log_softmax(teacher_hidden @ weight.T, dim=-1)
+        ids = teacher_lp.topk(k, dim=-1).indices
+        ids[0, -3:] = -1
+        teacher_lp = torch.where(ids >= 0, teacher_lp.gather(1, ids.clamp(min=0)), 0.0).float()
+        _stats, dz = _topk_kernels(buf, ids, teacher_lp, labels, grad_rows, case, None)
+    dh = dz.double() @ weight
+
+    def reference(dtype):
+        h = hidden.to(dtype, copy=True).requires_grad_()
+        options = dict(divergence=case[3 if dense else 4], beta=case[4 if dense else 5],
+                       temperature=case[5 if dense else 6], softcap=case[6 if dense else 7],
+                       labels=labels, ignore_index=IGNORE_INDEX, ce_weight=case[8],
+                       kd_weight=KD_WEIGHT, reduction="none", compute_dtype=dtype)
+        if dense:
+            loss = kd_loss_reference(h, weight, teacher_hidden, weight, teacher_softcap=case[7], **options)
+        else:
+            loss = topk_kd_loss_reference(h, weight, ids, teacher_lp, tail=case[3], **options)
+        (loss * grad_rows.to(dtype)).sum().backward()
+        return h.grad
+
+    _assert_close(dh, reference(torch.float64), reference(torch.float32), torch.float32, "dh = dz·W")
+    assert (dh[1::3] == 0).all(), "ignored rows not exactly zero"
+
+
+HEAD_CASES = [("topk", TOPK_CASES[1]), ("dense", DENSE_CASES[1])]
+
+
+@pytest.mark.parametrize("kind, case", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_epilogues_through_a_head(kind, case):
+    _through_head(ROWS, VOCAB, 24, K, DEVICE, case, kind == "dense")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, case", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_epilogues_through_a_head_at_llama_vocab_on_gpu(kind, case, monkeypatch):
+    """V = 128256 with the launch configuration the GPU uses (1024-column tiles, 126 per row)."""
+    monkeypatch.setattr(te, "MAX_BLOCK_V", DEFAULT_TILE)
+    _through_head(64, 128256, 64, 64, "cuda", case, kind == "dense")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +389,7 @@ def _topk_stats_args(**change):
 
 
 @pytest.mark.parametrize("change, error, names", [
-    (dict(logits=torch.randn(3, 50, dtype=torch.float64)), TypeError, "logits"),
+    (dict(logits=torch.ones(3, 50, dtype=torch.int32)), TypeError, "logits"),
     (dict(rows=4), ValueError, "logits"),
     (dict(lse=torch.empty(2)), ValueError, "lse"),
     (dict(lse=torch.empty(3, dtype=torch.float16)), TypeError, "lse"),

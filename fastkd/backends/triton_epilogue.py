@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -96,8 +97,19 @@ def _times_softcap_grad(g, s, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _load_row_tile(row_ptr, cols, col_mask):
-    return tl.load(row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+def _param(hi, lo, ACC: tl.constexpr):
+    """A host float passed as two float32 halves ``hi + lo``: ``hi`` for float32 work, both (exact
+    to ~1e-14) for float64 buffers, so a float64 chunk is not limited by float32 arguments."""
+    if ACC == tl.float64:
+        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        x = tl.cast(hi, tl.float32)
+    return x
+
+
+@triton.jit
+def _load_row_tile(row_ptr, cols, col_mask, ACC: tl.constexpr):
+    return tl.load(row_ptr + cols, mask=col_mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -160,30 +172,32 @@ def topk_stats_kernel(
     # strides
     stride_logits, stride_ids, stride_lse, stride_tail_lse, stride_lse_ce, stride_mean_z,
     # meta
-    inv_temp, cap,
+    inv_temp, inv_temp_lo, cap, cap_lo,
     HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr,
     WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr, WITH_STATS: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per row: lse of z over V, lse over V∖S, CE lse of s, E_p[z] (see the module docstring)."""
+    inv_temp = _param(inv_temp, inv_temp_lo, ACC)
+    cap = _param(cap, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits
     ids_row = ids_ptr + row * stride_ids
     k_offs = tl.arange(0, BLOCK_K)
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), _MASKED, tl.float32)  # finite: the first rescale is exp(−1e30 − m) = 0, no −inf·0
-    acc = tl.zeros((BLOCK_V,), tl.float32)
-    acc_tail = tl.zeros((BLOCK_V,), tl.float32)
-    acc_z = tl.zeros((BLOCK_V,), tl.float32)  # Σ e^{z−m}·(z − m)
-    m_ce = tl.full((), _MASKED, tl.float32)
-    acc_ce = tl.zeros((BLOCK_V,), tl.float32)
+    m = tl.full((), _MASKED, ACC)  # finite: the first rescale is exp(−1e30 − m) = 0, no −inf·0
+    acc = tl.zeros((BLOCK_V,), ACC)
+    acc_tail = tl.zeros((BLOCK_V,), ACC)
+    acc_z = tl.zeros((BLOCK_V,), ACC)  # Σ e^{z−m}·(z − m)
+    m_ce = tl.full((), _MASKED, ACC)
+    acc_ce = tl.zeros((BLOCK_V,), ACC)
     pos = 0  # slots before `pos` hold ids below the current tile (or unused -1 slots)
     if HAS_SET:
         pos = _ids_below(ids_row, k_offs, K, 0)  # the unused slots that sort first (-1)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         col_mask = cols < V
-        s = _softcap(_load_row_tile(row_ptr, cols, col_mask), cap, HAS_CAP)
+        s = _softcap(_load_row_tile(row_ptr, cols, col_mask, ACC), cap, HAS_CAP)
         z = tl.where(col_mask, s * inv_temp, _MASKED)
         m_old, acc_old = m, acc
         m, acc, alpha, e = _lse_step(m, acc, z)
@@ -224,11 +238,13 @@ def topk_grad_kernel(
     stride_logits, stride_out, stride_ids, stride_values, stride_kd_lse, stride_dense_scale,
     stride_lse_ce, stride_ce_scale, stride_labels,
     # meta
-    inv_temp, cap,
+    inv_temp, inv_temp_lo, cap, cap_lo,
     HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dz over one row: the value given on S, the dense part off S, the CE term, × softcap'."""
+    inv_temp = _param(inv_temp, inv_temp_lo, ACC)
+    cap = _param(cap, cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits
     out_row = out_ptr + row * stride_out
@@ -236,16 +252,16 @@ def topk_grad_kernel(
     values_row = values_ptr + row * stride_values
     k_offs = tl.arange(0, BLOCK_K)
     offs = tl.arange(0, BLOCK_V)
-    kd_lse = tl.load(kd_lse_ptr + row * stride_kd_lse)
+    kd_lse = tl.load(kd_lse_ptr + row * stride_kd_lse).to(ACC)
     dense_scale = 0.0
     if WITH_TAIL:
-        dense_scale = tl.load(dense_scale_ptr + row * stride_dense_scale)
+        dense_scale = tl.load(dense_scale_ptr + row * stride_dense_scale).to(ACC)
     lse_ce = 0.0
     ce_scale = 0.0
     label = -1
     if WITH_CE:
-        lse_ce = tl.load(lse_ce_ptr + row * stride_lse_ce)
-        ce_scale = tl.load(ce_scale_ptr + row * stride_ce_scale)
+        lse_ce = tl.load(lse_ce_ptr + row * stride_lse_ce).to(ACC)
+        ce_scale = tl.load(ce_scale_ptr + row * stride_ce_scale).to(ACC)
         label = tl.load(labels_ptr + row * stride_labels).to(tl.int32)
     pos = 0
     if HAS_SET:
@@ -253,14 +269,14 @@ def topk_grad_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         col_mask = cols < V
-        s = _softcap(_load_row_tile(row_ptr, cols, col_mask), cap, HAS_CAP)
-        g = tl.zeros((BLOCK_V,), tl.float32)
+        s = _softcap(_load_row_tile(row_ptr, cols, col_mask, ACC), cap, HAS_CAP)
+        g = tl.zeros((BLOCK_V,), ACC)
         if WITH_TAIL:
             g = tl.where(dense_scale != 0.0, dense_scale * tl.exp(s * inv_temp - kd_lse), 0.0)
         if HAS_SET:
             end = _ids_below(ids_row, k_offs, K, v0 + BLOCK_V)
             for j in range(pos, end):  # set, not add: a huge G_T cannot cancel on S
-                g = tl.where(cols == tl.load(ids_row + j), tl.load(values_row + j), g)
+                g = tl.where(cols == tl.load(ids_row + j), tl.load(values_row + j).to(ACC), g)
             pos = end
         if WITH_CE:
             g = _cross_entropy_grad(g, s, cols, lse_ce, ce_scale, label)
@@ -281,27 +297,30 @@ def dense_stats_kernel(
     # strides
     stride_student, stride_teacher, stride_lse, stride_teacher_lse, stride_lse_ce, stride_mean_z,
     # meta
-    inv_temp, cap, teacher_cap,
+    inv_temp, inv_temp_lo, cap, cap_lo, teacher_cap, teacher_cap_lo,
     HAS_CAP: tl.constexpr, TEACHER_HAS_CAP: tl.constexpr, WITH_CE: tl.constexpr,
-    SEPARATE_CE: tl.constexpr, WITH_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    SEPARATE_CE: tl.constexpr, WITH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per row: student lse and E_p[z], teacher lse, CE lse."""
+    inv_temp = _param(inv_temp, inv_temp_lo, ACC)
+    cap = _param(cap, cap_lo, ACC)
+    teacher_cap = _param(teacher_cap, teacher_cap_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * stride_student
     teacher_row = teacher_ptr + row * stride_teacher
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), _MASKED, tl.float32)
-    acc = tl.zeros((BLOCK_V,), tl.float32)
-    acc_z = tl.zeros((BLOCK_V,), tl.float32)
-    m_t = tl.full((), _MASKED, tl.float32)
-    acc_t = tl.zeros((BLOCK_V,), tl.float32)
-    m_ce = tl.full((), _MASKED, tl.float32)
-    acc_ce = tl.zeros((BLOCK_V,), tl.float32)
+    m = tl.full((), _MASKED, ACC)
+    acc = tl.zeros((BLOCK_V,), ACC)
+    acc_z = tl.zeros((BLOCK_V,), ACC)
+    m_t = tl.full((), _MASKED, ACC)
+    acc_t = tl.zeros((BLOCK_V,), ACC)
+    m_ce = tl.full((), _MASKED, ACC)
+    acc_ce = tl.zeros((BLOCK_V,), ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         col_mask = cols < V
-        s = _softcap(_load_row_tile(student_row, cols, col_mask), cap, HAS_CAP)
-        t = _softcap(_load_row_tile(teacher_row, cols, col_mask), teacher_cap, TEACHER_HAS_CAP)
+        s = _softcap(_load_row_tile(student_row, cols, col_mask, ACC), cap, HAS_CAP)
+        t = _softcap(_load_row_tile(teacher_row, cols, col_mask, ACC), teacher_cap, TEACHER_HAS_CAP)
         z = tl.where(col_mask, s * inv_temp, _MASKED)
         m_old, acc_old = m, acc
         m, acc, alpha, e = _lse_step(m, acc, z)
@@ -332,24 +351,31 @@ def dense_divergence_kernel(
     # strides
     stride_student, stride_teacher, stride_lse, stride_teacher_lse, stride_kd, stride_wsum,
     # meta
-    inv_temp, cap, teacher_cap, beta, log_beta, log_1m_beta,
+    inv_temp, inv_temp_lo, cap, cap_lo, teacher_cap, teacher_cap_lo, beta, beta_lo, log_beta,
+    log_beta_lo, log_1m_beta, log_1m_beta_lo,
     HAS_CAP: tl.constexpr, TEACHER_HAS_CAP: tl.constexpr, KIND: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per row, given both lse: the divergence and W = Σ_v w_v."""
+    inv_temp = _param(inv_temp, inv_temp_lo, ACC)
+    cap = _param(cap, cap_lo, ACC)
+    teacher_cap = _param(teacher_cap, teacher_cap_lo, ACC)
+    beta = _param(beta, beta_lo, ACC)
+    log_beta = _param(log_beta, log_beta_lo, ACC)
+    log_1m_beta = _param(log_1m_beta, log_1m_beta_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * stride_student
     teacher_row = teacher_ptr + row * stride_teacher
     offs = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + row * stride_lse)
-    teacher_lse = tl.load(teacher_lse_ptr + row * stride_teacher_lse)
-    acc_kd = tl.zeros((BLOCK_V,), tl.float32)
-    acc_w = tl.zeros((BLOCK_V,), tl.float32)
+    lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
+    teacher_lse = tl.load(teacher_lse_ptr + row * stride_teacher_lse).to(ACC)
+    acc_kd = tl.zeros((BLOCK_V,), ACC)
+    acc_w = tl.zeros((BLOCK_V,), ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         col_mask = cols < V
-        z = _softcap(_load_row_tile(student_row, cols, col_mask), cap, HAS_CAP) * inv_temp
-        t = _softcap(_load_row_tile(teacher_row, cols, col_mask), teacher_cap, TEACHER_HAS_CAP) * inv_temp
+        z = _softcap(_load_row_tile(student_row, cols, col_mask, ACC), cap, HAS_CAP) * inv_temp
+        t = _softcap(_load_row_tile(teacher_row, cols, col_mask, ACC), teacher_cap, TEACHER_HAS_CAP) * inv_temp
         term, w, _p = _dense_terms(z, t, lse, teacher_lse, log_beta, log_1m_beta, beta, KIND)
         acc_kd += tl.where(col_mask, term, 0.0)
         acc_w += tl.where(col_mask, w, 0.0)
@@ -368,32 +394,39 @@ def dense_grad_kernel(
     stride_student, stride_out, stride_teacher, stride_lse, stride_teacher_lse, stride_wsum,
     stride_kd_scale, stride_lse_ce, stride_ce_scale, stride_labels,
     # meta
-    inv_temp, cap, teacher_cap, beta, log_beta, log_1m_beta,
+    inv_temp, inv_temp_lo, cap, cap_lo, teacher_cap, teacher_cap_lo, beta, beta_lo, log_beta,
+    log_beta_lo, log_1m_beta, log_1m_beta_lo,
     HAS_CAP: tl.constexpr, TEACHER_HAS_CAP: tl.constexpr, KIND: tl.constexpr,
-    WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_CE: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """dz = kd_scale·(w_v − p_v·W) + the CE term, × softcap', over one student row."""
+    inv_temp = _param(inv_temp, inv_temp_lo, ACC)
+    cap = _param(cap, cap_lo, ACC)
+    teacher_cap = _param(teacher_cap, teacher_cap_lo, ACC)
+    beta = _param(beta, beta_lo, ACC)
+    log_beta = _param(log_beta, log_beta_lo, ACC)
+    log_1m_beta = _param(log_1m_beta, log_1m_beta_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row * stride_student
     teacher_row = teacher_ptr + row * stride_teacher
     out_row = out_ptr + row * stride_out
     offs = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + row * stride_lse)
-    teacher_lse = tl.load(teacher_lse_ptr + row * stride_teacher_lse)
-    wsum = tl.load(wsum_ptr + row * stride_wsum)
-    kd_scale = tl.load(kd_scale_ptr + row * stride_kd_scale)
+    lse = tl.load(lse_ptr + row * stride_lse).to(ACC)
+    teacher_lse = tl.load(teacher_lse_ptr + row * stride_teacher_lse).to(ACC)
+    wsum = tl.load(wsum_ptr + row * stride_wsum).to(ACC)
+    kd_scale = tl.load(kd_scale_ptr + row * stride_kd_scale).to(ACC)
     lse_ce = 0.0
     ce_scale = 0.0
     label = -1
     if WITH_CE:
-        lse_ce = tl.load(lse_ce_ptr + row * stride_lse_ce)
-        ce_scale = tl.load(ce_scale_ptr + row * stride_ce_scale)
+        lse_ce = tl.load(lse_ce_ptr + row * stride_lse_ce).to(ACC)
+        ce_scale = tl.load(ce_scale_ptr + row * stride_ce_scale).to(ACC)
         label = tl.load(labels_ptr + row * stride_labels).to(tl.int32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         col_mask = cols < V
-        s = _softcap(_load_row_tile(student_row, cols, col_mask), cap, HAS_CAP)
-        t = _softcap(_load_row_tile(teacher_row, cols, col_mask), teacher_cap, TEACHER_HAS_CAP) * inv_temp
+        s = _softcap(_load_row_tile(student_row, cols, col_mask, ACC), cap, HAS_CAP)
+        t = _softcap(_load_row_tile(teacher_row, cols, col_mask, ACC), teacher_cap, TEACHER_HAS_CAP) * inv_temp
         _term, w, p = _dense_terms(s * inv_temp, t, lse, teacher_lse, log_beta, log_1m_beta, beta, KIND)
         g = tl.where(kd_scale != 0.0, kd_scale * (w - p * wsum), 0.0)
         if WITH_CE:
@@ -452,15 +485,31 @@ def dense_grad_config(vocab: int, dtype: torch.dtype) -> dict:
 # launchers: argument checks (before any kernel runs, no host sync), then one program per row
 # ------------------------------------------------------------------------------------------------
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ROW_FLOATS = (torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
+
+
+def _acc(buffer: Tensor):
+    """The dtype the kernels compute in: float64 for a float64 buffer, else float32."""
+    return tl.float64 if buffer.dtype == torch.float64 else tl.float32
+
+
+def _halves(x: float) -> tuple[float, float]:
+    """``x`` as two float32 values ``hi + lo`` (see ``_param``)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
+def _scalars(*values: float) -> tuple[float, ...]:
+    return tuple(half for x in values for half in _halves(x))
 
 
 def _check_buffer(name: str, x, rows: int, vocab: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != 2 or tuple(x.shape) != (rows, vocab):
         raise ValueError(f"{name} must have shape (rows, vocab) = ({rows}, {vocab}), got {tuple(x.shape)}")
     if vocab > 1 and x.stride(1) != 1:
@@ -496,8 +545,8 @@ def _check_ids(name: str, x, rows: int, k: int, device) -> None:
 def _check_scalar(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not math.isfinite(value) or abs(value) > 1e38:
+        raise ValueError(f"{name} must be finite (within float32's range), got {value}")
     return float(value)
 
 
@@ -534,7 +583,7 @@ def _check_out(out, logits: Tensor) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if out.dtype not in _FLOATS:
-        raise TypeError(f"out must be float32, float16 or bfloat16, got {out.dtype}")
+        raise TypeError(f"out must be float32, float16, bfloat16 or float64, got {out.dtype}")
     if out.shape != logits.shape:
         raise ValueError(f"out must have the logits' shape {tuple(logits.shape)}, got {tuple(out.shape)}")
     if out.device != logits.device:
@@ -579,11 +628,10 @@ def topk_stats(logits: Tensor, rows: int, vocab: int, sorted_ids: Optional[Tenso
     has_set = bool(with_tail) and k > 0
     if has_set:
         _check_ids("sorted_ids", sorted_ids, rows, k, device)
-    f32 = (torch.float32,)
     for name, x, needed in (("lse", lse, True), ("tail_lse", tail_lse, with_tail),
                             ("lse_ce", lse_ce, with_ce), ("mean_z", mean_z, with_stats)):
         if needed:
-            _check_tensor(name, x, (rows,), f32, device)
+            _check_tensor(name, x, (rows,), _ROW_FLOATS, device)
     if rows == 0:
         return
     cfg = topk_stats_config(vocab, k, logits.dtype)
@@ -593,9 +641,10 @@ def topk_stats(logits: Tensor, rows: int, vocab: int, sorted_ids: Optional[Tenso
             vocab, k,
             logits.stride(0), ids.stride(0), lse.stride(0), _stride(tail_lse), _stride(lse_ce),
             _stride(mean_z),
-            inv_temp, cap)
+            *_halves(inv_temp), *_halves(cap))
     meta = dict(HAS_CAP=has_cap, WITH_TAIL=bool(with_tail), HAS_SET=has_set, WITH_CE=bool(with_ce),
-                SEPARATE_CE=bool(with_ce) and inv_temp != 1.0, WITH_STATS=bool(with_stats), **cfg)
+                SEPARATE_CE=bool(with_ce) and inv_temp != 1.0, WITH_STATS=bool(with_stats),
+                ACC=_acc(logits), **cfg)
     _launch(topk_stats_kernel, rows, device, args, meta)
 
 
@@ -616,18 +665,17 @@ def topk_grad(logits: Tensor, rows: int, vocab: int, sorted_ids: Optional[Tensor
     inv_temp = _inv_temp(inv_temp)
     cap, has_cap = _cap("cap", cap)
     has_set = k > 0
-    f32 = (torch.float32,)
     if has_set:
         _check_ids("sorted_ids", sorted_ids, rows, k, device)
-        _check_tensor("sorted_values", sorted_values, (rows, k), f32, device)
+        _check_tensor("sorted_values", sorted_values, (rows, k), _FLOATS, device)
         if k > 1 and sorted_values.stride(1) != 1:
             raise ValueError(f"sorted_values must have unit column stride, got {tuple(sorted_values.stride())}")
-    _check_tensor("kd_lse", kd_lse, (rows,), f32, device)
+    _check_tensor("kd_lse", kd_lse, (rows,), _ROW_FLOATS, device)
     if with_tail:
-        _check_tensor("dense_scale", dense_scale, (rows,), f32, device)
+        _check_tensor("dense_scale", dense_scale, (rows,), _ROW_FLOATS, device)
     if with_ce:
-        _check_tensor("lse_ce", lse_ce, (rows,), f32, device)
-        _check_tensor("ce_scale", ce_scale, (rows,), f32, device)
+        _check_tensor("lse_ce", lse_ce, (rows,), _ROW_FLOATS, device)
+        _check_tensor("ce_scale", ce_scale, (rows,), _ROW_FLOATS, device)
         _check_tensor("labels", labels, (rows,), _INTS, device)
     if rows == 0:
         return out
@@ -640,8 +688,9 @@ def topk_grad(logits: Tensor, rows: int, vocab: int, sorted_ids: Optional[Tensor
             vocab, k,
             logits.stride(0), out.stride(0), ids.stride(0), values.stride(0), kd_lse.stride(0),
             _stride(dense_scale), _stride(lse_ce), _stride(ce_scale), _stride(labels),
-            inv_temp, cap)
-    meta = dict(HAS_CAP=has_cap, WITH_TAIL=bool(with_tail), HAS_SET=has_set, WITH_CE=bool(with_ce), **cfg)
+            *_halves(inv_temp), *_halves(cap))
+    meta = dict(HAS_CAP=has_cap, WITH_TAIL=bool(with_tail), HAS_SET=has_set, WITH_CE=bool(with_ce),
+                ACC=_acc(logits), **cfg)
     _launch(topk_grad_kernel, rows, device, args, meta)
     return out
 
@@ -666,11 +715,10 @@ def dense_stats(student: Tensor, teacher: Tensor, rows: int, vocab: int, inv_tem
     inv_temp = _inv_temp(inv_temp)
     cap, has_cap = _cap("cap", cap)
     teacher_cap, teacher_has_cap = _cap("teacher_cap", teacher_cap)
-    f32 = (torch.float32,)
     for name, x, needed in (("lse", lse, True), ("teacher_lse", teacher_lse, True),
                             ("lse_ce", lse_ce, with_ce), ("mean_z", mean_z, with_stats)):
         if needed:
-            _check_tensor(name, x, (rows,), f32, device)
+            _check_tensor(name, x, (rows,), _ROW_FLOATS, device)
     if rows == 0:
         return
     cfg = dense_stats_config(vocab, student.dtype)
@@ -679,9 +727,10 @@ def dense_stats(student: Tensor, teacher: Tensor, rows: int, vocab: int, inv_tem
             vocab,
             student.stride(0), teacher.stride(0), lse.stride(0), teacher_lse.stride(0),
             _stride(lse_ce), _stride(mean_z),
-            inv_temp, cap, teacher_cap)
+            *_halves(inv_temp), *_halves(cap), *_halves(teacher_cap))
     meta = dict(HAS_CAP=has_cap, TEACHER_HAS_CAP=teacher_has_cap, WITH_CE=bool(with_ce),
-                SEPARATE_CE=bool(with_ce) and inv_temp != 1.0, WITH_STATS=bool(with_stats), **cfg)
+                SEPARATE_CE=bool(with_ce) and inv_temp != 1.0, WITH_STATS=bool(with_stats),
+                ACC=_acc(student), **cfg)
     _launch(dense_stats_kernel, rows, device, args, meta)
 
 
@@ -697,7 +746,7 @@ def dense_divergence(student: Tensor, teacher: Tensor, rows: int, vocab: int, in
     teacher_cap, teacher_has_cap = _cap("teacher_cap", teacher_cap)
     kind, beta, log_beta, log_1m_beta = _kind(kind, beta)
     for name, x in (("lse", lse), ("teacher_lse", teacher_lse), ("kd", kd), ("wsum", wsum)):
-        _check_tensor(name, x, (rows,), (torch.float32,), device)
+        _check_tensor(name, x, (rows,), _ROW_FLOATS, device)
     if rows == 0:
         return
     cfg = dense_divergence_config(vocab, student.dtype)
@@ -705,8 +754,8 @@ def dense_divergence(student: Tensor, teacher: Tensor, rows: int, vocab: int, in
             vocab,
             student.stride(0), teacher.stride(0), lse.stride(0), teacher_lse.stride(0),
             kd.stride(0), wsum.stride(0),
-            inv_temp, cap, teacher_cap, beta, log_beta, log_1m_beta)
-    meta = dict(HAS_CAP=has_cap, TEACHER_HAS_CAP=teacher_has_cap, KIND=kind, **cfg)
+            *_scalars(inv_temp, cap, teacher_cap, beta, log_beta, log_1m_beta))
+    meta = dict(HAS_CAP=has_cap, TEACHER_HAS_CAP=teacher_has_cap, KIND=kind, ACC=_acc(student), **cfg)
     _launch(dense_divergence_kernel, rows, device, args, meta)
 
 
@@ -724,12 +773,11 @@ def dense_grad(student: Tensor, teacher: Tensor, rows: int, vocab: int, inv_temp
     cap, has_cap = _cap("cap", cap)
     teacher_cap, teacher_has_cap = _cap("teacher_cap", teacher_cap)
     kind, beta, log_beta, log_1m_beta = _kind(kind, beta)
-    f32 = (torch.float32,)
     for name, x in (("lse", lse), ("teacher_lse", teacher_lse), ("wsum", wsum), ("kd_scale", kd_scale)):
-        _check_tensor(name, x, (rows,), f32, device)
+        _check_tensor(name, x, (rows,), _ROW_FLOATS, device)
     if with_ce:
-        _check_tensor("lse_ce", lse_ce, (rows,), f32, device)
-        _check_tensor("ce_scale", ce_scale, (rows,), f32, device)
+        _check_tensor("lse_ce", lse_ce, (rows,), _ROW_FLOATS, device)
+        _check_tensor("ce_scale", ce_scale, (rows,), _ROW_FLOATS, device)
         _check_tensor("labels", labels, (rows,), _INTS, device)
     if rows == 0:
         return out
@@ -740,8 +788,9 @@ def dense_grad(student: Tensor, teacher: Tensor, rows: int, vocab: int, inv_temp
             student.stride(0), out.stride(0), teacher.stride(0), lse.stride(0),
             teacher_lse.stride(0), wsum.stride(0), kd_scale.stride(0), _stride(lse_ce),
             _stride(ce_scale), _stride(labels),
-            inv_temp, cap, teacher_cap, beta, log_beta, log_1m_beta)
-    meta = dict(HAS_CAP=has_cap, TEACHER_HAS_CAP=teacher_has_cap, KIND=kind, WITH_CE=bool(with_ce), **cfg)
+            *_scalars(inv_temp, cap, teacher_cap, beta, log_beta, log_1m_beta))
+    meta = dict(HAS_CAP=has_cap, TEACHER_HAS_CAP=teacher_has_cap, KIND=kind, WITH_CE=bool(with_ce),
+                ACC=_acc(student), **cfg)
     _launch(dense_grad_kernel, rows, device, args, meta)
     return out
 
@@ -763,7 +812,7 @@ def recording():
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                 torch.int32: "i32", torch.int64: "i64"}
+                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
 
 
 def _compile_spec(kernel, args: tuple, meta: dict) -> dict:
