@@ -33,12 +33,16 @@ S, the caller sets to 0 — comes back as exact zeros even if its statistics are
 
 Shapes and dtypes (every tensor on the logits' device):
   logits / student / teacher  (rows, vocab), float32 (the engine's default: unrounded statistics),
-                              float16 or bfloat16; unit column stride, any row stride.
+                              float16 or bfloat16 (computed in float32), or float64 (computed in
+                              float64; τ, caps and β then travel as two float32 halves, exact to
+                              ~1e-14); unit column stride, any row stride.
   sorted_ids                  (rows, k) int32/int64, ascending per row, unique valid ids; unused
                               slots are any value outside [0, vocab): -1 (sorting first) or vocab
                               (sorting last, as ``torch_backend.sorted_topk_ids`` makes them).
-  sorted_values               (rows, k) float32, dz at ``sorted_ids`` (unused slots ignored).
-  per-row vectors             (rows,) float32 (labels int32/int64), any stride.
+  sorted_values               (rows, k) any float dtype, dz at ``sorted_ids`` (unused slots ignored).
+  per-row vectors             (rows,) float32 or float64 (labels int32/int64), any stride, so
+                              columns of an (N, 4) state can be passed as they are.
+  out                         the logits' shape, any float dtype, unit column stride.
   cap / teacher_cap           a float; ``None`` or ``<= 0`` means no softcap (csrc passes 0).
   kind                        0 forward KL, 1 reverse KL, 2 JSD with 0 < beta < 1 (``KIND_CODES``).
 
