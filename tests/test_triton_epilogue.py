@@ -223,6 +223,28 @@ def test_topk_set_covering_the_vocabulary_and_no_set():
     assert torch.allclose(lse.cpu(), torch.logsumexp(buf, 1), atol=1e-6)
 
 
+def test_strided_buffer_and_state_give_the_same_bits():
+    """A buffer that is a column slice of a wider one (row stride > V) and per-row state that is
+    columns of an (N, 4) tensor give exactly what contiguous tensors give."""
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(ROWS, VOCAB + 24, generator=gen).to(DEVICE)
+    ids = torch.stack([torch.randperm(VOCAB, generator=gen)[:K] for _ in range(ROWS)])
+    ids, _ = _sorted(ids.to(DEVICE), VOCAB, "last")
+    results = []
+    for strided in (False, True):
+        buf = wide[:, :VOCAB] if strided else wide[:, :VOCAB].contiguous()
+        state = torch.zeros(ROWS, 4, device=DEVICE)
+        cols = [state[:, i] for i in range(4)] if strided else [torch.zeros(ROWS, device=DEVICE) for _ in range(4)]
+        te.topk_stats(buf, ROWS, VOCAB, ids, K, 0.5, 4.0, True, True, True, *cols)
+        out = torch.empty(ROWS, VOCAB, device=DEVICE)
+        te.topk_grad(buf, ROWS, VOCAB, ids, torch.zeros(ROWS, K, device=DEVICE), K, cols[0], cols[3],
+                     cols[2], cols[3], torch.zeros(ROWS, dtype=torch.int64, device=DEVICE), 0.5, 4.0,
+                     True, True, out=out)
+        results.append([c.cpu() for c in cols] + [out.cpu()])
+    for plain, strided in zip(*results):
+        assert torch.equal(plain, strided)
+
+
 # ------------------------------------------------------------------------------------------------
 # dense (online teacher)
 # ------------------------------------------------------------------------------------------------
