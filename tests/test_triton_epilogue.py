@@ -11,6 +11,10 @@ output's dtype), or the output dtype's floor, whichever is larger.
 Shapes: 6 rows, V = 200 with tiles of 64 columns (``MAX_BLOCK_V`` lowered): 4 tiles, the last one
 partial (V not a multiple of the tile); K = 9 with -1 slots, ids at columns 0, V−1 and both sides of
 the tile boundary 63|64. Rows 1 and 4 are ignored (label −100) and must come back exactly zero.
+float64 buffers are checked against float64 itself (1e-13). ``test_epilogues_through_a_head`` runs
+the chain behind a real head (``dh = dz·W`` against the references' ``d hidden``); its GPU-marked
+twin does so at V = 128256 with the GPU's own tile. The compile test builds every kernel for
+sm_90/89/80 with ``scripts/compile_epilogue.py`` (no GPU needed).
 """
 from __future__ import annotations
 
