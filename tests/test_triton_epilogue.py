@@ -238,7 +238,7 @@ def test_strided_buffer_and_state_give_the_same_bits():
     for strided in (False, True):
         buf = wide[:, :VOCAB] if strided else wide[:, :VOCAB].contiguous()
         state = torch.zeros(ROWS, 4, device=DEVICE)
-        cols = [state[:, i] for i in range(4)] if strided else [torch.zeros(ROWS, device=DEVICE) for _ in range(4)]
+        cols = [state[:, i] if strided else torch.zeros(ROWS, device=DEVICE) for i in range(4)]
         te.topk_stats(buf, ROWS, VOCAB, ids, K, 0.5, 4.0, True, True, True, *cols)
         out = torch.empty(ROWS, VOCAB, device=DEVICE)
         te.topk_grad(buf, ROWS, VOCAB, ids, torch.zeros(ROWS, K, device=DEVICE), K, cols[0], cols[3],
@@ -325,7 +325,8 @@ def test_dense_epilogue_matches_reference(case):
     grad_rows = torch.rand(ROWS, generator=gen) + 0.5
     student, teacher = x64.to(DEVICE, dtype), y64.to(DEVICE, dtype)
     before = student.cpu().clone()
-    out = None if out_dtype is None else torch.full(student.shape, float("nan"), dtype=out_dtype, device=DEVICE)
+    out = None if out_dtype is None else torch.full(student.shape, float("nan"), dtype=out_dtype,
+                                                   device=DEVICE)
     stats, loss, dz = _dense_kernels(student, teacher, labels, grad_rows, case, out)
 
     x, y = before.double(), teacher.cpu().double()

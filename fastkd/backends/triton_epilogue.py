@@ -221,7 +221,8 @@ def topk_stats_kernel(
     lse = m + tl.log(total)
     tl.store(lse_ptr + row * stride_lse, lse)
     if WITH_TAIL:
-        tl.store(tail_lse_ptr + row * stride_tail_lse, m + tl.log(tl.sum(acc_tail, axis=0)))  # −inf: empty tail
+        tail_lse = m + tl.log(tl.sum(acc_tail, axis=0))  # −inf for an empty tail
+        tl.store(tail_lse_ptr + row * stride_tail_lse, tail_lse)
     if WITH_CE:
         if SEPARATE_CE:
             tl.store(lse_ce_ptr + row * stride_lse_ce, m_ce + tl.log(tl.sum(acc_ce, axis=0)))
@@ -379,7 +380,8 @@ def dense_divergence_kernel(
         cols = v0 + offs
         col_mask = cols < V
         z = _softcap(_load_row_tile(student_row, cols, col_mask, ACC), cap, HAS_CAP) * inv_temp
-        t = _softcap(_load_row_tile(teacher_row, cols, col_mask, ACC), teacher_cap, TEACHER_HAS_CAP) * inv_temp
+        y = _load_row_tile(teacher_row, cols, col_mask, ACC)
+        t = _softcap(y, teacher_cap, TEACHER_HAS_CAP) * inv_temp
         term, w, _p = _dense_terms(z, t, lse, teacher_lse, log_beta, log_1m_beta, beta, KIND)
         acc_kd += tl.where(col_mask, term, 0.0)
         acc_w += tl.where(col_mask, w, 0.0)
@@ -430,7 +432,8 @@ def dense_grad_kernel(
         cols = v0 + offs
         col_mask = cols < V
         s = _softcap(_load_row_tile(student_row, cols, col_mask, ACC), cap, HAS_CAP)
-        t = _softcap(_load_row_tile(teacher_row, cols, col_mask, ACC), teacher_cap, TEACHER_HAS_CAP) * inv_temp
+        y = _load_row_tile(teacher_row, cols, col_mask, ACC)
+        t = _softcap(y, teacher_cap, TEACHER_HAS_CAP) * inv_temp
         _term, w, p = _dense_terms(s * inv_temp, t, lse, teacher_lse, log_beta, log_1m_beta, beta, KIND)
         g = tl.where(kd_scale != 0.0, kd_scale * (w - p * wsum), 0.0)
         if WITH_CE:
@@ -673,7 +676,8 @@ def topk_grad(logits: Tensor, rows: int, vocab: int, sorted_ids: Optional[Tensor
         _check_ids("sorted_ids", sorted_ids, rows, k, device)
         _check_tensor("sorted_values", sorted_values, (rows, k), _FLOATS, device)
         if k > 1 and sorted_values.stride(1) != 1:
-            raise ValueError(f"sorted_values must have unit column stride, got {tuple(sorted_values.stride())}")
+            raise ValueError("sorted_values must have unit column stride, got strides "
+                             f"{tuple(sorted_values.stride())}")
     _check_tensor("kd_lse", kd_lse, (rows,), _ROW_FLOATS, device)
     if with_tail:
         _check_tensor("dense_scale", dense_scale, (rows,), _ROW_FLOATS, device)
