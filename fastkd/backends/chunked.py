@@ -56,6 +56,8 @@ _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Chunk heights are rounded down to a multiple of this (whole GEMM tiles) when at least one fits.
 ROW_ALIGN = 64
 EPILOGUES = ("torch", "triton", "cuda")
+# Below this many elements a GEMM output goes through the allocator instead of out= (see _Head).
+_OUT_MIN_NUMEL = 1 << 16
 
 
 def chunk_rows(n_rows: int, vocab: int, element_bytes: int, budget_bytes: int, buffers: int = 1) -> int:
@@ -135,7 +137,7 @@ class _Head:
         if self.tensor_cores:
             torch.mm(hidden_op, self.weight.t(), out_dtype=self.acc, out=out)
         else:
-            torch.mm(hidden_op, self.weight.t(), out=out)
+            _mm_into(out, hidden_op, self.weight.t())
         if self.bias is not None:
             out += self.bias
         return out
@@ -148,16 +150,31 @@ class _Head:
         if self.tensor_cores and out.dtype != self.operand:
             torch.mm(dz_op, self.weight, out_dtype=out.dtype, out=out)
         elif out.dtype == dz_op.dtype:
-            torch.mm(dz_op, self.weight, out=out)
+            _mm_into(out, dz_op, self.weight)
         else:
             out.copy_(torch.mm(dz_op, self.weight))
 
-    def add_grad_weight(self, acc: Tensor, dz_op: Tensor, hidden_op: Tensor) -> None:
-        """``acc += dzᵀ · h`` with ``acc`` float32 (float64), accumulated across the chunks."""
+    def add_grad_weight(self, acc: Tensor, dz_op: Tensor, hidden_op: Tensor, first: bool) -> None:
+        """``acc (+)= dzᵀ · h`` with ``acc`` float32 (float64), accumulated across the chunks
+        (``first``: written, not added: no zero fill of a ``V x D`` buffer)."""
         if self.tensor_cores:
-            torch.addmm(acc, dz_op.t(), hidden_op, out_dtype=acc.dtype, out=acc)
+            if first:
+                torch.mm(dz_op.t(), hidden_op, out_dtype=acc.dtype, out=acc)
+            else:
+                torch.addmm(acc, dz_op.t(), hidden_op, out_dtype=acc.dtype, out=acc)
+        elif first:
+            _mm_into(acc, dz_op.t(), hidden_op)
         else:
             acc.addmm_(dz_op.t(), hidden_op)
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a · b`` without a new allocation for large blocks; tiny ones go through the
+    allocator (on the CPU ``torch.mm(out=)`` of a tiny float64 block can take a slow threaded path)."""
+    if out.numel() >= _OUT_MIN_NUMEL:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
 
 
 class _Grads:
@@ -168,7 +185,8 @@ class _Grads:
                  weight_grad: bool):
         self.head = head
         self.hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        self.weight = torch.zeros(weight.shape, dtype=head.acc, device=weight.device) if weight_grad else None
+        self.weight = torch.empty(weight.shape, dtype=head.acc, device=weight.device) if weight_grad else None
+        self.first = True  # the first chunk writes dW (no zero fill), the others add to it
         self.bias = None if bias is None else torch.zeros(weight.shape[0], dtype=head.acc, device=weight.device)
         self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
 
@@ -176,11 +194,14 @@ class _Grads:
         dz_op = self.head.grad_operand(dz)
         self.head.grad_hidden(dz_op, self.hidden[rows])
         if self.weight is not None:
-            self.head.add_grad_weight(self.weight, dz_op, hidden_op)
+            self.head.add_grad_weight(self.weight, dz_op, hidden_op, first=self.first)
+        self.first = False
         if self.bias is not None:
             self.bias += dz.sum(dim=0, dtype=self.bias.dtype)
 
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.first and self.weight is not None:  # no rows, no chunk: dW is zero
+            self.weight.zero_()
         weight_dtype, bias_dtype = self.dtypes
         dw = self.hidden.new_empty(0) if self.weight is None else self.weight.to(weight_dtype)
         db = self.hidden.new_empty(0) if self.bias is None else self.bias.to(bias_dtype)

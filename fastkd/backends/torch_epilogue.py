@@ -42,18 +42,13 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(a.shape[0])
 
 
-def _lse_from_log_softmax(raw_max: Tensor, argmax: Tensor, log_probs: Tensor) -> Tensor:
-    """``lse = z_j − log p_j`` at the row's largest logit j (there ``log p_j ≥ −log V``: exact)."""
-    return raw_max - log_probs.gather(1, _row(argmax)).squeeze(1)
-
-
 class TorchEpilogue:
     """The five epilogues in torch ops; one instance per op call (it carries state per chunk)."""
 
     name = "torch"
     keeps_logits = False  # the stats calls may reuse the buffer; see the module docstring
     takes_out = True
-    extra_blocks = 2  # scratch blocks of chunk x V next to the plan's buffers (dense: p and q)
+    extra_blocks = 3  # scratch blocks of chunk x V next to the plan's buffers (dense: p, q, M)
 
     def __init__(self):
         self._fast = False
@@ -77,9 +72,10 @@ class TorchEpilogue:
         # Fast path: the buffer becomes p = softmax(z) (with S zeroed when there is a tail).
         if inv_temp != 1.0:
             logits.mul_(inv_temp)
-        raw_max, argmax = logits.max(dim=1)
+        raw_max = logits.amax(dim=1)
         probs = _softmax_(logits)
-        row_lse = raw_max - probs.gather(1, _row(argmax)).squeeze(1).log()
+        # The largest probability is exp(max z − lse) ≥ 1/V: its log gives lse to the last bit.
+        row_lse = raw_max - probs.amax(dim=1).log_()
         lse.copy_(row_lse)
         if with_ce:
             lse_ce.copy_(row_lse)  # τ = 1 here: the CE logits are z
@@ -161,9 +157,9 @@ class TorchEpilogue:
             for buf, out in ((student, lse), (teacher, teacher_lse)):
                 if inv_temp != 1.0:
                     buf.mul_(inv_temp)
-                raw_max, argmax = buf.max(dim=1)
-                _log_softmax_(buf)
-                out.copy_(_lse_from_log_softmax(raw_max, argmax, buf))
+                raw_max = buf.amax(dim=1)
+                _log_softmax_(buf)  # the largest log p is max z − lse: lse to the last bit
+                out.copy_(raw_max - buf.amax(dim=1))
             if with_ce:
                 lse_ce.copy_(lse)
             if with_stats:
@@ -207,20 +203,22 @@ class TorchEpilogue:
             self._carry = (probs, ratio)
         elif divergence == "forward_kl":  # w = −q, W = −1
             teacher_probs = torch.exp(log_q, out=self._buffer("q", log_q))
-            kd.copy_(_rowdot(teacher_probs, log_q) - _rowdot(teacher_probs, log_p))
+            kd.copy_(_rowdot(teacher_probs, torch.sub(log_q, log_p, out=log_q)))  # one sum: no cancellation
             wsum.fill_(-1.0)
             self._carry = (probs, teacher_probs)
         else:  # jsd: M = βq + (1−β)p, w = (1−β)·p·(log p − log M)
             teacher_probs = torch.exp(log_q, out=self._buffer("q", log_q))
-            both = _rowdot(teacher_probs, log_q).mul_(beta).add_(_rowdot(probs, log_p), alpha=1 - beta)
-            mixture = torch.lerp(probs, teacher_probs, beta, out=teacher_probs)
-            entropy_m = torch.special.xlogy(mixture, mixture).sum(dim=1)
-            # log M floored at the smallest normal float: where M underflows p does too, and
+            mixture = torch.lerp(probs, teacher_probs, beta, out=self._buffer("m", log_q))
+            # log M floored at the smallest normal float: where M underflows p and q do too, and
             # p·(log p − log M) is then 0, never 0·∞.
             log_m = mixture.clamp_(min=torch.finfo(mixture.dtype).tiny).log_()
-            kd.copy_(both - entropy_m)
+            # Each divergence summed term by term (p·(log p − log M), q·(log q − log M)): the
+            # entropies alone are ~log V and would cancel to a small JSD.
+            teacher_part = _rowdot(teacher_probs, torch.sub(log_q, log_m, out=log_q))
             ratio = torch.sub(log_p, log_m, out=log_m)
-            wsum.copy_(_rowdot(probs, ratio).mul_(1 - beta))
+            student_part = _rowdot(probs, ratio)
+            kd.copy_(teacher_part.mul_(beta).add_(student_part, alpha=1 - beta))
+            wsum.copy_(student_part.mul_(1 - beta))
             self._carry = (probs, ratio)
         self._kind = divergence
 
