@@ -289,7 +289,9 @@ class Trainer:
                     ce_weight=ce, kd_weight=cfg.kd_weight, impl=cfg.impl)
 
     def _loss_rows(self, model, batch: dict, on_policy: bool = False) -> tuple[Tensor, Optional[Tensor], Tensor]:
-        """Per-row loss ``(N,)``, per-row divergence ``(N,)`` (None for CE only), counted mask."""
+        """Per-row loss ``(N,)`` — or, for the KD losses without token selection, their sum (a
+        summing reduction: the loss makes its gradients in the forward, three GEMMs, no
+        recomputation) — per-row statistics (None for CE only), counted mask."""
         cfg = self.config
         if cfg.mode == "cross_tokenizer":
             options = self._options(False)
@@ -299,7 +301,8 @@ class Trainer:
         labels = batch["labels"][:, 1:]
         s = hidden_and_head(model, vocab_size=self.shared_vocab, **inputs)
         hidden = s["hidden"][:, :-1]
-        head = dict(bias=s["bias"], softcap=s["softcap"], labels=labels, reduction="none", return_stats=True)
+        reduction = "sum" if cfg.token_fraction >= 1 else "none"
+        head = dict(bias=s["bias"], softcap=s["softcap"], labels=labels, reduction=reduction, return_stats=True)
         if cfg.mode == "sft":
             rows, stats = _fused_ce(hidden, s, labels, cfg.impl, ce_weight=cfg.ce_weight, reduction="none",
                                     return_stats=True)
@@ -384,7 +387,8 @@ class Trainer:
                         with acc.autocast():
                             rows, stats, counted = self._loss_rows(self.student, batch, on_policy)
                         keep = self._select(rows, stats, counted)
-                        loss = (rows.float() * keep).sum() / denominator
+                        loss = (rows.float() * keep).sum() if rows.dim() else rows.float()
+                        loss = loss / denominator
                         acc.backward(loss)
                     sums[0] += loss.detach()
                     if stats is not None:
