@@ -15,27 +15,34 @@ from torch import Tensor
 
 from . import _validate as check
 from . import divergences as dv
-from .backends import torch_backend
+from .backends import chunked, torch_backend
 from .config import config
 from .stats import KDStats
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The backend ``impl`` names for inputs on ``device`` of ``dtype``.
+    """The path that runs ``impl`` for inputs on ``device`` of ``dtype``.
 
-    ``"auto"``: ``"triton"`` for 16/32-bit inputs on a CUDA device when Triton is installed (it
-    never materialises ``chunk x V``), else ``"torch"`` (CPU tensors, float64, no Triton).
-    ``"triton"`` needs a CUDA device, or the CPU with ``TRITON_INTERPRET=1`` set before fastkd's
-    kernels are first imported (the test lane). ``"cuda"`` (opt-in: ``"auto"`` does not pick it
-    until GPU benchmarks decide) needs fastkd's CUDA extension, prebuilt or buildable on first
-    use, and 16/32-bit CUDA tensors; without the extension it says how to build it.
+    Returns ``"torch"`` (the chunked plan with torch epilogues), ``"chunked"`` (the chunked plan
+    with Triton epilogues), ``"triton"`` (the streaming Triton kernels) or ``"cuda"`` (the chunked
+    plan with the csrc epilogues); see ``fastkd.backends.chunked``.
+
+    ``"auto"``: ``"chunked"`` for 16/32-bit inputs on a CUDA device when Triton is installed (three
+    GEMMs on tensor cores plus memory-bound epilogues: the fastest path on paper, within
+    ``fastkd.config.chunk_bytes`` of extra memory), else ``"torch"`` (CPU tensors, float64, no
+    Triton). ``"triton"`` asks for the streaming kernels (never more than a tile of logits: the
+    smallest memory; ``"auto"`` also falls back to them when the budget cannot hold a 64-row chunk);
+    it needs a CUDA device, or the CPU with ``TRITON_INTERPRET=1`` set before fastkd's kernels are
+    first imported (the test lane). ``"cuda"`` needs fastkd's CUDA extension, prebuilt or
+    buildable on first use, and 16/32-bit CUDA tensors; without the extension it says how to
+    build it.
     """
     if impl == "torch":
         return "torch"
     interpreted_bf16 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     if impl == "auto":
         gpu = device.type == "cuda" and dtype != torch.float64 and not interpreted_bf16
-        return "triton" if gpu and _triton_importable() else "torch"
+        return "chunked" if gpu and _triton_importable() else "torch"
     if impl == "triton":
         if not _triton_importable():
             raise RuntimeError("impl='triton' needs the triton package (pip install triton); "
@@ -74,22 +81,56 @@ def _triton():
     return triton_backend
 
 
-def _cuda():
-    from .backends import cuda_backend  # imported on first use: the extension loads on first call
-    return cuda_backend
-
-
 def _grads_in_forward(reduction: str, *tensors: Optional[Tensor]) -> bool:
-    """Whether the cuda backend computes the gradients in its forward (DESIGN.md §3): only for a
+    """Whether the chunked plan computes the gradients in its forward (DESIGN.md §3): only for a
     summing reduction (a uniform ``grad_output`` over the rows) and when a gradient is wanted."""
     wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return reduction != "none" and wanted
 
 
-def _cuda_vocab_pass(tail: str, ce_weight: float, return_stats: bool) -> bool:
+def _vocab_pass(tail: str, ce_weight: float, return_stats: bool) -> bool:
     """False where a top-k loss needs no pass over the vocabulary (renormalised, no CE, no stats):
-    then the torch backend's O(N·K·D) gathered path is all there is to do, for impl='cuda' too."""
+    then the torch backend's O(N·K·D) gathered path is all there is to do, for every impl."""
     return tail == "bucket" or ce_weight != 0.0 or return_stats
+
+
+def operand_dtype(device: torch.device, *tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype the loss's GEMMs take their operands in (issue #19: decided once, here).
+
+    Under ``torch.autocast`` on the inputs' device: the autocast dtype (float16/bfloat16). Else the
+    16-bit dtype among the inputs (16-bit activations with float32 master weights run as a
+    well-written autocast loss does), float64 when every input is float64, else float32 (IEEE
+    float32, as without autocast). Accumulation is float32 (float64) whatever the operands; the
+    ops themselves run with autocast off and see plain dtypes.
+    """
+    dtypes = [t.dtype for t in tensors if t is not None]
+    if all(dt == torch.float64 for dt in dtypes):
+        return torch.float64
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        autocast_dtype = torch.get_autocast_dtype(device.type)
+        if autocast_dtype in (torch.float16, torch.bfloat16):
+            return autocast_dtype
+    for dt in dtypes:
+        if dt in (torch.float16, torch.bfloat16):
+            return dt
+    return torch.float32
+
+
+def _path(backend: str, vocab: int, buffers: int) -> str:
+    """``"auto"``'s chunked path gives way to the streaming kernels when the memory budget cannot
+    hold a 64-row chunk of its float32 buffers."""
+    if backend == "chunked" and config.chunk_bytes < chunked.ROW_ALIGN * vocab * 4 * buffers:
+        return "triton"
+    return backend
+
+
+_EPILOGUE = {"torch": "torch", "chunked": "triton", "cuda": "cuda"}
+
+
+def _streaming_operands(op_dtype: torch.dtype, *tensors: Optional[Tensor]):
+    """The streaming kernels take one dtype: the inputs cast to the operand dtype (autograd casts
+    the gradients back to each input's dtype)."""
+    return tuple(None if t is None else t.to(op_dtype) for t in tensors)
 
 
 def topk_kd_loss(
@@ -171,24 +212,30 @@ def topk_kd_loss(
     check.values(vocab, counted, labels1, ids, logprobs)
     ids = torch.where(counted.unsqueeze(1), ids, -1)  # ignored rows: no teacher data is read
 
-    if backend == "triton":
-        loss_rows, kd_rows, _state, _weights, stats = _triton().topk_kd_forward(
-            hidden2.contiguous(), weight.contiguous(), _contiguous(bias), ids, logprobs, None,
-            None, None, labels1, opts["divergence"], opts["beta"], opts["tail"],
-            opts["temperature"], opts["softcap"], None, opts["ignore_index"], opts["ce_weight"],
-            opts["kd_weight"], return_stats)
-    elif backend == "cuda" and _cuda_vocab_pass(opts["tail"], opts["ce_weight"], return_stats):
-        loss_rows, kd_rows, _state, _weights, stats = _cuda().topk_kd_forward(
-            hidden2.contiguous(), weight.contiguous(), _contiguous(bias), ids, logprobs, None,
-            labels1, opts["divergence"], opts["beta"], opts["tail"], opts["temperature"],
-            opts["softcap"], opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
-            config.cuda_chunk_bytes, return_stats,
-            _grads_in_forward(opts["reduction"], hidden, weight, bias))[:5]
-    else:
-        loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
-            hidden2, weight, bias, ids, logprobs, None, labels1, opts["divergence"], opts["beta"],
-            opts["tail"], opts["temperature"], opts["softcap"], opts["ignore_index"],
-            opts["ce_weight"], opts["kd_weight"], config.torch_chunk_bytes, return_stats)
+    op_dtype = operand_dtype(hidden.device, hidden, weight, bias)
+    backend = _path(backend, vocab, 1) if opts["impl"] == "auto" else backend
+    with chunked.no_autocast(hidden.device):
+        if backend == "triton":
+            h, w, b = _streaming_operands(op_dtype, hidden2, weight, bias)
+            loss_rows, kd_rows, _state, _weights, stats = _triton().topk_kd_forward(
+                h.contiguous(), w.contiguous(), _contiguous(b), ids, logprobs, None, None, None,
+                labels1, opts["divergence"], opts["beta"], opts["tail"], opts["temperature"],
+                opts["softcap"], None, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
+                return_stats)
+        elif not _vocab_pass(opts["tail"], opts["ce_weight"], return_stats):
+            h, w, b = _rounded(op_dtype, hidden2, weight, bias)
+            loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
+                h, w, b, ids, logprobs, None, labels1, opts["divergence"], opts["beta"], opts["tail"],
+                opts["temperature"], opts["softcap"], opts["ignore_index"], opts["ce_weight"],
+                opts["kd_weight"], config.chunk_bytes, return_stats)
+        else:
+            out = chunked.topk_forward(
+                hidden2, weight, bias, ids, logprobs, None, None, None, labels1, opts["divergence"],
+                opts["beta"], opts["tail"], opts["temperature"], opts["softcap"], None, 0, "teacher",
+                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], config.chunk_bytes,
+                return_stats, _grads_in_forward(opts["reduction"], hidden, weight, bias),
+                weight.requires_grad, _EPILOGUE[backend], op_dtype)
+            loss_rows, kd_rows, stats = out[0], out[1], out[4]
     loss = _reduce(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
@@ -284,46 +331,48 @@ def kd_loss(
     teacher_weight = teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
 
-    if backend == "triton":
-        loss_rows, kd_rows, stats, topk_mass = _kd_loss_triton(
-            hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1, counted,
-            topk, topk_from, teacher_softcap, opts, return_stats)
-    elif topk is not None:
-        ids, logprobs, teacher_log_tail = torch_backend.select_topk(
-            hidden2.detach(), weight.detach(), None if bias is None else bias.detach(),
-            teacher_hidden2, teacher_weight, teacher_bias, topk, topk_from, opts["temperature"],
-            opts["softcap"], teacher_softcap, config.torch_chunk_bytes)
-        ids = torch.where(counted.unsqueeze(1), ids, -1)
-        if backend == "cuda" and _cuda_vocab_pass(opts["tail"], opts["ce_weight"], return_stats):
-            loss_rows, kd_rows, _state, _weights, stats = _cuda().topk_kd_forward(
-                hidden2.contiguous(), weight.contiguous(), _contiguous(bias), ids, logprobs,
-                teacher_log_tail, labels1, opts["divergence"], opts["beta"], opts["tail"],
-                opts["temperature"], opts["softcap"], opts["ignore_index"], opts["ce_weight"],
-                opts["kd_weight"], config.cuda_chunk_bytes, return_stats,
-                _grads_in_forward(opts["reduction"], hidden, weight, bias))[:5]
-        else:
+    op_dtype = operand_dtype(hidden.device, hidden, weight, bias, teacher_hidden2, teacher_weight,
+                             teacher_bias)
+    backend = _path(backend, vocab, 2) if opts["impl"] == "auto" else backend
+    grads_in_forward = _grads_in_forward(opts["reduction"], hidden, weight, bias)
+    with chunked.no_autocast(hidden.device):
+        if backend == "triton":
+            student = _streaming_operands(op_dtype, hidden2, weight, bias)
+            teacher = _streaming_operands(op_dtype, teacher_hidden2, teacher_weight, teacher_bias)
+            loss_rows, kd_rows, stats, topk_mass = _kd_loss_triton(
+                *student, *teacher, labels1, counted, topk, topk_from, teacher_softcap, opts,
+                return_stats)
+        elif topk is not None and not _vocab_pass(opts["tail"], opts["ce_weight"], return_stats):
+            h, w, b = _rounded(op_dtype, hidden2, weight, bias)
+            th, tw, tb = _rounded(op_dtype, teacher_hidden2, teacher_weight, teacher_bias)
+            ids, logprobs, teacher_log_tail = torch_backend.select_topk(
+                h.detach(), w.detach(), None if b is None else b.detach(), th, tw, tb, topk,
+                topk_from, opts["temperature"], opts["softcap"], teacher_softcap, config.chunk_bytes)
+            ids = torch.where(counted.unsqueeze(1), ids, -1)
             loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
-                hidden2, weight, bias, ids, logprobs, teacher_log_tail, labels1, opts["divergence"],
+                h, w, b, ids, logprobs, teacher_log_tail, labels1, opts["divergence"],
                 opts["beta"], opts["tail"], opts["temperature"], opts["softcap"],
-                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
-                config.torch_chunk_bytes, return_stats)
-        topk_mass = stats[:, 2].detach() if return_stats else None
-    elif backend == "cuda":
-        loss_rows, kd_rows, _state, stats = _cuda().dense_kd_forward(
-            hidden2.contiguous(), weight.contiguous(), _contiguous(bias),
-            teacher_hidden2.contiguous(), teacher_weight.contiguous(), _contiguous(teacher_bias),
-            labels1, opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
-            teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
-            config.cuda_chunk_bytes, return_stats,
-            _grads_in_forward(opts["reduction"], hidden, weight, bias))[:4]
-        topk_mass = None
-    else:
-        loss_rows, kd_rows, _lse_ce, stats = torch_backend.dense_kd_forward(
-            hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1,
-            opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
-            teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
-            config.torch_chunk_bytes, return_stats)
-        topk_mass = None
+                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], config.chunk_bytes,
+                return_stats)
+            topk_mass = stats[:, 2].detach() if return_stats else None
+        elif topk is not None:
+            out = chunked.topk_forward(
+                hidden2, weight, bias, None, None, teacher_hidden2, teacher_weight, teacher_bias,
+                labels1, opts["divergence"], opts["beta"], opts["tail"], opts["temperature"],
+                opts["softcap"], teacher_softcap, topk, topk_from, opts["ignore_index"],
+                opts["ce_weight"], opts["kd_weight"], config.chunk_bytes, return_stats,
+                grads_in_forward, weight.requires_grad, _EPILOGUE[backend], op_dtype)
+            loss_rows, kd_rows, stats = out[0], out[1], out[4]
+            topk_mass = stats[:, 2].detach() if return_stats else None
+        else:
+            out = chunked.dense_forward(
+                hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1,
+                opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
+                teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
+                config.chunk_bytes, return_stats, grads_in_forward, weight.requires_grad,
+                _EPILOGUE[backend], op_dtype)
+            loss_rows, kd_rows, stats = out[0], out[1], out[3]
+            topk_mass = None
     loss = _reduce(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
@@ -354,6 +403,16 @@ def _kd_loss_triton(hidden, weight, bias, teacher_hidden, teacher_weight, teache
         teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], return_stats)
     topk_mass = stats[:, 2].detach() if return_stats else None
     return loss_rows, kd_rows, stats, topk_mass
+
+
+def _rounded(op_dtype: torch.dtype, *tensors: Optional[Tensor]):
+    """Each tensor with its values rounded to a 16-bit ``op_dtype`` but its own dtype kept, and the
+    gradient passed straight through: how the torch ops (float32 products of rounded operands)
+    give the GEMMs of an autocast loss. Unchanged for float32/float64 operands."""
+    if op_dtype not in (torch.float16, torch.bfloat16):
+        return tensors
+    return tuple(t if t is None or t.dtype == op_dtype
+                 else t + (t.detach().to(op_dtype).to(t.dtype) - t.detach()) for t in tensors)
 
 
 def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:

@@ -21,14 +21,13 @@ class Config:
             no host synchronisation while ``check_values`` is on (its flags ride on that one
             sync; one sync of its own otherwise). Skipped while ``torch.compile`` traces. The
             trainer's ``on_nonfinite`` guard checks the loss and gradient norm instead.
-        torch_chunk_bytes: memory budget of the ``torch`` backend's per-chunk work blocks; the
-            chunk height is this divided by the bytes of the ``chunk x V`` blocks a path keeps
-            alive. Default 256 MiB.
-        cuda_chunk_bytes: memory budget of the ``cuda`` backend's reused logits buffer (two for
-            the dense online teacher, which share it); the chunk height is this divided by
-            ``V x element size``, rounded down to a multiple of 64 rows. Default 512 MiB: 1024
-            rows of a 256k-vocabulary bf16 head (2048 of Llama-3's 128k), tall enough that the
-            cuBLAS GEMMs run near peak, small next to the activations of a 24 GB card.
+        chunk_bytes: the memory budget of every row-chunked path (the chunked plan of the
+            ``torch``, ``cuda`` and default CUDA paths, the byte-level ``torch`` path): the chunk
+            height is this divided by the bytes of the ``chunk x V`` blocks a path keeps alive
+            (float32 logits buffers: one for top-k, two for an online teacher, plus two scratch
+            blocks for the torch epilogues), rounded down to a multiple of 64 rows. Default
+            512 MiB: 1024 rows of Llama-3's 128k vocabulary in float32 (tall enough for the GEMMs
+            to run near peak), small next to the activations of a 24 GB card.
         deterministic: bit-identical gradients run to run. The ``triton`` backend then runs its
             backward without atomics (one kernel owns each row block of the hidden-state
             gradient, another each vocabulary tile of the weight gradient), at the cost of one more
@@ -42,8 +41,7 @@ class Config:
 
     check_values: bool = True
     check_finite: bool = False
-    torch_chunk_bytes: int = 256 * 2**20
-    cuda_chunk_bytes: int = 512 * 2**20
+    chunk_bytes: int = 512 * 2**20
     deterministic: bool = False
     triton_grad_filter: object = "auto"
 

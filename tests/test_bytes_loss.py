@@ -32,7 +32,7 @@ SMALL_CHUNK_BYTES = 2 * 3 * V_TEACHER * 4
 @pytest.fixture(params=["one chunk", "many chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many chunks":
-        monkeypatch.setattr(fastkd.config, "torch_chunk_bytes", SMALL_CHUNK_BYTES)
+        monkeypatch.setattr(fastkd.config, "chunk_bytes", SMALL_CHUNK_BYTES)
     return request.param
 
 

@@ -50,7 +50,7 @@ def _check(p, tol, **options):
 @pytest.fixture(params=["one chunk", "many chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many chunks":
-        monkeypatch.setattr(fastkd.config, "torch_chunk_bytes", SMALL_CHUNK_BYTES)
+        monkeypatch.setattr(fastkd.config, "chunk_bytes", SMALL_CHUNK_BYTES)
     return request.param
 
 

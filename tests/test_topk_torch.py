@@ -24,7 +24,7 @@ SMALL_CHUNK_BYTES = 4 * 3 * V * 4
 @pytest.fixture(params=["one chunk", "many chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many chunks":
-        monkeypatch.setattr(fastkd.config, "torch_chunk_bytes", SMALL_CHUNK_BYTES)
+        monkeypatch.setattr(fastkd.config, "chunk_bytes", SMALL_CHUNK_BYTES)
     return request.param
 
 

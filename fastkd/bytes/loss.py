@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from .. import _validate as check
 from .. import divergences as dv
+from ..api import _rounded, _streaming_operands, operand_dtype
+from ..backends.chunked import no_autocast
 from ..backends import torch_bytes
 from ..backends.torch_backend import counted_rows
 from ..config import config
@@ -89,17 +91,24 @@ def _bucket_lse(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], byte_voc
         from ..parallel import vocab_parallel
         return vocab_parallel.bucket_lse(hidden, weight, bias, tensors["first_byte"], temperature,
                                          softcap)
-    if backend == "torch":
-        return torch_bytes.byte_lse(hidden, weight, bias, tensors["first_byte"], temperature,
-                                    softcap, config.torch_chunk_bytes)
-    from ..backends import triton_bytes
+    # Under autocast (or with 16-bit activations and float32 weights) the GEMM operands are 16-bit
+    # and the statistics float32, as in fastkd.api; the ops run with autocast off.
+    op_dtype = operand_dtype(hidden.device, hidden, weight, bias)
+    with no_autocast(hidden.device):
+        if backend == "torch":
+            hidden, weight, bias = _rounded(op_dtype, hidden, weight, bias)
+            return torch_bytes.byte_lse(hidden, weight, bias, tensors["first_byte"], temperature,
+                                        softcap, config.chunk_bytes)
+        from ..backends import triton_bytes
 
-    block_v = triton_bytes.block_sizes(hidden.device)["BLOCK_V"]
-    ranges = triton_bytes.n_ranges(hidden.shape[0], weight.shape[0], hidden.device)
-    range_start, part_bucket = byte_vocab.range_plan(block_v, ranges, hidden.device)
-    return triton_bytes.byte_lse(hidden, weight, bias, tensors["sorted_ids"],
-                                 tensors["bucket_of_sorted"], range_start, part_bucket,
-                                 temperature, softcap)
+        hidden, weight, bias = _streaming_operands(op_dtype, hidden, weight, bias)
+        block_v = triton_bytes.block_sizes(hidden.device)["BLOCK_V"]
+        ranges = triton_bytes.n_ranges(hidden.shape[0], weight.shape[0], hidden.device)
+        range_start, part_bucket = byte_vocab.range_plan(block_v, ranges, hidden.device)
+        return triton_bytes.byte_lse(hidden.contiguous(), weight.contiguous(),
+                                     None if bias is None else bias.contiguous(),
+                                     tensors["sorted_ids"], tensors["bucket_of_sorted"],
+                                     range_start, part_bucket, temperature, softcap)
 
 
 def _check_head(prefix: str, hidden, weight, bias, byte_vocab, vocab_name: str):
@@ -212,6 +221,7 @@ def _label_logits(hidden2, weight, bias, labels, counted, softcap, dtype) -> Ten
         from ..parallel import vocab_parallel
         return vocab_parallel.label_logits(hidden2, weight, bias, labels, counted, softcap, dtype)
     safe = torch.where(counted, labels, 0)
+    hidden2, weight, bias = _rounded(operand_dtype(hidden2.device, hidden2, weight, bias), hidden2, weight, bias)
     logits = (hidden2.to(dtype) * weight[safe].to(dtype)).sum(dim=-1)
     if bias is not None:
         logits = logits + bias[safe].to(dtype)

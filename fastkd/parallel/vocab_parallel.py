@@ -400,7 +400,7 @@ def _topk_statistics(hidden, head: _LocalHead, plan: TopKPlan, dtype):
             cols[name] = torch.zeros(shape, dtype=dtype, device=hidden.device)
         cols[name][rows] = value
 
-    for rows in _row_chunks(n_rows, shard, _TOPK_BLOCKS, dtype, config.torch_chunk_bytes):
+    for rows in _row_chunks(n_rows, shard, _TOPK_BLOCKS, dtype, config.chunk_bytes):
         h, ids_c, own_c = hidden[rows], local_ids[rows], owned[rows]
         if full:
             capped = head.logits(h)
@@ -529,7 +529,7 @@ class _TopK(torch.autograd.Function):
         d_weight = torch.zeros((size, hidden.shape[1]), dtype=dtype, device=hidden.device)
         d_bias = torch.zeros(size, dtype=dtype, device=hidden.device) if bias is not None else None
         full = tail == "bucket" or use_ce
-        for rows in _row_chunks(hidden.shape[0], shard, _TOPK_BLOCKS, dtype, config.torch_chunk_bytes):
+        for rows in _row_chunks(hidden.shape[0], shard, _TOPK_BLOCKS, dtype, config.chunk_bytes):
             h = hidden[rows].detach().to(dtype)
             ids_c, own_c = local_ids[rows], owned[rows]
             scale = kd_scale[rows].unsqueeze(1)
@@ -606,7 +606,7 @@ class _Dense(torch.autograd.Function):
         kd, lse, teacher_lse, total_w, lse_ce, target, entropy = (new() for _ in range(7))
         if plan.labels is not None:
             label_local, label_owned = shard.owned(plan.labels.unsqueeze(1))
-        for rows in _row_chunks(n_rows, shard, _DENSE_BLOCKS, dtype, config.torch_chunk_bytes):
+        for rows in _row_chunks(n_rows, shard, _DENSE_BLOCKS, dtype, config.chunk_bytes):
             h = hidden[rows].detach()
             capped = head.logits(h)
             t_logits = teacher_head.logits(t_hidden[rows]) / tau
@@ -663,7 +663,7 @@ class _Dense(torch.autograd.Function):
         d_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
         d_weight = torch.zeros((size, hidden.shape[1]), dtype=dtype, device=hidden.device)
         d_bias = torch.zeros(size, dtype=dtype, device=hidden.device) if bias is not None else None
-        for rows in _row_chunks(hidden.shape[0], shard, _DENSE_BLOCKS, dtype, config.torch_chunk_bytes):
+        for rows in _row_chunks(hidden.shape[0], shard, _DENSE_BLOCKS, dtype, config.chunk_bytes):
             h = hidden[rows].detach().to(dtype)
             capped, log_p, log_q = _dense_logprobs(head, teacher_head, h, t_hidden[rows], tau,
                                                    lse[rows], teacher_lse[rows])
@@ -719,7 +719,7 @@ def select_topk(hidden, head: _LocalHead, teacher_hidden, teacher_head: _LocalHe
         return ids.gather(1, values.topk(k, dim=1).indices)
 
     out, teacher_stats = [], []
-    for rows in _row_chunks(n_rows, shard, 2, dtype, config.torch_chunk_bytes):
+    for rows in _row_chunks(n_rows, shard, 2, dtype, config.chunk_bytes):
         teacher = student = teacher_logits = None
         local_sets = []
         if topk_from in ("teacher", "union"):
@@ -931,7 +931,7 @@ def bucket_lse(hidden: Tensor, weight, bias, first_byte: Tensor, temperature: fl
     hidden = _ReplicatedInput.apply(hidden, shard)
     local_first_byte = first_byte[shard.start:shard.start + shard.size]
     local = torch_bytes.byte_lse(hidden, weight_local, bias_local, local_first_byte, temperature,
-                                 softcap, config.torch_chunk_bytes)
+                                 softcap, config.chunk_bytes)
     return _ShardLogSumExp.apply(local, shard)
 
 
