@@ -137,7 +137,7 @@ def cross_items(student_tok, student_vocab, texts: Sequence[str], max_length: in
         if len(t_ids) < 2:
             continue
         item["teacher_input_ids"] = torch.tensor(t_ids, dtype=torch.int64)
-        item["teacher_offsets"] = teacher_vocab.byte_offsets(t_ids, text)
+        item["teacher_offsets"] = teacher_vocab.byte_offsets(t_ids, covered_text(teacher_vocab, t_ids, text))
         items.append(item)
     if not items:
         raise ValueError("data: no text has at least 2 tokens under both tokenizers")
@@ -175,8 +175,24 @@ def _student_side(tokenizer, vocab, text: str, max_length: int) -> Optional[dict
     ids, n_bytes = encode(tokenizer, text, max_length)
     if len(ids) < 2:
         return None
-    return {"input_ids": torch.tensor(ids, dtype=torch.int64), "offsets": vocab.byte_offsets(ids, text),
-            "n_bytes": n_bytes}
+    return {"input_ids": torch.tensor(ids, dtype=torch.int64),
+            "offsets": vocab.byte_offsets(ids, covered_text(vocab, ids, text)), "n_bytes": n_bytes}
+
+
+def covered_text(vocab, ids, text: str):
+    """The part of ``text`` that ``ids`` (a tokenisation of it, possibly truncated) spell: the
+    text itself when they spell all of it, else the UTF-8 prefix they cover (bytes: a cut may fall
+    inside a character). Both tokenizers' byte offsets then count from the same first byte, and
+    only the boundaries both reach are aligned."""
+    data = text.encode("utf-8")
+    spelled = b"".join(vocab.token_bytes[i] for i in ids)
+    if len(spelled) >= len(data):
+        return text  # the whole text (or a normalised one: byte_offsets says so)
+    if data.startswith(spelled):
+        return spelled
+    if vocab.prefix_space and spelled.startswith(b" ") and data.startswith(spelled[1:]):
+        return spelled[1:]  # SentencePiece's dummy prefix, not in the text
+    return text
 
 
 class CrossCollator:
