@@ -101,3 +101,37 @@ def test_cross_tokenizer_truncates_long_texts(assets, tmp_path):
                  data=None, cache=str(tmp_path / "bytes"), max_length=8)
     summary = Trainer(TrainConfig(**cfg)).train()
     assert math.isfinite(summary["loss"]) and math.isfinite(summary["eval"]["eval_ce"])
+
+
+# ----------------------------------------------------------------------------------------------
+# bug 2: fastkd eval on a LoRA run; item 10: merged LoRA, the adapter's base path
+# ----------------------------------------------------------------------------------------------
+def test_eval_of_a_lora_run_and_merged_model(assets, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    a = assets
+    out = tmp_path / "lora"
+    values = config(a, out, lora=True, lora_r=4, lr=1e-2, merge_lora=True)
+    path = write_yaml(tmp_path / "lora.yaml", values)
+    assert cli.main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert math.isfinite(metrics["eval_ce"]) and math.isfinite(metrics["eval_kl"])
+    # the adapter names its base model by an absolute path: it loads from any directory
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]).is_absolute()
+    assert Path(adapter["base_model_name_or_path"]) == Path(a.student).resolve()
+    monkeypatch.chdir(tmp_path)
+    # the merged model loads without peft and computes what base + adapter compute
+    merged = AutoModelForCausalLM.from_pretrained(out / "final-merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with_adapter = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 1e-5
+    base = AutoModelForCausalLM.from_pretrained(a.student).eval()
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits - want).norm() / want.norm() > 1e-4  # the adapter did something

@@ -75,6 +75,8 @@ class TrainConfig:
     lora_alpha: float = _doc("LoRA alpha", 32.0)
     lora_dropout: float = _doc("LoRA dropout", 0.0)
     lora_targets: str = _doc("LoRA target modules: all-linear or a comma-separated list", "all-linear")
+    merge_lora: bool = _doc("lora: also save the base model with the adapter merged into it "
+                            "(output_dir/final-merged, loadable by from_pretrained without peft)", False)
     bf16: bool = _doc("bf16 autocast for the forward passes", False)
     gradient_checkpointing: bool = _doc("recompute activations in the backward", False)
 
@@ -226,6 +228,8 @@ class TrainConfig:
             raise ValueError("topk_from: it chooses the ids of a top-k set; set topk as well")
         if mode == "sft" and self.token_fraction < 1 and self.token_select == "divergence":
             raise ValueError("token_select: mode sft has no teacher to diverge from; use entropy")
+        if self.merge_lora and not self.lora:
+            raise ValueError("merge_lora: only a LoRA run (lora: true) has an adapter to merge")
         if mode != "sft" and self.ce_weight == 0 and self.kd_weight == 0:
             raise ValueError("kd_weight/ce_weight: both are 0, the loss would be 0")
         if mode == "sft" and self.ce_weight == 0:

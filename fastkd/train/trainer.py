@@ -74,9 +74,13 @@ class Trainer:
         self.sampler = OrderSampler(len(self.items), cfg.seed)
 
         params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        if params:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+            self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        else:  # a model with nothing trainable (a saved LoRA adapter, loaded to evaluate it)
+            self.optimizer = self.scheduler = None
+            self.student = acc.prepare(self.student)
         if self.teacher is not None:
             self.teacher.to(acc.device)
         self.step = 0
@@ -111,6 +115,8 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                      lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                      task_type="CAUSAL_LM"))
+            if Path(cfg.student).is_dir():  # the adapter names its base model resolvably from anywhere
+                model.peft_config["default"].base_model_name_or_path = str(Path(cfg.student).resolve())
         return model.train()
 
     def _load_teacher(self):
@@ -361,6 +367,9 @@ class Trainer:
     def train(self) -> dict:
         """Runs (or resumes) the configured steps; returns a summary (last metrics, eval, paths)."""
         cfg, acc = self.config, self.acc
+        if self.optimizer is None:
+            raise ValueError(f"student: {cfg.student} has no trainable parameters (a saved LoRA adapter? "
+                             "train its base model with lora: true)")
         self._maybe_resume()
         from .metrics import MetricsLog
 
@@ -428,6 +437,8 @@ class Trainer:
             checkpoint = self.save_checkpoint()
             if cfg.save_final:
                 self.save_model(self.out / "final")
+                if cfg.lora and cfg.merge_lora:
+                    self.save_merged(self.out / "final-merged")
         finally:
             log.close()
         if acc.is_main_process:
@@ -621,10 +632,24 @@ class Trainer:
         acc.wait_for_everyone()
 
 
+    def save_merged(self, directory: Path) -> None:
+        """The base model with the LoRA adapter merged into its weights, ``save_pretrained`` in
+        safetensors (loadable without peft). The trained model is merged in place: call it last."""
+        if self._fsdp():
+            raise ValueError("merge_lora: merging under FSDP is not supported; merge output_dir/final with "
+                             "peft's merge_and_unload() after the run")
+        if self.acc.is_main_process:
+            merged = self.acc.unwrap_model(self.student).merge_and_unload()
+            merged.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+        self.acc.wait_for_everyone()
+
+
 # Keys a resumed run may change (where to log, how often, how long).
 # (max_steps too with a constant schedule: cosine and linear depend on it.)
 _RESUMABLE = {"resume", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
-              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache"}
+              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache",
+              "merge_lora"}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
