@@ -135,3 +135,102 @@ def test_eval_of_a_lora_run_and_merged_model(assets, tmp_path, capsys, monkeypat
     base = AutoModelForCausalLM.from_pretrained(a.student).eval()
     with torch.no_grad():
         assert (base(input_ids=ids).logits - want).norm() / want.norm() > 1e-4  # the adapter did something
+
+
+# ----------------------------------------------------------------------------------------------
+# bug 3: one-line errors naming the key, quickly (no Hub retries for a path that looks local)
+# ----------------------------------------------------------------------------------------------
+def one_line_error(args, capsys) -> str:
+    started = time.perf_counter()
+    code = cli.main(args)
+    # (transformers' own "Loading weights" bars may come first, on lines ending in \r)
+    err = [line for line in capsys.readouterr().err.strip().split("\n") if "\r" not in line]
+    assert code == 2, err
+    assert time.perf_counter() - started < 30  # no Hub retries
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_setup_errors_are_one_line_naming_the_key(assets, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    a = assets
+    no_tokenizer = tmp_path / "bare-model"
+    no_tokenizer.mkdir()
+    for name in os.listdir(a.student):
+        if name.startswith(("config", "model", "generation")):
+            shutil.copy(Path(a.student) / name, no_tokenizer / name)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (dict(student=str(tmp_path / "nowhere" / "student")), "student: "),
+        (dict(teacher=a.teacher + "-typo"), "teacher: "),
+        (dict(student="models/stuednt"), "student: models/stuednt does not exist"),
+        (dict(student=str(no_tokenizer)), "student: "),
+        (dict(output_dir=str(tmp_path / "a-file" / "run")), "output_dir: "),
+        (dict(eval_data=str(tmp_path / "heldout-typo.jsonl")), "eval_data: "),
+        (dict(data=str(tmp_path / "train-typo.jsonl")), "data: "),
+        (dict(learning_rat=0.1), "did you mean 'learning_rate'"),
+    ]
+    for index, (values, expected) in enumerate(cases):
+        path = write_yaml(tmp_path / f"bad{index}.yaml", config(a, tmp_path / f"run{index}", **values))
+        err = one_line_error(["train", str(path)], capsys)
+        assert err.startswith("fastkd train: ") and expected in err, (values, err)
+        assert "huggingface.co" not in err and "sentencepiece" not in err.lower(), err
+    assert "holds no tokenizer" in one_line_error(["train", str(tmp_path / "bad3.yaml")], capsys)
+
+
+def test_resume_with_changed_settings_is_one_line(assets, tmp_path, capsys):
+    a = assets
+    path = write_yaml(tmp_path / "run.yaml", config(a, tmp_path / "run", eval_data=None))
+    assert cli.main(["train", str(path)]) == 0
+    capsys.readouterr()
+    err = one_line_error(["train", str(path), "--max_steps", "3", "--lr", "0.01"], capsys)
+    assert "resume:" in err and "lr" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# bug 4: the progress bar shows this step's loss; elapsed_s continues after a resume
+# ----------------------------------------------------------------------------------------------
+def test_progress_bar_shows_the_current_loss(tmp_path, capsys):
+    from fastkd.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=0, progress=True, total=3)
+    for step, loss in ((1, 1.5), (2, 0.25)):
+        time.sleep(0.15)  # past tqdm's minimum redraw interval
+        log.advance({"step": step, "loss": loss, "lr": 1e-3})
+    log.close()
+    shown = [part for part in capsys.readouterr().err.split("\r") if "2/3" in part]
+    assert shown and all("loss=0.2500" in part for part in shown), shown
+
+
+def test_elapsed_time_continues_after_resume(assets, tmp_path):
+    a = assets
+    cfg = config(a, tmp_path / "run", eval_data=None)
+    Trainer(TrainConfig(**cfg), on_step=lambda trainer, record: time.sleep(0.3)).train()
+    Trainer(TrainConfig(**dict(cfg, max_steps=3))).train()
+    elapsed = [r["elapsed_s"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(elapsed) == 3 and elapsed[0] < elapsed[1] < elapsed[2] and elapsed[1] >= 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# bug 5: no silently ignored settings
+# ----------------------------------------------------------------------------------------------
+def test_settings_a_run_would_ignore_are_errors(monkeypatch):
+    from fastkd.train import config as config_module
+
+    good = dict(mode="online", student="s", teacher="t", data="d.jsonl")
+    sft = dict(mode="sft", student="s", data="d.jsonl")
+    for values, key in [(dict(sft, kd_weight=0.5), "kd_weight"), (dict(sft, divergence="jsd"), "divergence"),
+                        (dict(sft, temperature=2.0), "temperature"), (dict(good, lmbda=0.3), "lmbda"),
+                        (dict(good, lora_r=4), "lora_r"), (dict(good, eval_every=5), "eval_every"),
+                        (dict(good, chunk_weight=0.5), "chunk_weight"), (dict(good, merge_lora=True), "merge_lora")]:
+        with pytest.raises(ValueError, match=f"^{key}: "):
+            TrainConfig.load(None, [], **values)
+    monkeypatch.setattr(config_module, "_tracker_installed", lambda name: False)
+    for values in (dict(good, report_to="tensorboard"), dict(good, tensorboard=True),
+                   dict(good, report_to=["wandb", "mlflow"])):
+        with pytest.raises(ValueError, match=r"^report_to: \w+ is not installed \(pip install"):
+            TrainConfig.load(None, [], **values)
+    assert TrainConfig.load(None, [], **good).trackers == []  # the default: no tracker, nothing asked
