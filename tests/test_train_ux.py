@@ -234,3 +234,39 @@ def test_settings_a_run_would_ignore_are_errors(monkeypatch):
         with pytest.raises(ValueError, match=r"^report_to: \w+ is not installed \(pip install"):
             TrainConfig.load(None, [], **values)
     assert TrainConfig.load(None, [], **good).trackers == []  # the default: no tracker, nothing asked
+
+
+# ----------------------------------------------------------------------------------------------
+# item 10: Ctrl-C saves a checkpoint, exits cleanly, and the run resumes exactly
+# ----------------------------------------------------------------------------------------------
+def run_cli(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "fastkd", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT), **kwargs)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(assets, tmp_path):
+    from fastkd.train.checkpoint import checkpoint_step, latest_checkpoint
+
+    a = assets
+    values = config(a, tmp_path / "stopped", eval_data=None, max_steps=400, progress=True)
+    stopped = run_cli(["train", str(write_yaml(tmp_path / "stopped.yaml", values))])
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    stopped.send_signal(signal.SIGINT)
+    out, err = stopped.communicate(timeout=240)
+    assert stopped.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted after step" in err, err[-2000:]
+    step = checkpoint_step(latest_checkpoint(tmp_path / "stopped"))
+    assert 3 <= step < 400
+    # resume to step + 2 (a constant schedule lets max_steps change) and compare with a straight run
+    done = run_cli(["train", str(tmp_path / "stopped.yaml"), "--max_steps", str(step + 2), "--progress", "false"])
+    _, err = done.communicate(timeout=240)
+    assert done.returncode == 0, err[-2000:]
+    Trainer(TrainConfig(**dict(values, output_dir=str(tmp_path / "straight"), max_steps=step + 2,
+                               progress=False))).train()  # in this process, also on one thread
+    resumed = [r["loss"] for r in read_metrics(tmp_path / "stopped") if "loss" in r]
+    assert resumed == [r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r]
+    assert len(resumed) == step + 2
