@@ -270,3 +270,149 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(assets, tmp_path):
     resumed = [r["loss"] for r in read_metrics(tmp_path / "stopped") if "loss" in r]
     assert resumed == [r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r]
     assert len(resumed) == step + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# item 7: data formats through datasets.load_dataset
+# ----------------------------------------------------------------------------------------------
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+
+
+def chat_model(a, tmp_path) -> str:
+    """The student with a chat template on its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "chat-student"
+    shutil.copytree(a.student, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def pairs(n: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt": f"Question {i}: what is {x} + {y}?", "completion": f" It is {x + y}."}
+            for i, (x, y) in enumerate((rng.randint(1, 50), rng.randint(1, 50)) for _ in range(n))]
+
+
+def chats(n: int, seed: int = 0):
+    return [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]}
+            for p in pairs(n, seed)]
+
+
+def test_data_formats_tokenise_as_documented(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fastkd.train.data import CausalCollator, example_items, load_texts, pack_items
+
+    a = assets
+    tok = AutoTokenizer.from_pretrained(chat_model(a, tmp_path))
+    eos = tok.eos_token_id
+    cfg = TrainConfig(mode="sft", student="s", data="d", max_length=64)
+    # text: EOS appended when the text fits, not when it was cut
+    texts = da.read_texts(a.data)[:4]
+    write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    items, fmt = example_items(tok, str(tmp_path / "t.jsonl"), cfg)
+    assert fmt == "text" and [i["input_ids"].tolist() for i in items] == [tok(t)["input_ids"] + [eos] for t in texts]
+    short = TrainConfig(mode="sft", student="s", data="d", max_length=5)
+    assert all(len(i["input_ids"]) == 5 and i["input_ids"][-1] != eos
+               for i in example_items(tok, str(tmp_path / "t.jsonl"), short)[0])
+    # chat: the template's rendering, no second BOS, EOS
+    items, fmt = example_items(tok, write_jsonl(tmp_path / "c.jsonl", chats(3)), cfg)
+    assert fmt == "chat"
+    for item, row in zip(items, chats(3)):
+        rendered = tok.apply_chat_template(row["messages"], tokenize=False)
+        assert item["input_ids"].tolist() == tok(rendered, add_special_tokens=False)["input_ids"] + [eos]
+    # prompt/completion: the loss covers the completion and EOS only
+    items, fmt = example_items(tok, write_jsonl(tmp_path / "p.jsonl", pairs(3)), cfg)
+    assert fmt == "prompt_completion"
+    batch = CausalCollator(0)(items)
+    for row, (item, pair) in enumerate(zip(items, pairs(3))):
+        prompt = tok(pair["prompt"])["input_ids"]
+        completion = tok(pair["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        assert item["input_ids"].tolist() == prompt + completion and item["prompt_length"] == len(prompt)
+        assert batch["labels"][row, :len(prompt)].eq(-100).all()
+        assert batch["labels"][row, len(prompt):len(prompt) + len(completion)].tolist() == completion
+        assert item["n_bytes"] == len(pair["completion"].encode("utf-8"))
+    assert batch["prompt_lengths"].tolist() == [i["prompt_length"] for i in items]
+    # packing: the token stream cut into blocks of max_length (a block of prompt only is dropped),
+    # prompts still out of the loss
+    stream = torch.cat([i["input_ids"] for i in items])
+    blocks = [stream[start:start + 16] for start in range(0, len(stream), 16)]
+    packed = pack_items(items, 16)
+    kept = [b for b in blocks if any(torch.equal(b, p["input_ids"]) for p in packed)]
+    assert len(kept) == len(packed) >= len(blocks) - 1 and all(len(b["input_ids"]) <= 16 for b in packed)
+    assert sum(int((b["labels"] != -100).sum()) for b in packed) == sum(len(i["input_ids"]) - i["prompt_length"]
+                                                                         for i in items)
+    # the same rows from .txt, .jsonl and .parquet; a Hub-style dataset directory via hf:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet")
+    assert load_texts(str(tmp_path / "t.txt")) == load_texts(str(tmp_path / "t.parquet")) == texts
+    assert load_texts(str(tmp_path / "t.jsonl")) == texts
+    with pytest.raises(ValueError, match="^eval_data: .* has no column 'messages' for chat data"):
+        example_items(tok, str(tmp_path / "t.jsonl"), TrainConfig(mode="sft", student="s", data="d",
+                                                                  data_format="chat"), "eval_data")
+
+
+def manual_ce(model_dir: str, items) -> float:
+    """Mean next-token CE of the counted labels, plain PyTorch in float64."""
+    from transformers import AutoModelForCausalLM
+
+    from fastkd.train.data import CausalCollator
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    batch = CausalCollator(0)(items)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100))
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "chat"])
+def test_first_step_loss_is_the_ce_on_the_right_tokens(assets, tmp_path, kind):
+    from fastkd.train.data import example_items
+
+    a = assets
+    student = chat_model(a, tmp_path)
+    rows = pairs(4) if kind == "prompt_completion" else chats(4)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = TrainConfig(**config(a, tmp_path / "run", mode="sft", teacher=None, student=student, data=data,
+                               eval_data=None, max_steps=1, batch_size=4))
+    trainer = Trainer(cfg)
+    items = [trainer.items[i] for i in trainer.sampler.take(4)]
+    trainer.sampler.load_state_dict({"epoch": 0, "position": 0, "n": 4, "seed": 0})
+    want = manual_ce(student, items)
+    trainer.train()
+    got = trainer.history[0]["loss"]
+    assert abs(got - want) / want < 1e-5, (got, want)
+    assert example_items(trainer.tokenizer, data, cfg)[1] == kind
+
+
+def test_on_policy_rollouts_continue_the_prompt_field(assets, tmp_path):
+    a = assets
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in pairs(8)])
+    cfg = TrainConfig(**config(a, tmp_path / "run", mode="on_policy", lmbda=1.0, data=data, eval_data=None,
+                               max_new_tokens=5))
+    trainer = Trainer(cfg)
+    batch = trainer._next_batch()
+    rolled = trainer._rollout(batch)
+    for row, n in enumerate(batch["prompt_lengths"].tolist()):
+        assert rolled["input_ids"][row, :n].tolist() == batch["input_ids"][row, :n].tolist()
+        assert rolled["labels"][row, :n].eq(-100).all() and rolled["labels"][row, n:].ne(-100).any()
+    summary = trainer.train()
+    assert math.isfinite(summary["loss"]) and all(r["rollout_batches"] == 1 for r in trainer.history)
+    with pytest.raises(ValueError, match="^data: .* prompts without completions"):
+        Trainer(TrainConfig(**config(a, tmp_path / "run2", mode="on_policy", lmbda=0.5, data=data, eval_data=None)))
