@@ -416,3 +416,119 @@ def test_on_policy_rollouts_continue_the_prompt_field(assets, tmp_path):
     assert math.isfinite(summary["loss"]) and all(r["rollout_batches"] == 1 for r in trainer.history)
     with pytest.raises(ValueError, match="^data: .* prompts without completions"):
         Trainer(TrainConfig(**config(a, tmp_path / "run2", mode="on_policy", lmbda=0.5, data=data, eval_data=None)))
+
+
+# ----------------------------------------------------------------------------------------------
+# item 8: Hugging Face names, did-you-mean, YAML lists, schedules from transformers
+# ----------------------------------------------------------------------------------------------
+def test_hugging_face_names_lists_and_schedules(assets, tmp_path):
+    import yaml
+    from transformers import get_scheduler
+
+    path = tmp_path / "hf.yaml"
+    path.write_text(yaml.safe_dump({
+        "mode": "online", "model_name_or_path": "s", "teacher": "t", "data": "d.jsonl", "learning_rate": 3e-4,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "lr_scheduler_type": "cosine_with_restarts",
+        "warmup_ratio": 0.1, "max_steps": 50, "logging_steps": 5, "save_steps": 10, "save_total_limit": 3,
+        "adam_beta1": 0.8, "disable_tqdm": True, "report_to": "none", "max_seq_length": 64,
+        "lora_targets": ["q_proj", "v_proj"], "lora": True}), encoding="utf-8")
+    cfg = TrainConfig.load(path)
+    assert (cfg.student, cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.lr_schedule) == ("s", 3e-4, 2, 4,
+                                                                                    "cosine_with_restarts")
+    assert (cfg.log_every, cfg.save_every, cfg.keep_checkpoints, cfg.progress, cfg.max_length) == (5, 10, 3, False, 64)
+    assert cfg.betas == (0.8, 0.999) and cfg.lora_targets == "q_proj,v_proj" and cfg.trackers == []
+    assert TrainConfig.load(None, [], **dict(GOOD_ONLINE, adam_betas=[0.9, 0.95])).betas == (0.9, 0.95)
+    with pytest.raises(ValueError, match="lr: given twice"):
+        TrainConfig.load(None, [], **dict(GOOD_ONLINE, lr=1e-3, learning_rate=1e-3))
+    with pytest.raises(ValueError, match="did you mean 'grad_accum'"):
+        TrainConfig.load(None, [], **dict(GOOD_ONLINE, grad_acum=2))
+    with pytest.raises(ValueError, match="did you mean 'warmup_steps'"):
+        TrainConfig.load(None, ["--warmup-step", "3"], **GOOD_ONLINE)
+    with pytest.raises(ValueError, match="^lr_schedule must be one of"):
+        TrainConfig.load(None, [], **dict(GOOD_ONLINE, lr_schedule="reduce_lr_on_plateau"))
+    # the schedule is transformers.get_scheduler's; warmup_ratio and num_train_epochs set the steps
+    a = assets
+    trainer = Trainer(TrainConfig(**config(a, tmp_path / "run", eval_data=None, max_steps=None, num_train_epochs=2,
+                                           batch_size=4, grad_accum=2, lr_schedule="cosine_with_restarts",
+                                           warmup_ratio=0.25)))
+    n = len(trainer.items)
+    assert trainer.config.max_steps == math.ceil(2 * n / 8) and trainer.config.warmup_steps == math.ceil(
+        0.25 * trainer.config.max_steps)
+    reference = get_scheduler("cosine_with_restarts", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3),
+                              num_warmup_steps=trainer.config.warmup_steps,
+                              num_training_steps=trainer.config.max_steps)
+    want = []
+    for _ in range(trainer.config.max_steps):
+        want.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    trainer.train()
+    assert [r["lr"] for r in trainer.history] == pytest.approx(want, rel=1e-12)
+
+
+GOOD_ONLINE = dict(mode="online", student="s", teacher="t", data="d.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# item 9: trackers with train/ and eval/ groups, evaluations printed, a summary table, panels
+# ----------------------------------------------------------------------------------------------
+def read_events(directory: Path) -> dict:
+    """tag -> [(step, value)] of the TensorBoard event files under ``directory`` (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags: dict = {}
+    for path in directory.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return tags
+
+
+def test_report_to_tensorboard_eval_lines_and_summary(assets, tmp_path, capsys):
+    pytest.importorskip("tensorboardX")  # accelerate's TensorBoard tracker: tensorboard or tensorboardX
+    a = assets
+    out = tmp_path / "run"
+    path = write_yaml(tmp_path / "run.yaml", config(a, out, max_steps=3, eval_every=1, report_to="tensorboard",
+                                                    ce_weight=0.5))
+    assert cli.main(["train", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "step 1 | eval ce " in printed and "step 2 | eval ce " in printed and "kl to teacher" in printed
+    table = printed[printed.index("fastkd train: 3 steps done"):]
+    for row in ("final training loss", "its KD term", "its CE term", "held-out CE (nats/token)",
+                "KL to teacher (nats/token)"):
+        assert row in table, table
+    assert len(table.splitlines()) < 15
+    tags = read_events(out / "tb")
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [s for s, _ in tags["train/loss"]] == [1, 2, 3]
+    assert [v for _, v in tags["train/loss"]] == pytest.approx([r["loss"] for r in train], rel=1e-6)
+    assert [v for _, v in tags["eval/kl"]] == pytest.approx([r["eval_kl"] for r in records if "eval_kl" in r],
+                                                            rel=1e-6)
+    assert "train/kd" in tags and "train/ce" in tags and "eval/ce" in tags
+    # the loss is exactly its two terms: ce_weight·CE + kd_weight·KD (τ = 1)
+    for r in train:
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + r["kd"], rel=1e-6)
+
+
+def test_loss_curve_has_a_panel_per_quantity(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fastkd.train.metrics import plot_curves
+
+    records = [{"step": s, "loss": 1.0 / s, "kd": 0.5 / s, "ce": 2.0 / s} for s in range(1, 6)]
+    records += [{"step": 5, "eval_ce": 6.6, "eval_ce_per_byte": 1.9, "eval_kl": 0.3}]
+    shown = []
+    real = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *args, **kw: shown.append(args) or real(*args, **kw))
+    assert plot_curves(records, tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert shown == [(1, 4)]  # loss | KD and CE | held-out CE | KL to the teacher
+    plot_curves(records[:5], tmp_path / "train-only.png")
+    assert shown[-1] == (1, 2)

@@ -739,7 +739,11 @@ def _accelerator(bf16: bool, trackers: tuple = (), output_dir: str = "."):
         AcceleratorState._reset_state()
     if not trackers:
         return Accelerator(mixed_precision=wanted)
-    return Accelerator(mixed_precision=wanted, log_with=list(trackers), project_dir=str(output_dir))
+    from accelerate.utils import ProjectConfiguration
+
+    # TensorBoard writes under output_dir/tb/fastkd
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tb"))
+    return Accelerator(mixed_precision=wanted, log_with=list(trackers), project_config=project)
 
 
 def _scheduler(cfg: TrainConfig, optimizer):
