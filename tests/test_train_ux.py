@@ -532,3 +532,64 @@ def test_loss_curve_has_a_panel_per_quantity(tmp_path, monkeypatch):
     assert shown == [(1, 4)]  # loss | KD and CE | held-out CE | KL to the teacher
     plot_curves(records[:5], tmp_path / "train-only.png")
     assert shown[-1] == (1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# item 11: a CPU install without Triton; scripts/install.sh adds the gpu extra on GPU machines
+# ----------------------------------------------------------------------------------------------
+def test_triton_is_an_extra_and_the_cpu_path_never_imports_it():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not any(dep.startswith("triton") for dep in project["dependencies"])
+    assert "datasets" in " ".join(project["dependencies"])
+    for extra in ("gpu", "test"):
+        assert any(dep.startswith("triton") for dep in project["optional-dependencies"][extra]), extra
+    # a Python where `import triton` fails: fastkd, the trainer and the losses work on the CPU
+    script = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("No module named 'triton'")
+sys.meta_path.insert(0, NoTriton())
+import torch, fastkd, fastkd.cli, fastkd.train, fastkd.integrations
+h = torch.randn(6, 8, requires_grad=True); w = torch.randn(50, 8, requires_grad=True)
+ids = torch.stack([torch.randperm(50)[:4] for _ in range(6)]); lp = torch.log_softmax(torch.randn(6, 4), -1)
+fastkd.topk_kd_loss(h, w, ids, lp).backward()
+fastkd.kd_loss(h, w, torch.randn(6, 8), torch.randn(50, 8), topk=8).backward()
+assert not [m for m in sys.modules if m.split(".")[0] == "triton"]
+print("cpu ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "cpu ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_install_script_adds_the_gpu_extra_only_with_a_gpu(tmp_path, gpu):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    fake_python = bin_dir / "fake-python"
+    fake_python.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')  # every pip call recorded
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexit 0\n" if gpu else "#!/bin/sh\nexit 1\n")
+    for path in (fake_python, smi):
+        path.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(fake_python)}
+    for args, want in (([], ".[gpu]" if gpu else "."), (["test"], ".[gpu,test]" if gpu else ".[test]")):
+        log.write_text("")
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        installs = [line.split() for line in log.read_text().splitlines() if " -e " in f" {line} "]
+        assert [line[-1] for line in installs] == [want], log.read_text()
+
+
+def test_version_flag(capsys):
+    from fastkd import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fastkd {__version__}"
