@@ -60,8 +60,12 @@ class DemoPlan:
     memory_shape: tuple = (2048, 256, 32768, 64)  # tokens, D, V, K of the loss-memory comparison
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # each progress line shows at once, also through a pipe
+
+
 def run_demo(out: Optional[Path] = None, workdir: Optional[Path] = None, plan: Optional[DemoPlan] = None,
-             log=print) -> dict:
+             log=_print) -> dict:
     """Runs the demo; returns the results dict (the schema of ``results.json``)."""
     import transformers
 

@@ -713,7 +713,7 @@ class Trainer:
 # (max_steps too with a constant schedule: cosine and linear depend on it.)
 _RESUMABLE = {"resume", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
               "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache",
-              "merge_lora"}
+              "merge_lora", "report_to"}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
