@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import signal
 import sys
@@ -694,7 +693,6 @@ class Trainer:
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
         acc.wait_for_everyone()
-
 
     def save_merged(self, directory: Path) -> None:
         """The base model with the LoRA adapter merged into its weights, ``save_pretrained`` in
