@@ -196,7 +196,7 @@ def test_resume_with_changed_settings_is_one_line(assets, tmp_path, capsys):
 def test_progress_bar_shows_the_current_loss(tmp_path, capsys):
     from fastkd.train.metrics import MetricsLog
 
-    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=0, progress=True, total=3)
+    log = MetricsLog(tmp_path, enabled=True, resume_step=0, progress=True, total=3)
     for step, loss in ((1, 1.5), (2, 0.25)):
         time.sleep(0.15)  # past tqdm's minimum redraw interval
         log.advance({"step": step, "loss": loss, "lr": 1e-3})

@@ -15,12 +15,11 @@ from typing import Optional
 
 
 class MetricsLog:
-    """Writes records to ``out/metrics.jsonl`` (and TensorBoard), advances a progress bar.
+    """Writes records to ``out/metrics.jsonl`` (and the trackers), advances a progress bar.
 
     Args:
         out: the run directory.
         enabled: False on every process but the main one (nothing is written or shown).
-        tensorboard: also write ``out/tb`` event files when ``torch.utils.tensorboard`` works.
         resume_step: lines with a larger ``step`` are dropped from an existing file.
         progress: show a ``tqdm`` bar of ``total`` steps.
         accelerator: an ``accelerate.Accelerator`` built with ``log_with`` (its trackers get every
@@ -28,13 +27,12 @@ class MetricsLog:
         config: the run's settings, recorded by the trackers.
     """
 
-    def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, resume_step: int, progress: bool,
-                 total: int, accelerator=None, config: Optional[dict] = None):
+    def __init__(self, out: Path, *, enabled: bool, resume_step: int, progress: bool, total: int,
+                 accelerator=None, config: Optional[dict] = None):
         self.enabled = enabled
         self._acc = accelerator
         self.path = Path(out) / "metrics.jsonl"
         self.records: list[dict] = []
-        self._tb = None
         self._bar = None
         if not enabled:
             return
@@ -48,15 +46,9 @@ class MetricsLog:
             with open(self.path, "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in self.records)
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(out) / "tb"), purge_step=resume_step + 1)
-            except ImportError:
-                self._tb = None  # tensorboard is optional
-        if accelerator is not None:
-            accelerator.init_trackers("fastkd", config=_flat(config or {}))
+        if accelerator is not None:  # a resumed run's TensorBoard drops the events past its step
+            accelerator.init_trackers("fastkd", config=_flat(config or {}),
+                                      init_kwargs={"tensorboard": {"purge_step": resume_step + 1}})
         if progress:
             from tqdm.auto import tqdm
 
@@ -69,10 +61,6 @@ class MetricsLog:
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
         if self._acc is not None:
             self._acc.log(grouped(record), step=record["step"])
 
@@ -95,8 +83,6 @@ class MetricsLog:
         if not self.enabled or self._file.closed:
             return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
         if self._acc is not None:
             self._acc.end_training()
         if self._bar is not None:

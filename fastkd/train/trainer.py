@@ -396,9 +396,8 @@ class Trainer:
         self._maybe_resume()
         from .metrics import MetricsLog, format_eval
 
-        log = MetricsLog(self.out, enabled=acc.is_main_process, tensorboard=False,
-                         resume_step=self.step, progress=cfg.progress, total=cfg.max_steps,
-                         accelerator=acc if cfg.trackers else None, config=cfg.to_dict())
+        log = MetricsLog(self.out, enabled=acc.is_main_process, resume_step=self.step, progress=cfg.progress,
+                         total=cfg.max_steps, accelerator=acc if cfg.trackers else None, config=cfg.to_dict())
         params = [p for p in self.student.parameters() if p.requires_grad]
         # elapsed_s continues the resumed run's clock
         started = time.perf_counter() - (self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0)
