@@ -188,7 +188,9 @@ class TrainConfig:
             _one_of("topk_from", self.topk_from, ("teacher", "student", "union"))
         if not self.student:
             raise ValueError("student: a model directory or hub name is required")
-        for name in ("max_length", "max_steps" if self.max_steps is not None else "max_length", "batch_size", "grad_accum", "lora_r", "log_every",
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("max_length", "batch_size", "grad_accum", "lora_r", "log_every",
                      "prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -348,14 +350,10 @@ ALIASES: dict[str, Any] = {
     "dataset_text_field": "text_field",
     "model_name_or_path": "student",
     "teacher_model_name_or_path": "teacher",
-    "disable_tqdm": ("progress", lambda value: not _as_bool("disable_tqdm", value)),
+    "disable_tqdm": ("progress", lambda value: not _coerce_bool("disable_tqdm", value)),
     "adam_beta1": ("adam_betas", None),
     "adam_beta2": ("adam_betas", None),
 }
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    return _coerce_bool(name, value)
 
 
 def _map_aliases(values: dict) -> dict:
