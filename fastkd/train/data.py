@@ -31,7 +31,8 @@ _READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 def load_records(spec: str, key: str = "data"):
     """The rows of ``spec`` as a ``datasets.Dataset``, read by ``datasets.load_dataset``: a local
     ``.txt`` (a row ``{"text": line}`` per line), ``.jsonl``/``.json`` or ``.parquet`` file, or
-    ``hf:NAME[:SPLIT]`` (a Hub dataset or a local dataset directory; split ``train`` by default).
+    ``hf:NAME[:SPLIT]`` (a Hub dataset or a local directory of data files; split ``train`` by
+    default).
     Errors name ``key`` (``data``, ``eval_data``)."""
     try:
         import datasets
@@ -55,7 +56,8 @@ def load_records(spec: str, key: str = "data"):
     try:
         return datasets.load_dataset(source, **options)
     except Exception as error:  # noqa: BLE001 - datasets raises many types; the key matters most
-        raise ValueError(f"{key}: cannot read {spec}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{key}: cannot read {spec}: {reason}") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
         datasets.enable_progress_bars()

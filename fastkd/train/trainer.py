@@ -263,7 +263,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.student)
         lengths = batch["attention_mask"].sum(1).tolist()
         if "prompt_lengths" in batch:  # prompt/completion data: the rollouts continue the prompts
-            prompts = [batch["input_ids"][b, :max(1, int(n))] for b, n in enumerate(batch["prompt_lengths"].tolist())]
+            prompts = [batch["input_ids"][b, :max(1, n)] for b, n in enumerate(batch["prompt_lengths"].tolist())]
         else:
             prompts = [batch["input_ids"][b, :max(1, min(cfg.prompt_tokens, n - 1))] for b, n in enumerate(lengths)]
         width = max(len(p) for p in prompts)
