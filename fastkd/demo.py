@@ -87,8 +87,10 @@ def run_demo(out: Optional[Path] = None, workdir: Optional[Path] = None, plan: O
                                         n_student=plan.n_student, n_heldout=plan.n_heldout)
         tokenizers = {"same": setup.teacher_tokenizer, "different": setup.student_tokenizer}
         loaded = {k: transformers.AutoTokenizer.from_pretrained(v) for k, v in tokenizers.items()}
+        # no EOS appended to the texts: the distilled students train on the cache's sequences,
+        # captured without one, and every run (and the evaluation) must see the same tokens
         common = dict(batch_size=plan.batch_size, lr_schedule="cosine", progress=False,
-                      seed=plan.seed, resume="never", max_length=128)
+                      seed=plan.seed, resume="never", max_length=128, append_eos=False)
 
         def every(label: str, total: int, lines: int = 4):
             """An ``on_step`` that logs ``lines`` progress lines over ``total`` steps (no long silences)."""
