@@ -28,6 +28,8 @@ def demo(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .train import Trainer, TrainConfig
     from .train.config import config_help
+    from .train.metrics import summary_table
+    from .train.trainer import Interrupted
 
     if args.help_config:
         print("fastkd train CONFIG.yaml [--key value ...]; the keys:\n" + config_help())
@@ -35,18 +37,28 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.config is None:
         print("fastkd train: give a CONFIG.yaml (fastkd train --help-config lists the keys)", file=sys.stderr)
         return 2
-    try:  # a bad config or set-up is one line, not a traceback
+    # a bad config, set-up or resume is one line, not a traceback (FASTKD_TRACEBACK=1 shows it)
+    try:
         config = TrainConfig.load(args.config, overrides)
         if args.command == "eval":
             return _evaluate(config, overrides)
         trainer = Trainer(config)
-    except (ValueError, TypeError) as error:
+        summary = trainer.train()
+    except Interrupted as stop:
+        if stop.checkpoint is not None:
+            print(f"fastkd train: interrupted after step {stop.step}; checkpoint saved in {stop.checkpoint}; "
+                  "run the same command again to resume from it", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"fastkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FloatingPointError) as error:  # FloatingPointError: NonFiniteError
+        if os.environ.get("FASTKD_TRACEBACK"):
+            raise
         print(f"fastkd {args.command}: {error}", file=sys.stderr)
         return 2
-    summary = trainer.train()
     if trainer.acc.is_main_process:
-        print(f"fastkd train: {summary['step']} steps, final loss {summary['loss']:.4f}; "
-              f"eval {summary['eval'] or '-'}; outputs in {summary['output_dir']}")
+        print(f"fastkd train: {summary['step']} steps done\n{summary_table(summary)}")
     return 0
 
 
@@ -61,7 +73,10 @@ def _evaluate(config, overrides: list[str]) -> int:
 
     final = Path(config.output_dir) / "final"
     if final.is_dir() and not any(arg.split("=")[0] == "--student" for arg in overrides):
-        config = dataclasses.replace(config, student=str(final), lora=False)
+        # the saved model (an adapter included) is evaluated as it is: no new LoRA on top
+        lora_keys = ("lora", "merge_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.name in lora_keys}
+        config = dataclasses.replace(config, student=str(final), **defaults)
     trainer = Trainer(config)
     metrics = trainer.evaluate()
     if trainer.acc.is_main_process:
@@ -212,6 +227,12 @@ def _add_cache_parser(commands) -> None:
     p.set_defaults(run=cache)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark runner
@@ -219,6 +240,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["cache"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
         argv = ["cache", "capture"] + argv[1:]  # fastkd cache --teacher ... = fastkd cache capture ...
     parser = argparse.ArgumentParser(prog="fastkd", description="fused knowledge-distillation losses")
+    parser.add_argument("--version", action="version", version=f"fastkd {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="distil a small local teacher into three students, offline, on the "
                                          "CPU: held-out CE and KL against CE-only twins, loss peak memory")

@@ -168,3 +168,25 @@ def test_gkd_mixin_is_trl_generalised_jsd(tmp_path):
     direct = fastkd.integrations.compute_kd_loss(student, batch, teacher, divergence="jsd", beta=0.2,
                                                  topk=8, tail="renormalize")
     assert_rel_close(topk_loss, direct, 1e-12, "GKD mixin with fastkd_options")
+
+
+def test_trainer_logs_the_kd_and_ce_terms_apart(tmp_path):
+    student, teacher = _llama(0, 32), _llama(1, 48)
+    data = _Sequences(2)
+    options = dict(divergence="forward_kl", temperature=1.0, ce_weight=0.5, kd_weight=1.0)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path, max_steps=3), train_dataset=data,
+                                  eval_dataset=data, teacher_model=teacher, **options)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:  # the logged loss is its two terms, each logged
+        assert entry["kd"] > 0 and entry["ce"] > 0
+        assert entry["loss"] == pytest.approx(0.5 * entry["ce"] + entry["kd"], rel=1e-3)
+    metrics = trainer.evaluate()  # one batch of every sequence: the terms of the whole data
+    student.eval()
+    batch = data.all()
+    kd = compute_kd_loss(student, batch, teacher, divergence="forward_kl", kd_weight=1.0).item()
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1)).item()
+    assert metrics["eval_kd"] == pytest.approx(kd, rel=1e-4) and metrics["eval_ce"] == pytest.approx(ce, rel=1e-4)
+    assert metrics["eval_loss"] == pytest.approx(0.5 * ce + kd, rel=1e-4)

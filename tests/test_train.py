@@ -54,7 +54,8 @@ def assets(tmp_path_factory):
     a.xstudent = str(da.build_model(root / "xstudent-init", len(s_tok), hidden=32, layers=2, seed=3))
     teacher_cfg = TrainConfig(mode="sft", student=str(tinit), tokenizer=a.tt, data=str(setup.teacher_data),
                               output_dir=str(root / "teacher-run"), max_steps=25, batch_size=16, lr=1e-2,
-                              lr_schedule="constant", impl="torch", progress=False, tensorboard=False)
+                              lr_schedule="constant", impl="torch", progress=False, tensorboard=False,
+                              append_eos=False)
     Trainer(teacher_cfg).train()
     a.teacher = str(root / "teacher-run" / "final")
     teacher = AutoModelForCausalLM.from_pretrained(a.teacher).eval()
@@ -72,7 +73,8 @@ def base(a, out: Path, **values) -> dict:
     """A small, fixed run: constant lr, batch 8, the student data, the held-out texts."""
     cfg = dict(mode="online", student=a.student, tokenizer=a.tt, teacher=a.teacher, data=a.data,
                eval_data=a.heldout, output_dir=str(out), max_steps=STEPS, batch_size=8, lr=LR,
-               lr_schedule="constant", impl="torch", progress=False, tensorboard=False, seed=0)
+               lr_schedule="constant", impl="torch", progress=False, tensorboard=False, seed=0,
+               append_eos=False)  # the texts as the thresholds below were set (EOS: test_train_ux.py)
     cfg.update(values)
     return cfg
 

@@ -49,6 +49,10 @@ class DistillationTrainer(Trainer):
             are sliced to V rows; needed when their heads are padded differently).
         impl: fastkd backend, default ``"auto"``.
 
+    Its logs carry the two terms of the loss apart: ``kd`` (the divergence, without ``kd_weight``
+    and τ²) and, with ``ce_weight > 0``, ``ce`` (the cross-entropy), each the mean over the counted
+    rows of the micro-batches since the last log (``eval_kd``/``eval_ce`` in evaluations).
+
     The loss is averaged over counted next-token positions (``labels[:, 1:] != -100``; without
     ``labels``, the non-padding ``input_ids``). When the Trainer counts them over the whole
     gradient-accumulated batch (``num_items_in_batch``) the loss is ``sum / num_items_in_batch``,
@@ -99,6 +103,7 @@ class DistillationTrainer(Trainer):
             teacher_model.eval()
             teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self.teacher_model = teacher_model
+        self._kd_terms: dict = {"train": [], "eval": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The fused KD loss of ``inputs``; ``(loss, None)`` with ``return_outputs``."""
@@ -106,12 +111,39 @@ class DistillationTrainer(Trainer):
         # batch itself (causal LMs that accept loss kwargs); it then takes the loss as normalised.
         if self.teacher_model is not None:
             self.teacher_model.eval()
-        loss = compute_kd_loss(model, inputs, self.teacher_model,
-                               num_items_in_batch=num_items_in_batch, **self.kd_options)
+        loss, stats = compute_kd_loss(model, inputs, self.teacher_model, num_items_in_batch=num_items_in_batch,
+                                      return_stats=True, **self.kd_options)
+        self._record_terms(model, inputs, loss, stats, num_items_in_batch)
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             # num_items_in_batch counts every process's rows; DDP averages the gradients
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+    def _record_terms(self, model, inputs, loss, stats, num_items_in_batch) -> None:
+        """Keeps this micro-batch's KD and CE means (device tensors: no sync until the log)."""
+        from .loss import _next_token_labels
+
+        counted = (_next_token_labels(inputs, -100) != -100).sum().clamp(min=1).to(loss.device)
+        kd = stats.kd.detach().float().sum() / counted
+        terms = [kd]
+        if self.kd_options["ce_weight"] > 0:
+            total = loss.detach() * (counted if num_items_in_batch is None else num_items_in_batch)
+            kd_part = self.kd_options["kd_weight"] * self.kd_options["temperature"] ** 2 * stats.kd.detach().sum()
+            terms.append((total - kd_part) / (self.kd_options["ce_weight"] * counted))
+        self._kd_terms["train" if model.training else "eval"].append(torch.stack(terms))
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds the mean KD (and CE) terms since the last log: ``kd``/``ce`` to training logs,
+        ``eval_kd``/``eval_ce`` to evaluation logs."""
+        group, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+        kept = self._kd_terms[group]
+        if kept and (group == "eval" or "loss" in logs):
+            means = torch.stack(kept).mean(0).tolist()
+            logs[f"{prefix}kd"] = means[0]  # in place: evaluate() returns this dict
+            if len(means) > 1:
+                logs[f"{prefix}ce"] = means[1]
+            kept.clear()
+        super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation reports the distillation loss (no logits are ever built)."""

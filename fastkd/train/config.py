@@ -7,6 +7,8 @@ chosen mode, and names the key of anything wrong. ``fastkd train --help-config``
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import math
 import numbers
 import typing
@@ -16,6 +18,12 @@ from typing import Any, Optional
 
 MODES = ("offline", "online", "on_policy", "cross_tokenizer", "sft")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+# learning-rate schedules: fastkd's three (warm-up, then to min_lr_ratio·lr) and those of
+# transformers.get_scheduler that need no further arguments (the same names as lr_scheduler_type)
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+             "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+DATA_FORMATS = ("auto", "text", "chat", "prompt_completion")
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -41,11 +49,22 @@ class TrainConfig:
     tokenizer: Optional[str] = _doc("student tokenizer; default: the student's", None)
     teacher_tokenizer: Optional[str] = _doc("teacher tokenizer (cross_tokenizer); default: the teacher's", None)
     cache: Optional[str] = _doc("teacher cache directory (offline; byte-level cache for cross_tokenizer)", None)
-    data: Optional[str] = _doc("training texts: .txt (a text per line), .jsonl/.json, .parquet, or a "
-                               "`datasets` name as hf:NAME[:SPLIT] (downloads only when asked so)", None)
-    eval_data: Optional[str] = _doc("held-out texts, same formats as data", None)
+    data: Optional[str] = _doc("training data, read by datasets.load_dataset: .txt (a text per line), "
+                               ".jsonl/.json, .parquet, or hf:NAME[:SPLIT] (a Hub dataset; downloads only "
+                               "when asked so)", None)
+    eval_data: Optional[str] = _doc("held-out data, same formats as data", None)
     eval_cache: Optional[str] = _doc("held-out teacher cache (offline: KL to the teacher's top-k)", None)
-    text_field: str = _doc("the text column of jsonl/parquet/datasets data", "text")
+    data_format: str = _doc("auto (messages -> chat, prompt [+ completion] -> prompt_completion, else text) "
+                            "| text | chat | prompt_completion", "auto")
+    text_field: str = _doc("the text column of text data", "text")
+    messages_field: str = _doc("chat data: the column of message lists, rendered by the tokenizer's chat "
+                               "template", "messages")
+    prompt_field: str = _doc("prompt/completion data: the prompt column (on_policy: rollouts continue it)",
+                             "prompt")
+    completion_field: str = _doc("prompt/completion data: the completion column (the loss covers it only)",
+                                 "completion")
+    append_eos: bool = _doc("end each text, conversation or completion that fits in max_length with EOS", True)
+    packing: bool = _doc("concatenate the training examples and cut them into max_length blocks", False)
     max_length: int = _doc("tokens per sequence at most (longer ones are truncated)", 512)
 
     # --- the loss -------------------------------------------------------------------------------
@@ -75,20 +94,25 @@ class TrainConfig:
     lora_alpha: float = _doc("LoRA alpha", 32.0)
     lora_dropout: float = _doc("LoRA dropout", 0.0)
     lora_targets: str = _doc("LoRA target modules: all-linear or a comma-separated list", "all-linear")
+    merge_lora: bool = _doc("lora: also save the base model with the adapter merged into it "
+                            "(output_dir/final-merged, loadable by from_pretrained without peft)", False)
     bf16: bool = _doc("bf16 autocast for the forward passes", False)
     gradient_checkpointing: bool = _doc("recompute activations in the backward", False)
     tensor_parallel: int = _doc("shard the student's and teacher's LM heads over this many processes "
                                 "(ColwiseParallel; FSDP2 over the rest; docs/parallel.md)", 1)
 
     # --- optimisation ---------------------------------------------------------------------------
-    max_steps: int = _doc("optimizer steps", 100)
+    max_steps: Optional[int] = _doc("optimizer steps (None: from num_train_epochs, else 100)", None)
+    num_train_epochs: Optional[float] = _doc("passes over the training data (instead of max_steps)", None)
     batch_size: int = _doc("sequences per micro-batch and process", 8)
     grad_accum: int = _doc("micro-batches per optimizer step", 1)
     lr: float = _doc("peak learning rate (AdamW)", 1e-4)
     weight_decay: float = _doc("AdamW weight decay", 0.0)
-    adam_betas: str = _doc("AdamW betas, 'b1,b2'", "0.9,0.999")
+    adam_betas: str = _doc("AdamW betas, 'b1,b2' or a list [b1, b2]", "0.9,0.999")
     warmup_steps: int = _doc("linear warm-up steps", 0)
-    lr_schedule: str = _doc("after warm-up: cosine | linear | constant", "cosine")
+    warmup_ratio: float = _doc("warm-up as a fraction of max_steps (instead of warmup_steps)", 0.0)
+    lr_schedule: str = _doc("after warm-up: cosine | linear | constant, or another schedule of "
+                            "transformers.get_scheduler (" + ", ".join(SCHEDULES[3:]) + ")", "cosine")
     min_lr_ratio: float = _doc("the schedule's final learning rate as a fraction of lr", 0.0)
     max_grad_norm: Optional[float] = _doc("clip the gradient norm to this (None: no clipping)", 1.0)
     on_nonfinite: str = _doc("a NaN/inf loss or gradient norm: error (stop, naming the step and batch) | "
@@ -104,7 +128,9 @@ class TrainConfig:
     resume: str = _doc("auto (the last checkpoint in output_dir, if any) | never | a checkpoint directory", "auto")
     log_every: int = _doc("write metrics every N steps", 1)
     progress: bool = _doc("show a progress bar", True)
-    tensorboard: bool = _doc("also log to TensorBoard under output_dir/tb (when installed)", True)
+    report_to: str = _doc("experiment trackers (accelerate): none | tensorboard | wandb | mlflow, or a "
+                          "list; tensorboard writes under output_dir/tb", "none")
+    tensorboard: Optional[bool] = _doc("true: the same as report_to: tensorboard (kept for old configs)", None)
     save_final: bool = _doc("save the trained model (safetensors) to output_dir/final", True)
 
     def __post_init__(self) -> None:
@@ -115,13 +141,17 @@ class TrainConfig:
     def load(cls, path=None, overrides: Optional[list[str]] = None, **values: Any) -> "TrainConfig":
         """A config from a YAML file (optional), then ``--key value`` overrides, then ``values``."""
         merged: dict[str, Any] = {}
-        if path is not None:
-            merged.update(_read_yaml(Path(path)))
-        merged.update(parse_overrides(overrides or []))
-        merged.update(values)
-        unknown = sorted(set(merged) - {f.name for f in dataclasses.fields(cls)})
+        for source in ((_read_yaml(Path(path)) if path is not None else {}), parse_overrides(overrides or []),
+                       values):
+            merged.update(_map_aliases(source))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - names)
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; `fastkd train --help-config` lists them")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(names | set(ALIASES)), n=1, cutoff=0.6)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown config key(s) {', '.join(hints)}; `fastkd train --help-config` lists them")
         return cls(**merged)
 
     def to_dict(self) -> dict:
@@ -143,18 +173,29 @@ class TrainConfig:
         """Checks types, ranges and the mode's required keys; raises ``ValueError``/``TypeError``."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.type))
+        if self.max_steps is None and self.num_train_epochs is None:
+            self.max_steps = 100
+        elif self.max_steps is not None and self.num_train_epochs is not None:
+            raise ValueError("max_steps/num_train_epochs: set one of them (num_train_epochs sets max_steps from the "
+                             "data's size)")
+        if self.num_train_epochs is not None and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
         _one_of("mode", self.mode, MODES)
+        _one_of("data_format", self.data_format, DATA_FORMATS)
+        self._check_trackers()
         _one_of("divergence", self.divergence, DIVERGENCES)
         _one_of("tail", self.tail, ("bucket", "renormalize"))
         _one_of("token_select", self.token_select, ("entropy", "divergence"))
-        _one_of("lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
         _one_of("impl", self.impl, ("auto", "torch", "triton", "cuda"))
         _one_of("on_nonfinite", self.on_nonfinite, ("error", "skip"))
         if self.topk_from is not None:
             _one_of("topk_from", self.topk_from, ("teacher", "student", "union"))
         if not self.student:
             raise ValueError("student: a model directory or hub name is required")
-        for name in ("max_length", "max_steps", "batch_size", "grad_accum", "lora_r", "log_every",
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("max_length", "batch_size", "grad_accum", "lora_r", "log_every",
                      "prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -162,7 +203,7 @@ class TrainConfig:
                      "chunk_weight", "weight_decay", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("beta", "lmbda", "lora_dropout", "min_lr_ratio"):
+        for name in ("beta", "lmbda", "lora_dropout", "min_lr_ratio", "warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("temperature", "lr", "rollout_temperature", "lora_alpha"):
@@ -187,7 +228,67 @@ class TrainConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be None or > 0, got {self.max_grad_norm}")
         _betas(self.adam_betas)
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise ValueError("warmup_ratio/warmup_steps: set one of them")
+        if self.min_lr_ratio > 0 and self.lr_schedule not in ("cosine", "linear", "cosine_with_min_lr",
+                                                                 "cosine_warmup_with_min_lr"):
+            raise ValueError(f"min_lr_ratio: lr_schedule {self.lr_schedule} has no final learning rate to set "
+                             "(cosine, linear and cosine_with_min_lr have)")
         self._check_mode()
+        self._check_unused()
+
+    def _check_trackers(self) -> None:
+        wanted = [t for t in self.report_to.replace(" ", "").split(",") if t and t != "none"]
+        if self.report_to.replace(" ", "") in ("all",):
+            wanted = [t for t in TRACKERS if _tracker_installed(t)]
+        for name in wanted:
+            _one_of("report_to", name, TRACKERS + ("none", "all"))
+        if self.tensorboard and "tensorboard" not in wanted:
+            wanted.append("tensorboard")  # the old key
+        if self.tensorboard is False and "tensorboard" in wanted:
+            raise ValueError("tensorboard: false contradicts report_to: tensorboard; remove tensorboard")
+        for name in wanted:
+            if not _tracker_installed(name):
+                raise ValueError(f"report_to: {name} is not installed (pip install {name}); set report_to to "
+                                 "the trackers you have, or none (metrics.jsonl and loss_curve.png are always "
+                                 "written)")
+        self.report_to = ",".join(wanted) if wanted else "none"
+
+    @property
+    def trackers(self) -> list[str]:
+        """The experiment trackers of ``report_to`` (empty for none)."""
+        return [] if self.report_to == "none" else self.report_to.split(",")
+
+    def _check_unused(self) -> None:
+        """Keys the mode (or the other keys) would ignore are errors when set."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        groups = []
+        if self.mode == "sft":
+            groups.append(("mode sft trains on cross-entropy only", ("divergence", "beta", "tail", "temperature",
+                                                                    "kd_weight", "topk", "topk_from",
+                                                                    "chunk_weight")))
+        if self.mode != "on_policy":
+            groups.append((f"mode {self.mode} samples no rollouts (on_policy does)",
+                           ("lmbda", "prompt_tokens", "max_new_tokens", "rollout_temperature")))
+        if self.mode != "cross_tokenizer":
+            groups.append((f"mode {self.mode} has no chunk term (cross_tokenizer has)", ("chunk_weight",)))
+        if not self.lora:
+            groups.append(("lora is false", ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")))
+        if not self.teacher_url:
+            groups.append(("there is no teacher_url", ("teacher_server_model", "server_topk", "server_timeout")))
+        if not (self.eval_data or self.eval_cache):
+            groups.append(("there is no eval_data or eval_cache", ("eval_every", "eval_batches")))
+        if self.mode in ("offline", "cross_tokenizer"):
+            groups.append((f"mode {self.mode} reads text or caches, not the data formats of sft/online/on_policy",
+                           ("data_format", "messages_field", "prompt_field", "completion_field", "packing")))
+        for reason, keys in groups:
+            for key in keys:
+                if getattr(self, key) != defaults[key]:
+                    raise ValueError(f"{key}: {reason}, so {key} = {getattr(self, key)!r} would be ignored; "
+                                     "remove it")
+        if self.packing and self.mode == "on_policy":
+            raise ValueError("packing: on_policy rollouts continue each example's prompt; packing would cut "
+                             "them apart")
 
     def _check_mode(self) -> None:
         mode = self.mode
@@ -240,10 +341,53 @@ class TrainConfig:
             raise ValueError("topk_from: it chooses the ids of a top-k set; set topk as well")
         if mode == "sft" and self.token_fraction < 1 and self.token_select == "divergence":
             raise ValueError("token_select: mode sft has no teacher to diverge from; use entropy")
+        if self.merge_lora and not self.lora:
+            raise ValueError("merge_lora: only a LoRA run (lora: true) has an adapter to merge")
         if mode != "sft" and self.ce_weight == 0 and self.kd_weight == 0:
             raise ValueError("kd_weight/ce_weight: both are 0, the loss would be 0")
         if mode == "sft" and self.ce_weight == 0:
             self.ce_weight = 1.0  # sft is cross-entropy only: the default weights mean exactly that
+
+
+# Hugging Face TrainingArguments / TRL names and the keys they set here (a function: the value).
+ALIASES: dict[str, Any] = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_schedule",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "save_total_limit": "keep_checkpoints",
+    "resume_from_checkpoint": "resume",
+    "max_seq_length": "max_length",
+    "dataset_text_field": "text_field",
+    "model_name_or_path": "student",
+    "teacher_model_name_or_path": "teacher",
+    "disable_tqdm": ("progress", lambda value: not _coerce_bool("disable_tqdm", value)),
+    "adam_beta1": ("adam_betas", None),
+    "adam_beta2": ("adam_betas", None),
+}
+
+
+def _map_aliases(values: dict) -> dict:
+    """``values`` with the Hugging Face names of :data:`ALIASES` replaced by fastkd's keys; a key
+    given under both names is an error naming both."""
+    out = {k: v for k, v in values.items() if k not in ALIASES}
+    betas = {k: values[k] for k in ("adam_beta1", "adam_beta2") if k in values}
+    if betas:
+        if "adam_betas" in values:
+            raise ValueError("adam_betas: given together with adam_beta1/adam_beta2; use one form")
+        b1, b2 = _betas(TrainConfig.__dataclass_fields__["adam_betas"].default)
+        out["adam_betas"] = f"{betas.get('adam_beta1', b1)},{betas.get('adam_beta2', b2)}"
+    for name, target in ALIASES.items():
+        if name not in values or name in ("adam_beta1", "adam_beta2"):
+            continue
+        key, convert = target if isinstance(target, tuple) else (target, None)
+        if key in values:
+            raise ValueError(f"{key}: given twice, as {key} and as its Hugging Face name {name}; keep one")
+        out[key] = convert(values[name]) if convert else values[name]
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -265,11 +409,21 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def config_help() -> str:
-    """The keys, their defaults and their help, one per line."""
+    """The keys, their defaults and their help, one per line; then the Hugging Face names."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
         lines.append(f"  {f.name:<24} (default {f.default!r})  {f.metadata['help']}")
+    lines.append("Hugging Face TrainingArguments / TRL names accepted for them:")
+    for name, target in ALIASES.items():
+        key = target[0] if isinstance(target, tuple) else target
+        lines.append(f"  {name:<32} -> {key}" + (" (negated)" if name == "disable_tqdm" else ""))
     return "\n".join(lines)
+
+
+def _tracker_installed(name: str) -> bool:
+    if name == "tensorboard":
+        return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+    return importlib.util.find_spec(name) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,11 +456,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return None
         raise TypeError(f"{name} must be a {base.__name__}, got None")
     if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
-            return value.lower() in _TRUE
-        raise TypeError(f"{name} must be true or false, got {value!r}")
+        return _coerce_bool(name, value)
     if base is int:
         if isinstance(value, str):
             try:
@@ -328,10 +478,25 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if base is str:
         if isinstance(value, Path):
             return str(value)
+        if name in _LIST_KEYS and isinstance(value, (list, tuple)):  # a YAML list where a list is meant
+            if not all(isinstance(v, (str, numbers.Real)) and not isinstance(v, bool) for v in value):
+                raise TypeError(f"{name} must be a list of names or numbers, got {value!r}")
+            return ",".join(str(v) for v in value)
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a string, got {value!r}")
         return value
     return value
+
+
+_LIST_KEYS = ("adam_betas", "lora_targets", "report_to")
+
+
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise TypeError(f"{name} must be true or false, got {value!r}")
 
 
 def _one_of(name: str, value: str, choices: tuple) -> None:

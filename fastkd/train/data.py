@@ -25,40 +25,157 @@ import torch
 IGNORE = -100
 
 
-def load_texts(spec: str, text_field: str = "text") -> list[str]:
-    """The texts of ``spec``: a ``.txt`` (one per non-empty line), ``.jsonl``/``.json``,
-    ``.parquet`` file, or ``hf:NAME[:SPLIT]`` for ``datasets.load_dataset(NAME, split=SPLIT)``."""
+_READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_records(spec: str, key: str = "data"):
+    """The rows of ``spec`` as a ``datasets.Dataset``, read by ``datasets.load_dataset``: a local
+    ``.txt`` (a row ``{"text": line}`` per line), ``.jsonl``/``.json`` or ``.parquet`` file, or
+    ``hf:NAME[:SPLIT]`` (a Hub dataset or a local directory of data files; split ``train`` by
+    default).
+    Errors name ``key`` (``data``, ``eval_data``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{key}: reading {spec!r} needs the `datasets` package (pip install datasets)") from None
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"data: {spec!r} needs the `datasets` package (pip install datasets)") from None
-        table = datasets.load_dataset(name, split=split or "train")
-        return _column(table[text_field] if text_field in table.column_names else None, spec, text_field)
-    path = Path(spec)
-    if path.suffix == ".parquet":
+        source, options = name, {"split": split or "train"}
+    else:
+        path = Path(spec).expanduser()
         if not path.is_file():
-            raise ValueError(f"data: {path} is not a file")
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"data: reading {path} needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(path)
-        return _column(table.column(text_field).to_pylist() if text_field in table.column_names else None,
-                       spec, text_field)
-    from ..cache.capture import load_texts as load_text_file
+            raise ValueError(f"{key}: {spec} is not a file" + ("" if path.parent.is_dir() else
+                                                                 f" (no directory {path.parent})"))
+        if path.suffix not in _READERS:
+            raise ValueError(f"{key}: {spec} must be a .txt, .jsonl, .json or .parquet file (or hf:NAME), "
+                             f"got suffix {path.suffix!r}")
+        source, options = _READERS[path.suffix], {"data_files": str(path), "split": "train"}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(source, **options)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; the key matters most
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{key}: cannot read {spec}: {reason}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        datasets.enable_progress_bars()
 
-    return load_text_file(path, text_field)
+
+def load_texts(spec: str, text_field: str = "text", key: str = "data") -> list[str]:
+    """The non-empty strings of column ``text_field`` of :func:`load_records` ``(spec)``."""
+    table = load_records(spec, key)
+    return _column(table[text_field] if text_field in table.column_names else None, spec, text_field, key)
 
 
-def _column(values, spec: str, text_field: str) -> list[str]:
+def _column(values, spec: str, text_field: str, key: str = "data") -> list[str]:
     if values is None:
-        raise ValueError(f"data: {spec} has no column {text_field!r} (set text_field)")
+        raise ValueError(f"{key}: {spec} has no column {text_field!r} (set text_field)")
     texts = [v for v in values if isinstance(v, str) and v.strip()]
     if not texts:
-        raise ValueError(f"data: {spec} holds no non-empty strings in column {text_field!r}")
+        raise ValueError(f"{key}: {spec} holds no non-empty strings in column {text_field!r}")
     return texts
+
+
+def data_format(columns, config) -> str:
+    """``text``, ``chat`` or ``prompt_completion`` (``prompt`` alone: ``prompt_only``): the
+    config's ``data_format``, or with ``auto`` the first whose columns the data has (messages,
+    then prompt [+ completion], then the text field)."""
+    fmt = config.data_format
+    if fmt == "auto":
+        if config.messages_field in columns:
+            return "chat"
+        if config.prompt_field in columns:
+            return "prompt_completion" if config.completion_field in columns else "prompt_only"
+        return "text"
+    if fmt == "prompt_completion" and config.completion_field not in columns:
+        return "prompt_only"
+    return fmt
+
+
+def example_items(tokenizer, spec: str, config, key: str = "data") -> tuple[list[dict], str]:
+    """Tokenised items of the data at ``spec`` and its format (:func:`data_format`).
+
+    - ``text``: the ``text_field`` string; EOS appended (``append_eos``) when the text fits.
+    - ``chat``: ``messages_field`` rendered by the tokenizer's chat template (no second BOS).
+    - ``prompt_completion``: prompt ids + completion ids + EOS; the loss covers the completion
+      (``prompt_length`` masks the prompt); ``prompt_only``: the prompt (on-policy rollouts).
+    """
+    table = load_records(spec, key)
+    fmt = data_format(table.column_names, config)
+    need = {"text": [config.text_field], "chat": [config.messages_field],
+            "prompt_completion": [config.prompt_field, config.completion_field],
+            "prompt_only": [config.prompt_field]}[fmt]
+    missing = [c for c in need if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{key}: {spec} has no column {missing[0]!r} for {fmt} data (its columns: "
+                         f"{', '.join(table.column_names)}; set text_field, messages_field or prompt_field)")
+    eos = tokenizer.eos_token_id if config.append_eos else None
+    items: list[dict] = []
+    if fmt == "text":
+        for text in _column(table[config.text_field], spec, config.text_field, key):
+            items.append(_text_item(tokenizer, text, config.max_length, eos, True))
+    elif fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{key}: {spec} holds chat data ({config.messages_field!r}) but the tokenizer has no "
+                             "chat template (set tokenizer to one that has, or give text data)")
+        for messages in table[config.messages_field]:
+            if not messages:
+                continue
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            items.append(_text_item(tokenizer, text, config.max_length, eos, False))
+    else:
+        prompts = table[config.prompt_field]
+        completions = table[config.completion_field] if fmt == "prompt_completion" else [None] * len(prompts)
+        for prompt, completion in zip(prompts, completions):
+            if not isinstance(prompt, str) or not prompt.strip():
+                continue
+            items.append(_prompt_item(tokenizer, prompt, completion, config.max_length, eos))
+    items = [item for item in items if item is not None]
+    if not items:
+        raise ValueError(f"{key}: {spec} holds no example of at least 2 tokens (and, for prompt/completion "
+                         f"data, a completion token within max_length {config.max_length})")
+    return items, fmt
+
+
+def _text_item(tokenizer, text: str, max_length: int, eos: Optional[int], special: bool) -> Optional[dict]:
+    ids, n_bytes = encode(tokenizer, text, max_length, add_special_tokens=special)
+    if eos is not None and len(ids) < max_length and (not ids or ids[-1] != eos):
+        ids = ids + [eos]  # the text ended inside max_length: the model learns to stop
+    if len(ids) < 2:
+        return None
+    return {"input_ids": torch.tensor(ids, dtype=torch.int64), "n_bytes": n_bytes}
+
+
+def _prompt_item(tokenizer, prompt: str, completion: Optional[str], max_length: int,
+                 eos: Optional[int]) -> Optional[dict]:
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    if completion is None:  # a prompt alone: on-policy rollouts continue it
+        prompt_ids = prompt_ids[:max_length - 1]
+        return {"input_ids": torch.tensor(prompt_ids, dtype=torch.int64), "prompt_length": len(prompt_ids),
+                "prompt_only": True} if prompt_ids else None
+    room = max_length - len(prompt_ids)
+    if room < 1 or not isinstance(completion, str):
+        return None
+    ids, n_bytes = encode(tokenizer, completion, room, add_special_tokens=False, first_predicted=True)
+    if eos is not None and len(ids) < room and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    if not ids:
+        return None
+    return {"input_ids": torch.tensor(prompt_ids + ids, dtype=torch.int64), "prompt_length": len(prompt_ids),
+            "n_bytes": n_bytes}
+
+
+def pack_items(items: Sequence[dict], max_length: int) -> list[dict]:
+    """The items' tokens end to end (each with its EOS), cut into blocks of ``max_length`` with
+    explicit ``labels`` (the prompts of prompt/completion items stay out of the loss)."""
+    ids = torch.cat([item["input_ids"] for item in items])
+    labels = torch.cat([torch.cat([torch.full((item.get("prompt_length", 0),), IGNORE, dtype=torch.int64),
+                                   item["input_ids"][item.get("prompt_length", 0):]]) for item in items])
+    blocks = [{"input_ids": ids[start:start + max_length], "labels": labels[start:start + max_length]}
+              for start in range(0, len(ids), max_length)]
+    return [block for block in blocks if len(block["input_ids"]) >= 2 and (block["labels"][1:] != IGNORE).any()]
 
 
 def pad_token_id(tokenizer) -> int:
@@ -73,20 +190,23 @@ def pad_token_id(tokenizer) -> int:
 # items and collators
 # ------------------------------------------------------------------------------------------------
 
-def encode(tokenizer, text: str, max_length: int) -> tuple[list[int], Optional[int]]:
+def encode(tokenizer, text: str, max_length: int, *, add_special_tokens: bool = True,
+           first_predicted: bool = False) -> tuple[list[int], Optional[int]]:
     """Token ids of ``text`` (truncated) and the UTF-8 bytes its predicted tokens (all but the
-    first) cover, for CE per byte: a truncated text counts only what was kept, and a tokenizer
-    without BOS does not count its unpredicted first token. Fast tokenizers give the bytes from
-    their offsets; a slow one gives the whole text's bytes when nothing was cut, else None."""
+    first, or all with ``first_predicted``: a completion after its prompt) cover, for CE per
+    byte: a truncated text counts only what was kept, and a tokenizer without BOS does not count
+    its unpredicted first token. Fast tokenizers give the bytes from their offsets; a slow one
+    gives the whole text's bytes when nothing was cut, else None."""
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True,
+                            add_special_tokens=add_special_tokens)
         ids = encoded["input_ids"]
-        spans = [(a, b) for a, b in encoded["offset_mapping"][1:] if b > a]
+        spans = [(a, b) for a, b in encoded["offset_mapping"][0 if first_predicted else 1:] if b > a]
         if not spans:
             return ids, 0
         first, last = min(a for a, _ in spans), max(b for _, b in spans)
         return ids, len(text[:last].encode("utf-8")) - len(text[:first].encode("utf-8"))
-    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)["input_ids"]
     return ids, (len(text.encode("utf-8")) if len(ids) < max_length else None)
 
 
@@ -118,8 +238,13 @@ class CausalCollator:
         for row, item in enumerate(items):
             seq = item["input_ids"]
             ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
-            labels[row, item.get("prompt_length", 0):len(seq)] = seq[item.get("prompt_length", 0):]
+            if "labels" in item:  # packed blocks carry their own
+                labels[row, :len(seq)] = item["labels"]
+            else:
+                labels[row, item.get("prompt_length", 0):len(seq)] = seq[item.get("prompt_length", 0):]
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if any("prompt_length" in item for item in items):  # on-policy rollouts continue the prompts
+            batch["prompt_lengths"] = torch.tensor([item.get("prompt_length", 0) for item in items])
         if all(item.get("n_bytes") is not None for item in items):
             batch["n_bytes"] = sum(item["n_bytes"] for item in items)
         return batch
@@ -137,7 +262,7 @@ def cross_items(student_tok, student_vocab, texts: Sequence[str], max_length: in
         if len(t_ids) < 2:
             continue
         item["teacher_input_ids"] = torch.tensor(t_ids, dtype=torch.int64)
-        item["teacher_offsets"] = teacher_vocab.byte_offsets(t_ids, text)
+        item["teacher_offsets"] = teacher_vocab.byte_offsets(t_ids, covered_text(teacher_vocab, t_ids, text))
         items.append(item)
     if not items:
         raise ValueError("data: no text has at least 2 tokens under both tokenizers")
@@ -175,8 +300,24 @@ def _student_side(tokenizer, vocab, text: str, max_length: int) -> Optional[dict
     ids, n_bytes = encode(tokenizer, text, max_length)
     if len(ids) < 2:
         return None
-    return {"input_ids": torch.tensor(ids, dtype=torch.int64), "offsets": vocab.byte_offsets(ids, text),
-            "n_bytes": n_bytes}
+    return {"input_ids": torch.tensor(ids, dtype=torch.int64),
+            "offsets": vocab.byte_offsets(ids, covered_text(vocab, ids, text)), "n_bytes": n_bytes}
+
+
+def covered_text(vocab, ids, text: str):
+    """The part of ``text`` that ``ids`` (a tokenisation of it, possibly truncated) spell: the
+    text itself when they spell all of it, else the UTF-8 prefix they cover (bytes: a cut may fall
+    inside a character). Both tokenizers' byte offsets then count from the same first byte, and
+    only the boundaries both reach are aligned."""
+    data = text.encode("utf-8")
+    spelled = b"".join(vocab.token_bytes[i] for i in ids)
+    if len(spelled) >= len(data):
+        return text  # the whole text (or a normalised one: byte_offsets says so)
+    if data.startswith(spelled):
+        return spelled
+    if vocab.prefix_space and spelled.startswith(b" ") and data.startswith(spelled[1:]):
+        return spelled[1:]  # SentencePiece's dummy prefix, not in the text
+    return text
 
 
 class CrossCollator:

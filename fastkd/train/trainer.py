@@ -23,6 +23,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,9 +37,17 @@ from ..api import kd_loss, topk_kd_loss
 from ..integrations.hf import hidden_and_head
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler, cross_items, load_texts,
-                   pad_token_id, text_items)
+from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler, cross_items, example_items,
+                   load_texts, pack_items, pad_token_id, text_items)
 from .guard import NonFiniteGuard, check_finite_weights
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run after a step; ``checkpoint`` holds that step (resume from it)."""
+
+    def __init__(self, step: int, checkpoint: Optional[Path]):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 class Trainer:
@@ -53,13 +64,19 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, accelerator=None,
                  on_step: Optional[Callable[["Trainer", dict], None]] = None):
         self.config = cfg = config
-        self.acc = acc = accelerator or _accelerator(cfg.bf16)
+        for key in ("student", "teacher", "tokenizer", "teacher_tokenizer"):
+            _check_local(key, getattr(cfg, key))  # before anything slow: a typo is one line naming its key
+        for key in ("data", "eval_data", "cache", "eval_cache"):
+            spec = getattr(cfg, key)
+            if spec and not spec.startswith("hf:") and not Path(spec).expanduser().exists():
+                raise ValueError(f"{key}: {spec} does not exist")
+        self.acc = acc = accelerator or _accelerator(cfg.bf16, cfg.trackers, cfg.output_dir)
         self.on_step = on_step
         self.out = Path(cfg.output_dir)
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            _make_output_dir(self.out)
         torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
-        self.tokenizer = _load_tokenizer(cfg.tokenizer or cfg.student)
+        self.tokenizer = _load_tokenizer(cfg.tokenizer or cfg.student, "tokenizer" if cfg.tokenizer else "student")
         self.pad_id = pad_token_id(self.tokenizer)
         self.student = self._load_student()
         self.teacher = self._load_teacher()
@@ -73,6 +90,12 @@ class Trainer:
         self.shared_vocab = self._shared_vocab()
         self.items, self.collate, self.eval_items = self._build_data()
         self.sampler = OrderSampler(len(self.items), cfg.seed)
+        if cfg.num_train_epochs is not None:  # HF's rule: steps = ceil(epochs · batches per epoch)
+            per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+            cfg.max_steps = max(1, math.ceil(cfg.num_train_epochs * len(self.items) / per_step))
+            cfg.num_train_epochs = None
+        if cfg.warmup_ratio > 0:
+            cfg.warmup_steps, cfg.warmup_ratio = math.ceil(cfg.warmup_ratio * cfg.max_steps), 0.0
 
         self.mesh = None  # (dp, tp) with tensor-parallel heads (fastkd.train.tensor_parallel)
         if cfg.tensor_parallel > 1:
@@ -81,10 +104,15 @@ class Trainer:
             self.mesh = tp.make_mesh(cfg.tensor_parallel, acc.device.type)
             self.student = tp.shard_student(self.student.to(acc.device), self.mesh)
         params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        if self.mesh is None:
-            self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        if params:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            self.scheduler = _scheduler(cfg, self.optimizer)
+            if self.mesh is None:
+                self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        else:  # a model with nothing trainable (a saved LoRA adapter, loaded to evaluate it)
+            self.optimizer = self.scheduler = None
+            if self.mesh is None:
+                self.student = acc.prepare(self.student)
         if self.teacher is not None:
             self.teacher.to(acc.device)
             if self.mesh is not None:
@@ -101,7 +129,7 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         cfg = self.config
-        model = AutoModelForCausalLM.from_pretrained(cfg.student).float()  # fp32 master weights
+        model = _load_model(AutoModelForCausalLM, "student", cfg.student).float()  # fp32 master weights
         if len(self.tokenizer) > model.get_output_embeddings().weight.shape[0]:
             raise ValueError(f"tokenizer: {len(self.tokenizer)} ids but the student's LM head has "
                              f"{model.get_output_embeddings().weight.shape[0]} rows")
@@ -121,6 +149,8 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                      lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                      task_type="CAUSAL_LM"))
+            if Path(cfg.student).is_dir():  # the adapter names its base model resolvably from anywhere
+                model.peft_config["default"].base_model_name_or_path = str(Path(cfg.student).resolve())
         return model.train()
 
     def _load_teacher(self):
@@ -130,16 +160,17 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if cfg.bf16 and torch.cuda.is_available() else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).to(dtype)
+        teacher = _load_model(AutoModelForCausalLM, "teacher", cfg.teacher).to(dtype)
         teacher.eval().requires_grad_(False)
         if cfg.mode == "cross_tokenizer":
-            self.teacher_tokenizer = _load_tokenizer(cfg.teacher_tokenizer or cfg.teacher)
+            self.teacher_tokenizer = _load_tokenizer(cfg.teacher_tokenizer or cfg.teacher,
+                                                     "teacher_tokenizer" if cfg.teacher_tokenizer else "teacher")
         else:
             from ..cache.format import tokenizer_fingerprint
 
             other = cfg.teacher
             try:
-                teacher_tok = _load_tokenizer(other)
+                teacher_tok = _load_tokenizer(other, "teacher")
             except (OSError, ValueError):
                 teacher_tok = None  # a teacher directory without a tokenizer: the student's is assumed
             if teacher_tok is not None and tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(self.tokenizer):
@@ -165,7 +196,8 @@ class Trainer:
             if cfg.eval_cache:
                 eval_items = self._open_cache(cfg.eval_cache, "topk", "eval_cache")
             elif cfg.eval_data:
-                eval_items = text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
+                eval_items = text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field, "eval_data"),
+                                        cfg.max_length)
             collate = CacheCollator(self.pad_id, max_length=cfg.max_length)
             self.eval_collate = CausalCollator(self.pad_id) if cfg.eval_data and not cfg.eval_cache else collate
             return items, collate, eval_items
@@ -179,7 +211,7 @@ class Trainer:
                 build = lambda texts: cross_items(self.tokenizer, self.byte_vocab,  # noqa: E731
                                                   texts, cfg.max_length, self.teacher_tokenizer, self.teacher_vocab)
                 collate = CrossCollator(self.pad_id, pad_token_id(self.teacher_tokenizer))
-                items = build(load_texts(cfg.data, cfg.text_field))
+                items = build(load_texts(cfg.data, cfg.text_field, "data"))
             else:
                 cache = self._open_cache(cfg.cache, "bytes", "cache")
                 items = CachedCrossItems(self.tokenizer, self.byte_vocab, cache, cfg.max_length)
@@ -187,17 +219,23 @@ class Trainer:
                 build = None
             eval_items = None
             if cfg.eval_data:
-                if build is not None:
-                    eval_items = build(load_texts(cfg.eval_data, cfg.text_field))
-                else:
-                    eval_items = text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
+                texts = load_texts(cfg.eval_data, cfg.text_field, "eval_data")
+                eval_items = build(texts) if build is not None else text_items(self.tokenizer, texts, cfg.max_length)
             self.eval_collate = collate if build is not None else CausalCollator(self.pad_id)
             return items, collate, eval_items
         collate = CausalCollator(self.pad_id)
         self.eval_collate = collate
-        items = text_items(self.tokenizer, load_texts(cfg.data, cfg.text_field), cfg.max_length)
-        eval_items = (text_items(self.tokenizer, load_texts(cfg.eval_data, cfg.text_field), cfg.max_length)
-                      if cfg.eval_data else None)
+        items, fmt = example_items(self.tokenizer, cfg.data, cfg, "data")
+        if fmt == "prompt_only" and not (cfg.mode == "on_policy" and cfg.lmbda == 1):
+            raise ValueError(f"data: {cfg.data} holds prompts without completions: only on_policy with lmbda 1 "
+                             "trains on them (every micro-batch a rollout); add a completion column")
+        if cfg.packing:
+            items = pack_items(items, cfg.max_length)
+        eval_items = None
+        if cfg.eval_data:
+            eval_items, eval_fmt = example_items(self.tokenizer, cfg.eval_data, cfg, "eval_data")
+            if eval_fmt == "prompt_only":
+                raise ValueError(f"eval_data: {cfg.eval_data} holds prompts without completions; nothing to score")
         return items, collate, eval_items
 
     def _open_cache(self, path: str, kind: str, key: str):
@@ -214,17 +252,6 @@ class Trainer:
                              f"run has temperature {self.config.temperature:g}; they must be equal (capture the "
                              "cache at the distillation temperature)")
         return cache
-
-    def _lr_factor(self, step: int) -> float:
-        cfg = self.config
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(progress, 1.0)
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     # ------------------------------------------------------------------------------------------
     # batches
@@ -247,7 +274,10 @@ class Trainer:
         cfg = self.config
         model = self.acc.unwrap_model(self.student)
         lengths = batch["attention_mask"].sum(1).tolist()
-        prompts = [batch["input_ids"][b, :max(1, min(cfg.prompt_tokens, n - 1))] for b, n in enumerate(lengths)]
+        if "prompt_lengths" in batch:  # prompt/completion data: the rollouts continue the prompts
+            prompts = [batch["input_ids"][b, :max(1, n)] for b, n in enumerate(batch["prompt_lengths"].tolist())]
+        else:
+            prompts = [batch["input_ids"][b, :max(1, min(cfg.prompt_tokens, n - 1))] for b, n in enumerate(lengths)]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.int64)
         mask = torch.zeros_like(ids)
@@ -405,16 +435,23 @@ class Trainer:
     def train(self) -> dict:
         """Runs (or resumes) the configured steps; returns a summary (last metrics, eval, paths)."""
         cfg, acc = self.config, self.acc
+        if self.optimizer is None:
+            raise ValueError(f"student: {cfg.student} has no trainable parameters (a saved LoRA adapter? "
+                             "train its base model with lora: true)")
         self._maybe_resume()
-        from .metrics import MetricsLog
+        from .metrics import MetricsLog, format_eval
 
-        log = MetricsLog(self.out, enabled=acc.is_main_process, tensorboard=cfg.tensorboard,
-                         resume_step=self.step, progress=cfg.progress, total=cfg.max_steps)
+        log = MetricsLog(self.out, enabled=acc.is_main_process, resume_step=self.step, progress=cfg.progress,
+                         total=cfg.max_steps, accelerator=acc if cfg.trackers else None, config=cfg.to_dict())
         params = [p for p in self.student.parameters() if p.requires_grad]
         guard = NonFiniteGuard(cfg.on_nonfinite, self.sampler, cfg.batch_size * acc.num_processes * cfg.grad_accum,
                                skipped=self.history[-1].get("skipped_nonfinite", 0) if self.history else 0)
-        started, tokens = time.perf_counter(), 0
+        # elapsed_s continues the resumed run's clock
+        started = time.perf_counter() - (self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0)
+        tokens = 0
         last_eval: dict = {}
+        self._stop = False
+        restore = self._catch_ctrl_c()
         try:
             while self.step < cfg.max_steps:
                 guard.begin_step()
@@ -423,7 +460,7 @@ class Trainer:
                 # divides its sum by total / processes, and the wrapper averages the gradients
                 total = self._all_processes_sum(torch.stack([self._kept_rows(b) for b, _ in batches]).sum())
                 denominator = (total.clamp(min=1) / acc.num_processes).float()
-                sums = torch.zeros(2, dtype=torch.float64, device=acc.device)  # loss, kd: one sync a step
+                sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, kd, stop: one sync a step
                 rollouts, has_kd = 0, False
                 for i, (batch, on_policy) in enumerate(batches):
                     sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(self.student)
@@ -441,8 +478,10 @@ class Trainer:
                         sums[1] += (kd * keep if keep is not None else kd).sum() / denominator
                         has_kd = True
                     rollouts += on_policy  # the same on every process (a shared coin)
+                if self._stop:  # Ctrl-C on any process stops every process after this step
+                    sums[2] = acc.num_processes
                 # log the mean over processes, not the main one's share
-                loss_sum, kd_sum = (self._all_processes_sum(sums) / acc.num_processes).tolist()
+                loss_sum, kd_sum, stop = (self._all_processes_sum(sums) / acc.num_processes).tolist()
                 total = int(total)
                 total //= cfg.tensor_parallel  # the ranks of a tensor-parallel group share rows
                 # the norm also feeds the non-finite guard (max_norm inf: no clipping, grads * 1.0)
@@ -463,6 +502,9 @@ class Trainer:
                           "elapsed_s": time.perf_counter() - started}
                 if has_kd and cfg.mode != "sft":
                     record["kd"] = kd_sum
+                ce = _ce_term(cfg, loss_sum, kd_sum if has_kd else 0.0)
+                if ce is not None:
+                    record["ce"] = ce
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 if cfg.mode == "on_policy":
@@ -473,9 +515,12 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     log.write(record)
                 log.advance(record)
+                if stop:
+                    raise Interrupted(self.step, self._save_on_interrupt(log))
                 if self.eval_items and cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     last_eval = self.evaluate()
                     log.write({"step": self.step, **last_eval})
+                    log.note(format_eval(self.step, last_eval))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
                 if self.on_step is not None:
@@ -483,16 +528,45 @@ class Trainer:
             if self.eval_items:
                 last_eval = self.evaluate()
                 log.write({"step": self.step, **last_eval})
+                log.note(format_eval(self.step, last_eval))
             checkpoint = self.save_checkpoint()
             if cfg.save_final:
                 self.save_model(self.out / "final")
+                if cfg.lora and cfg.merge_lora:
+                    self.save_merged(self.out / "final-merged")
         finally:
+            restore()
             log.close()
         if acc.is_main_process:
             log.plot(self.out / "loss_curve.png")
         return {"step": self.step, "loss": self.history[-1]["loss"] if self.history else None,
                 "eval": last_eval, "checkpoint": str(checkpoint), "output_dir": str(self.out),
-                "tokens": tokens}
+                "tokens": tokens, "last": self.history[-1] if self.history else {}}
+
+    def _catch_ctrl_c(self) -> Callable[[], None]:
+        """Ctrl-C (SIGINT) asks the run to stop after the current step, save a checkpoint and
+        raise :class:`Interrupted`; a second Ctrl-C interrupts at once. Returns the function that
+        puts the previous handler back (nothing is changed outside the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            self._stop = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.acc.is_main_process:
+                print("\nfastkd train: Ctrl-C, stopping after this step and saving a checkpoint "
+                      "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _save_on_interrupt(self, log) -> Path:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.close()
+        if self.acc.is_main_process:
+            log.plot(self.out / "loss_curve.png")
+        return self.save_checkpoint()
 
     def _data_shard(self) -> tuple[int, int]:
         """``(index, count)`` of this process's share of the data: its data-parallel coordinate
@@ -699,11 +773,24 @@ class Trainer:
             self.tokenizer.save_pretrained(directory)
         acc.wait_for_everyone()
 
+    def save_merged(self, directory: Path) -> None:
+        """The base model with the LoRA adapter merged into its weights, ``save_pretrained`` in
+        safetensors (loadable without peft). The trained model is merged in place: call it last."""
+        if self._fsdp():
+            raise ValueError("merge_lora: merging under FSDP is not supported; merge output_dir/final with "
+                             "peft's merge_and_unload() after the run")
+        if self.acc.is_main_process:
+            merged = self.acc.unwrap_model(self.student).merge_and_unload()
+            merged.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+        self.acc.wait_for_everyone()
+
 
 # Keys a resumed run may change (where to log, how often, how long).
 # (max_steps too with a constant schedule: cosine and linear depend on it.)
 _RESUMABLE = {"resume", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every",
-              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache", "on_nonfinite"}
+              "progress", "tensorboard", "save_final", "output_dir", "eval_data", "eval_cache",
+              "merge_lora", "report_to", "on_nonfinite"}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -716,17 +803,91 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _accelerator(bf16: bool):
-    """An ``Accelerator`` for this run. accelerate keeps one process-wide state; a run in the same
-    process as an earlier one with another precision (tests, the demo) gets that state reset (the
-    process group, ``PartialState``, is kept)."""
+def _accelerator(bf16: bool, trackers: tuple = (), output_dir: str = "."):
+    """An ``Accelerator`` for this run (with ``trackers``, logging under ``output_dir``).
+    accelerate keeps one process-wide state; a run in the same process as an earlier one with
+    another precision (tests, the demo) gets that state reset (the process group,
+    ``PartialState``, is kept)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     wanted = "bf16" if bf16 else "no"
     if AcceleratorState._shared_state.get("_mixed_precision", wanted) != wanted:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=wanted)
+    if not trackers:
+        return Accelerator(mixed_precision=wanted)
+    from accelerate.utils import ProjectConfiguration
+
+    # TensorBoard writes under output_dir/tb/fastkd
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "tb"))
+    return Accelerator(mixed_precision=wanted, log_with=list(trackers), project_config=project)
+
+
+def _scheduler(cfg: TrainConfig, optimizer):
+    """The learning-rate schedule, from ``transformers.get_scheduler``: warm-up, then fastkd's
+    ``cosine``/``linear`` down to ``min_lr_ratio · lr`` and ``constant`` (HF's
+    ``constant_with_warmup``), or the HF schedule of that name."""
+    from transformers import get_scheduler
+
+    name, extra = cfg.lr_schedule, {}
+    if name == "constant":
+        name = "constant_with_warmup"
+    elif name == "cosine" and cfg.min_lr_ratio > 0:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
+    elif name == "linear" and cfg.min_lr_ratio > 0:
+        name, extra = "polynomial", {"lr_end": cfg.min_lr_ratio * cfg.lr, "power": 1.0}
+    elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        extra = {"min_lr_rate": cfg.min_lr_ratio}
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps,
+                         scheduler_specific_kwargs=extra or None)
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id: absolute, ``./``, ``../``, ``~``, more than one ``/``, a
+    Windows drive, or a first component that exists here."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name or ":" in name:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def _check_local(key: str, name: Optional[str]) -> None:
+    if name and _looks_local(name) and not Path(name).expanduser().exists():
+        parent = Path(name).expanduser().parent
+        hint = f" (no directory {parent})" if not parent.is_dir() else ""
+        raise ValueError(f"{key}: {name} does not exist{hint}")
+
+
+def _load_model(auto, key: str, name: str):
+    """``auto.from_pretrained(name)`` with a failure as one ``ValueError`` naming ``key``."""
+    try:
+        return auto.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = "a local directory without a model" if Path(name).is_dir() else "not a local directory, and the Hub"
+        raise ValueError(f"{key}: cannot load {name} ({where}: {first})") from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "vocab.txt", "sentencepiece.bpe.model")
+
+
+def _make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fastkd-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"output_dir: cannot write to {out} ({error.strerror or error})") from None
+
+
+def _ce_term(cfg: TrainConfig, loss: float, kd: float) -> Optional[float]:
+    """The step's mean CE from its loss ``ce_weight·CE + kd_weight·τ²·KD`` (None without a CE term,
+    in on_policy, whose rollouts have none, and in cross_tokenizer, whose loss has a chunk term)."""
+    if cfg.ce_weight == 0 or cfg.mode in ("on_policy", "cross_tokenizer"):
+        return None
+    kd_part = 0.0 if cfg.mode == "sft" else cfg.kd_weight * cfg.temperature ** 2 * kd
+    return (loss - kd_part) / cfg.ce_weight
 
 
 def _fused_ce(hidden: Tensor, head: dict, labels: Tensor, impl: str, **options):
@@ -742,10 +903,14 @@ def _ce_sum(hidden: Tensor, head: dict, labels: Tensor, impl: str) -> float:
     return float(_fused_ce(hidden, head, labels, impl, ce_weight=1.0, reduction="sum"))
 
 
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str, key: str = "tokenizer"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    if Path(name).is_dir() and not any((Path(name) / f).exists() for f in _TOKENIZER_FILES):
+        hint = " (or set tokenizer)" if key == "student" else ""
+        raise ValueError(f"{key}: {name} holds no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the "
+                         f"tokenizer there{hint}")
+    return _load_model(AutoTokenizer, key, name)
 
 
 def train(config: TrainConfig, **kwargs) -> dict:
