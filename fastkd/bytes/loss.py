@@ -510,6 +510,13 @@ def _check_pair_values(pairs: Tensor, chunk_mask: Tensor, n_student: int, n_teac
                          "each sequence (pass the ByteAlignment of a batch, not its pairs)")
 
 
+def _all_finite_flag(x: Tensor) -> Tensor:
+    """A 0-dim bool tensor, True where ``x`` holds a NaN or inf; a vocabulary-sharded (DTensor)
+    head is reduced over its shards, so every rank sees the same flag."""
+    bad = ~torch.isfinite(x).all()
+    return bad.full_tensor() if check.is_dtensor(bad) else bad
+
+
 def _check_teacher_values(values: Tensor, tokens: Optional[Tensor], pair_ok: Tensor,
                           teacher_counted: Tensor, online: Optional[tuple]) -> None:
     """The teacher's rows at counted aligned pairs (and its token log-probs at counted rows, for
@@ -532,9 +539,9 @@ def _check_teacher_values(values: Tensor, tokens: Optional[Tensor], pair_ok: Ten
     if online is not None:
         hidden, weight, bias = online
         checks += [(pair_ok & ~torch.isfinite(hidden).all(dim=-1), "teacher_hidden", "NaN or inf at aligned pair {m}"),
-                   (~torch.isfinite(weight).all(), "teacher_weight", "NaN or inf")]
+                   (_all_finite_flag(weight), "teacher_weight", "NaN or inf")]
         if bias is not None:
-            checks.append((~torch.isfinite(bias).all(), "teacher_bias", "NaN or inf"))
+            checks.append((_all_finite_flag(bias), "teacher_bias", "NaN or inf"))
         checks.append((empty, "teacher_hidden", "no finite bucket at aligned pair {m}"))
     else:
         nan = (rows & (torch.isnan(values) | (values == math.inf))).any(dim=-1)
