@@ -206,7 +206,7 @@ def test_metrics_rewrite_on_resume_keeps_the_earlier_lines(tmp_path):
     from fastkd.train.metrics import MetricsLog
 
     path = _metrics(tmp_path, 50)
-    log = MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20, progress=False, total=60)
+    log = MetricsLog(tmp_path, enabled=True, resume_step=20, progress=False, total=60)
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(1, 21))
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
@@ -225,10 +225,10 @@ def test_a_kill_during_the_metrics_rewrite_loses_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(metrics.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        metrics.MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20, progress=False, total=60)
+        metrics.MetricsLog(tmp_path, enabled=True, resume_step=20, progress=False, total=60)
     assert path.read_bytes() == before
     monkeypatch.undo()
-    metrics.MetricsLog(tmp_path, enabled=True, tensorboard=False, resume_step=20, progress=False, total=60).close()
+    metrics.MetricsLog(tmp_path, enabled=True, resume_step=20, progress=False, total=60).close()
     assert len(path.read_text().splitlines()) == 20
 
 
@@ -239,7 +239,7 @@ def test_sigkill_during_the_metrics_rewrite(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, 200_001)))
     code = ("import sys; from pathlib import Path; from fastkd.train.metrics import MetricsLog; "
             "print('ready', flush=True); "
-            "MetricsLog(Path(sys.argv[1]), enabled=True, tensorboard=False, resume_step=150000, progress=False, "
+            "MetricsLog(Path(sys.argv[1]), enabled=True, resume_step=150000, progress=False, "
             "total=1).close(); print('done', flush=True)")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
