@@ -14,8 +14,12 @@ CUDA device, or on the CPU under ``TRITON_INTERPRET=1`` (the test lane).
 
 Options (``fastkd.config``): ``deterministic`` (the backward without atomics: one kernel owns each
 row block of ``dh``, another each vocabulary tile of ``dW``; bit-identical run to run, one more
-logits recomputation) and ``triton_grad_filter`` (skip gradient tiles whose largest ``|dz|`` is
-below the input dtype's resolution; ``"auto"``: on for 16-bit inputs, off for float32).
+logits recomputation). Every gradient tile is computed and accumulated: there is no filter that
+skips "small" tiles (an earlier one dropped real gradient, see docs/gpu_checks.md).
+
+Launch configurations (tile sizes, warps, pipeline stages) come from ``launch_configs`` per target
+architecture, and every launch goes through ``launch_configs.launch`` (the compile lane records
+them there).
 """
 from __future__ import annotations
 
@@ -27,28 +31,30 @@ from torch import Tensor
 
 from .. import divergences as dv
 from ..config import config
+from . import launch_configs as lc
 from . import triton_kernels as kern
 from .torch_backend import _topk_epilogue, counted_rows, sorted_topk_ids
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-# Resolution below which a gradient entry vanishes next to an O(1) one in the input dtype.
-_FILTER_EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 
 class _Launch:
-    """Tile sizes and dot precision for one call (small tiles for the CPU interpreter)."""
+    """Tile sizes, warps, stages (``launch_configs``, per target) and dot precision for one call."""
 
-    def __init__(self, hidden: Tensor, k: int = 1):
-        gpu = hidden.device.type == "cuda"
-        self.BM, self.BN, self.BD = (64, 128, 64) if gpu else (16, 32, 16)
+    def __init__(self, hidden: Tensor, k: int = 1, family: str = "stream"):
+        tiles = lc.tiles(family, hidden.device, hidden.dtype)
+        self.BM, self.BN, self.BD = tiles.BM, tiles.BN, tiles.BD
+        self.num_warps, self.num_stages = tiles.num_warps, tiles.num_stages
         self.KP = triton.next_power_of_2(max(k, 1))
-        self.num_warps = 8 if gpu else 4
+        gather = lc.tiles("gather", hidden.device, hidden.dtype)
+        self.gather = dict(KP=self.KP, BD=gather.BD, num_warps=gather.num_warps,
+                           num_stages=gather.num_stages)
         # float32 inputs get IEEE float32 dots (tf32 would cost 3 decimal digits of the logits).
         self.PRECISION = "ieee" if hidden.dtype == torch.float32 else "tf32"
 
     def meta(self, **extra):
         return dict(BM=self.BM, BN=self.BN, BD=self.BD, PRECISION=self.PRECISION,
-                    num_warps=self.num_warps, **extra)
+                    num_warps=self.num_warps, num_stages=self.num_stages, **extra)
 
 
 def _common(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,12 +76,6 @@ def _or_dummy(x: Optional[Tensor], device) -> Tensor:
     return _dummy(device) if x is None else x.contiguous()
 
 
-def _filter(dtype: torch.dtype) -> tuple[bool, float]:
-    mode = config.triton_grad_filter
-    on = dtype != torch.float32 if mode == "auto" else bool(mode)
-    return on, _FILTER_EPS[dtype]
-
-
 def _cap(cap: Optional[float]) -> float:
     return 1.0 if cap is None else float(cap)
 
@@ -85,10 +85,9 @@ def _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) -> Tenso
     n_rows, k = ids.shape
     out = torch.zeros((n_rows, k), dtype=torch.float32, device=hidden.device)
     if n_rows:
-        kern.gather_forward_kernel[(n_rows,)](
+        lc.launch(kern.gather_forward_kernel, (n_rows,),
             hidden, weight, _or_dummy(bias, hidden.device), ids.to(torch.int32).contiguous(), out,
-            n_rows, hidden.shape[1], k, _cap(softcap), **_head_flags(bias, softcap),
-            KP=launch.KP, BD=launch.BD)
+            n_rows, hidden.shape[1], k, _cap(softcap), **_head_flags(bias, softcap), **launch.gather)
     return out
 
 
@@ -130,7 +129,7 @@ def topk_kd_forward(
         topk_logits = torch.zeros((n_rows, k), **f32)
         teacher_topk_logits = torch.zeros((n_rows, k), **f32)
         if n_rows:
-            kern.topk_forward_kernel[(triton.cdiv(n_rows, launch.BM),)](
+            lc.launch(kern.topk_forward_kernel, (triton.cdiv(n_rows, launch.BM),),
                 hidden, weight, _or_dummy(bias, device), _or_dummy(teacher_hidden, device),
                 _or_dummy(teacher_weight, device), _or_dummy(teacher_bias, device), sorted_ids,
                 _or_dummy(labels, device), lse, tail_lse, topk_logits, lse_ce, target, mean_z,
@@ -190,11 +189,13 @@ def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launc
         return
     row_blocks, col_blocks = triton.cdiv(n_rows, launch.BM), triton.cdiv(vocab, launch.BN)
     if config.deterministic:
-        kern.backward_kernel[(row_blocks,)](*kernel_args, MODE=1, **flags, **launch.meta(KP=launch.KP))
-        kern.backward_kernel[(col_blocks,)](*kernel_args, MODE=2, **flags, **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (row_blocks,), *kernel_args, MODE=1, **flags,
+                  **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (col_blocks,), *kernel_args, MODE=2, **flags,
+                  **launch.meta(KP=launch.KP))
     else:
-        kern.backward_kernel[(row_blocks, col_blocks)](*kernel_args, MODE=0, **flags,
-                                                        **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (row_blocks, col_blocks), *kernel_args, MODE=0, **flags,
+                  **launch.meta(KP=launch.KP))
 
 
 def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -221,23 +222,21 @@ def topk_kd_backward(
     grads = _grad_buffers(hidden, weight, bias)
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
-    launch = _Launch(hidden, k)
+    launch = _Launch(hidden, k, "backward")
     counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
     use_ce = ce_weight != 0.0
     sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
     if tail == "bucket" or use_ce or config.deterministic:
-        filter_on, filter_eps = _filter(hidden.dtype)
         device = hidden.device
         args = (hidden, weight, _or_dummy(bias, device), _dummy(device), _dummy(device),
                 _dummy(device), sorted_ids, topk_weights.gather(1, perm).contiguous(),
                 _or_dummy(labels, device), state, kd_scale, (ce_weight * grad_rows).contiguous(),
-                *grads, n_rows, vocab, dim, 1, k, 1.0 / temperature, _cap(softcap), 1.0, 0.5,
-                filter_eps)
+                *grads, n_rows, vocab, dim, 1, k, 1.0 / temperature, _cap(softcap), 1.0, 0.5)
         _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
                          T_HAS_BIAS=False, T_HAS_CAP=False, DENSE_TEACHER=False,
-                         WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0, FILTER=filter_on)
+                         WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0)
     elif n_rows:
         # tail="renormalize" without CE: the gradient lives on S only, O(N·K·D).
         capped = _gathered_capped_logits(hidden, weight, bias, teacher_ids, softcap, launch)
@@ -246,9 +245,9 @@ def topk_kd_backward(
         if softcap is not None:
             grad = grad * (1.0 - (capped / softcap) ** 2)
         grad = torch.where(teacher_ids >= 0, grad, 0.0).contiguous()
-        kern.gather_backward_kernel[(n_rows,)](
+        lc.launch(kern.gather_backward_kernel, (n_rows,),
             hidden, weight, teacher_ids.to(torch.int32).contiguous(), grad, *grads, n_rows, dim, k,
-            HAS_BIAS=bias is not None, KP=launch.KP, BD=launch.BD)
+            HAS_BIAS=bias is not None, **launch.gather)
     return _grad_results(grads, *results_like)
 
 
@@ -306,7 +305,7 @@ def dense_kd_forward(
     lse, t_lse, lse_ce, target, mean_z, kd, wsum = (torch.zeros(n_rows, **f32) for _ in range(7))
     if n_rows:
         for pass_ in (1, 2):
-            kern.dense_forward_kernel[(triton.cdiv(n_rows, launch.BM),)](
+            lc.launch(kern.dense_forward_kernel, (triton.cdiv(n_rows, launch.BM),),
                 hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
                 _or_dummy(teacher_bias, device), _or_dummy(labels, device),
                 lse, t_lse, lse_ce, target, mean_z, kd, wsum,
@@ -353,20 +352,18 @@ def dense_kd_backward(
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden)
+    launch = _Launch(hidden, 1, "backward")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
-    filter_on, filter_eps = _filter(hidden.dtype)
     args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
             _or_dummy(teacher_bias, device), _dummy(device), _dummy(device),
             _or_dummy(labels, device), state, (kd_weight * temperature * grad_rows).contiguous(),
             (ce_weight * grad_rows).contiguous(), *grads, n_rows, vocab, dim,
             teacher_hidden.shape[1], 1, 1.0 / temperature, _cap(softcap), _cap(teacher_softcap),
-            float(beta), filter_eps)
+            float(beta))
     _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
                      **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
-                     WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta),
-                     FILTER=filter_on)
+                     WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta))
     return _grad_results(grads, *results_like)
 
 
@@ -402,34 +399,56 @@ torch.library.register_autograd(
 # online teacher, top-k: the set S by a running top-k over streamed tiles
 # ------------------------------------------------------------------------------------------------
 
+def _splits(n_rows: int, vocab: int, block_rows: int, block_cols: int, device) -> int:
+    """Vocabulary splits of a streaming pass, so that small N still fills the GPU: about two
+    programs per SM in all, never more splits than vocabulary tiles."""
+    row_blocks = triton.cdiv(max(n_rows, 1), block_rows)
+    return max(1, min(triton.cdiv(vocab, block_cols), triton.cdiv(2 * lc.sm_count(device), row_blocks)))
+
+
 @torch.library.custom_op("fastkd::triton_select_topk", mutates_args=())
 def select_topk(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
     teacher_weight: Tensor, teacher_bias: Optional[Tensor], k: int, topk_from: str,
     softcap: Optional[float], teacher_softcap: Optional[float],
 ) -> Tensor:
-    """S per row, ``(N, K')`` int64 with ``-1`` on unused slots (see ``divergences.select_topk``)."""
+    """S per row, ``(N, K')`` int64 with ``-1`` on unused slots (see ``divergences.select_topk``).
+
+    The kernel keeps a running top-K per row and vocabulary split (no sort); the splits'
+    candidates, ``(N, splits·K)``, are merged here with one ``torch.topk``."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden, k)
-    launch.BN = max(launch.BN, launch.KP)  # tl.topk takes at most a tile's width
-    ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
-    student_ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
+    splits = _splits(n_rows, vocab, launch.BM, launch.BN, device)
+    span = triton.cdiv(triton.cdiv(vocab, splits), launch.BN) * launch.BN
+    splits = triton.cdiv(vocab, span)
+    both = topk_from == "union"
+    shape = (n_rows, splits, launch.KP)
+    vals, s_vals = (torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
+                    for _ in range(2))
+    ids, s_ids = (torch.zeros(shape, dtype=torch.int64, device=device) for _ in range(2))
     if n_rows:
-        kern.select_topk_kernel[(triton.cdiv(n_rows, launch.BM),)](
+        lc.launch(kern.select_topk_kernel, (triton.cdiv(n_rows, launch.BM), splits),
             hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-            _or_dummy(teacher_bias, device), ids, student_ids, n_rows, vocab, dim,
-            teacher_hidden.shape[1], k, _cap(softcap), _cap(teacher_softcap),
+            _or_dummy(teacher_bias, device), vals, ids, s_vals, s_ids, n_rows, vocab, dim,
+            teacher_hidden.shape[1], k, span, _cap(softcap), _cap(teacher_softcap),
             **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
             FROM_TEACHER=topk_from != "student", FROM_STUDENT=topk_from != "teacher",
             **launch.meta(KP=launch.KP))
-    if topk_from != "union":
-        return ids
-    seen = (student_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(dim=-1)
-    return torch.cat([ids, torch.where(seen, -1, student_ids)], dim=-1)
+
+    def merged(values: Tensor, columns: Tensor) -> Tensor:
+        best = values.reshape(n_rows, -1).topk(k, dim=1).indices
+        return columns.reshape(n_rows, -1).gather(1, best)
+
+    first = merged(vals, ids)
+    if not both:
+        return first
+    student = merged(s_vals, s_ids)
+    seen = (student.unsqueeze(-1) == first.unsqueeze(-2)).any(dim=-1)
+    return torch.cat([first, torch.where(seen, -1, student)], dim=-1)
 
 
 @select_topk.register_fake

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch_configs as lc
 from .triton_kernels import _logits_tile
 
 N_BUCKETS = 257
@@ -140,7 +141,7 @@ def _byte_lse_backward_kernel(
         capped = logits / softcap
         dz = dz * (1.0 - capped * capped)
     if HAS_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     # Scaled to O(1) before a 16-bit cast (a mean over many rows makes every entry tiny and fp16
     # would flush it to zero); the products are scaled back in float32.
     scale = tl.maximum(tl.max(tl.abs(dz)), 1e-30)
@@ -152,12 +153,12 @@ def _byte_lse_backward_kernel(
                     mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * dim + dims[None, :],
                       tl.dot(dz, w, input_precision=DOT_PRECISION) * scale,
-                      mask=row_mask[:, None] & dim_mask[None, :])
+                      mask=row_mask[:, None] & dim_mask[None, :], sem="relaxed")
         h = tl.load(hidden_ptr + rows[:, None] * dim + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_weight_ptr + cols[:, None] * dim + dims[None, :],
                       tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION) * scale,
-                      mask=col_mask[:, None] & dim_mask[None, :])
+                      mask=col_mask[:, None] & dim_mask[None, :], sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,21 +172,27 @@ def interpreting() -> bool:
     return isinstance(_byte_lse_forward_kernel, InterpretedFunction)
 
 
-def block_sizes(device: torch.device) -> dict:
-    """Tile sizes: small ones in the interpreter (speed, and tests that cross many tiles)."""
-    if device.type != "cuda" or interpreting():
-        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=1)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8)
+def block_sizes(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                family: str = "stream") -> dict:
+    """Tile sizes, warps and stages (``launch_configs``, per target architecture): small tiles in
+    the interpreter (speed, and tests that cross many tiles). ``family``: "stream" for the
+    forward, "backward" for the backward."""
+    cc = lc.target(device)
+    if cc == lc.INTERPRETER:
+        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=1, num_stages=1)
+    tiles = lc.tiles(family, device, dtype)
+    return dict(BLOCK_N=tiles.BM, BLOCK_V=tiles.BN, BLOCK_D=tiles.BD, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages)
 
 
 def n_ranges(n_rows: int, vocab: int, device: torch.device) -> int:
     """How many vocabulary ranges to split the forward into: enough programs to fill the GPU."""
     blocks = block_sizes(device)
     n_tiles = -(-vocab // blocks["BLOCK_V"])
-    if device.type != "cuda" or interpreting():
+    if lc.target(device) == lc.INTERPRETER:
         return min(n_tiles, 3)  # several ranges, so the partial-bucket merge is always exercised
     row_blocks = -(-n_rows // blocks["BLOCK_N"])
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 4 * lc.sm_count(device)
     return max(1, min(n_tiles, -(-programs // row_blocks)))
 
 
@@ -232,21 +239,23 @@ def byte_lse(
     hidden, weight = hidden.to(common).contiguous(), weight.to(common).contiguous()
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
-    blocks = block_sizes(hidden.device)
+    blocks = block_sizes(hidden.device, hidden.dtype)
     ranges = range_start.shape[0] - 1
     out = torch.full((n_rows, N_BUCKETS), float("-inf"), dtype=torch.float32, device=hidden.device)
     part = torch.empty((n_rows, ranges, 2), dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
         return out
     grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), ranges)
-    _byte_lse_forward_kernel[grid](
+    lc.launch(
+        _byte_lse_forward_kernel, grid,
         hidden, weight, bias if bias is not None else hidden, sorted_ids, bucket_of_sorted,
         range_start, out, part,
         n_rows, dim, ranges,
         1.0 / temperature, 1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
         BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"])
+        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"],
+        num_stages=blocks["num_stages"])
     return _merge_partials(out, part, part_bucket)
 
 
@@ -268,13 +277,14 @@ def byte_lse_backward(
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
-    blocks = block_sizes(hidden.device)
+    blocks = block_sizes(hidden.device, hidden.dtype, "backward")
     grad_hidden = torch.zeros((n_rows, dim), dtype=torch.float32, device=hidden.device)
     grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=hidden.device)
     grad_bias = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     if n_rows:
         grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(vocab, blocks["BLOCK_V"]))
-        _byte_lse_backward_kernel[grid](
+        lc.launch(
+            _byte_lse_backward_kernel, grid,
             hidden, weight, bias if bias is not None else hidden, first_byte,
             bucket_lse.float().contiguous(), grad.float().contiguous(),
             grad_hidden, grad_weight, grad_bias if bias is not None else grad_hidden,
@@ -282,7 +292,8 @@ def byte_lse_backward(
             1.0 / temperature, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
             BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
-            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"])
+            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"],
+            num_stages=blocks["num_stages"])
     return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype),
             grad_bias.to(bias.dtype if bias is not None else weight_dtype))
 

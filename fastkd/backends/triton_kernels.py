@@ -347,10 +347,10 @@ def backward_kernel(
     # shapes
     N, V, D, DT, K,
     # meta
-    inv_temp, cap, t_cap, beta, skip_below,
+    inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    MODE: tl.constexpr, FILTER: tl.constexpr,
+    MODE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE)."""
@@ -386,44 +386,38 @@ def backward_kernel(
                                 v0, cols, col_mask, D, DT, K, inv_temp, cap, t_cap, beta,
                                 HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL,
                                 WITH_CE, KIND, BM, BN, BD, KP, PRECISION)
-                if FILTER:
-                    # relative to the block's largest row scale: entries are O(1)·scale at most
-                    keep = tl.max(tl.abs(dz)) >= skip_below * live
-                else:
-                    keep = live > 0
-                if keep:
-                    if HAS_BIAS and MODE != 1:
-                        db = tl.sum(dz, axis=0)
-                        if MODE == 0:
-                            tl.atomic_add(db_ptr + cols, db, mask=col_mask)
+                if HAS_BIAS and MODE != 1:
+                    db = tl.sum(dz, axis=0)
+                    if MODE == 0:
+                        tl.atomic_add(db_ptr + cols, db, mask=col_mask, sem="relaxed")
+                    else:
+                        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
+                # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
+                # many rows makes every entry tiny); the products are scaled back in float32.
+                dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+                for d0 in range(0, D, BD):
+                    d = d0 + tl.arange(0, BD)
+                    d_mask = d < D
+                    if MODE != 2:
+                        w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
+                                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                        dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
+                        dh_at = dh_ptr + rows[:, None] * D + d[None, :]
+                        dh_mask = row_mask[:, None] & d_mask[None, :]
+                        if MODE == 0:  # relaxed: a sum needs no ordering, and no GPU-wide fence
+                            tl.atomic_add(dh_at, dh, mask=dh_mask, sem="relaxed")
                         else:
-                            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
-                    # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
-                    # many rows makes every entry tiny); the products are scaled back in float32.
-                    dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
-                    for d0 in range(0, D, BD):
-                        d = d0 + tl.arange(0, BD)
-                        d_mask = d < D
-                        if MODE != 2:
-                            w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
-                                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                            dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
-                            dh_at = dh_ptr + rows[:, None] * D + d[None, :]
-                            dh_mask = row_mask[:, None] & d_mask[None, :]
-                            if MODE == 0:
-                                tl.atomic_add(dh_at, dh, mask=dh_mask)
-                            else:
-                                tl.store(dh_at, tl.load(dh_at, mask=dh_mask) + dh, mask=dh_mask)
-                        if MODE != 1:
-                            h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
-                                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                            dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
-                            dw_at = dw_ptr + cols[:, None] * D + d[None, :]
-                            dw_mask = col_mask[:, None] & d_mask[None, :]
-                            if MODE == 0:
-                                tl.atomic_add(dw_at, dw, mask=dw_mask)
-                            else:
-                                tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
+                            tl.store(dh_at, tl.load(dh_at, mask=dh_mask) + dh, mask=dh_mask)
+                    if MODE != 1:
+                        h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                        dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
+                        dw_at = dw_ptr + cols[:, None] * D + d[None, :]
+                        dw_mask = col_mask[:, None] & d_mask[None, :]
+                        if MODE == 0:
+                            tl.atomic_add(dw_at, dw, mask=dw_mask, sem="relaxed")
+                        else:
+                            tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,7 +465,7 @@ def gather_backward_kernel(
     valid = (ids >= 0) & (k < K)
     gz = tl.load(gz_ptr + row * K + k, mask=valid, other=0.0)
     if HAS_BIAS:
-        tl.atomic_add(db_ptr + ids, gz, mask=valid)
+        tl.atomic_add(db_ptr + ids, gz, mask=valid, sem="relaxed")
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         d_mask = d < D
@@ -479,67 +473,88 @@ def gather_backward_kernel(
         w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask2, other=0.0).to(tl.float32)
         tl.store(dh_ptr + row * D + d, tl.sum(gz[:, None] * w, axis=0), mask=d_mask)
         h = tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2)
+        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2,
+                      sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
-# online top-k selection: a running top-k per row over streamed logit tiles
+# online top-k selection: a running top-k per row over streamed logit tiles, no sort
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sort_keys(x, cols, col_mask):
-    """int64 keys that order like the float32 values ``x``, with the column in the low 32 bits."""
-    bits = x.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    key = (ordered << 32) | cols[None, :]
-    return tl.where(col_mask[None, :], key, -9223372036854775807)
+def _insert_topk(best_v, best_i, tile, cols, K, BN: tl.constexpr, KP: tl.constexpr):
+    """Merges a ``(BM, BN)`` tile into each row's running top-K (exact, no sort network).
 
-
-@triton.jit
-def _key_column(key):
-    """The column in the low 32 bits of a key (bit 31 is 0, so the arithmetic shift is exact)."""
-    return (key << 32) >> 32
+    ``best_v``/``best_i (BM, KP)``: the best values and their columns so far, in no order; slots
+    ``≥ K`` hold +inf and are never replaced. Each round moves every row's largest remaining tile
+    entry into its smallest slot when it beats it. Only entries above the row's K-th best at entry
+    can enter, at most K of them, in decreasing order, so ``min(max_row #above, K)`` rounds are
+    exact; after the first tiles that is a handful (the K-th best only rises)."""
+    lane = tl.arange(0, BN)
+    slots = tl.arange(0, KP)
+    above = tl.sum((tile > tl.min(best_v, axis=1)[:, None]).to(tl.int32), axis=1)
+    for _round in range(0, tl.minimum(tl.max(above), K)):
+        top = tl.max(tile, axis=1)
+        at = tl.argmax(tile, axis=1)
+        low = tl.min(best_v, axis=1)
+        slot = tl.argmin(best_v, axis=1)
+        put = (top > low)[:, None] & (slots[None, :] == slot[:, None])
+        picked = lane[None, :] == at[:, None]
+        best_v = tl.where(put, top[:, None], best_v)
+        best_i = tl.where(put, tl.sum(tl.where(picked, cols[None, :], 0), axis=1)[:, None], best_i)
+        tile = tl.where(picked, float("-inf"), tile)
+    return best_v, best_i
 
 
 @triton.jit
 def select_topk_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, student_ids_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, vals_ptr, ids_ptr, s_vals_ptr, s_ids_ptr,
     # shapes
-    N, V, D, DT, K,
+    N, V, D, DT, K, span,
     # meta
     cap, t_cap,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     FROM_TEACHER: tl.constexpr, FROM_STUDENT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The top-K column ids per row of the teacher's logits (→ ``ids``) and/or the student's
-    (→ ``student_ids`` when both are asked, else ``ids``). Temperature does not change a top-k."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)`` and writes
+    each row's top-K logits there and their columns, unordered, to ``(N, splits, KP)`` outputs:
+    the teacher's (→ ``vals``/``ids``) and/or the student's (→ ``s_vals``/``s_ids`` when both are
+    asked, else ``vals``/``ids``); unfilled slots hold -inf. The launcher merges the splits.
+    Temperature does not change a top-k."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     row_mask = rows < N
-    lowest = tl.full((BM, KP), -9223372036854775807, tl.int64)
-    best_t = lowest
-    best_s = lowest
-    for v0 in range(0, V, BN):
+    slots = tl.arange(0, KP)
+    empty = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BM, KP), tl.float32)
+    best_t = empty
+    ids_t = tl.zeros((BM, KP), tl.int64)
+    best_s = empty
+    ids_s = tl.zeros((BM, KP), tl.int64)
+    v_first = split.to(tl.int64) * span
+    for v0 in range(v_first, tl.minimum(v_first + span, V), BN):
         cols = v0 + tl.arange(0, BN).to(tl.int64)
         col_mask = cols < V
         if FROM_TEACHER:
             tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
                               T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
-            cand = tl.topk(_sort_keys(tz, cols, col_mask), KP, dim=1)
-            best_t = tl.topk(tl.reshape(tl.join(best_t, cand), (BM, 2 * KP)), KP, dim=1)
+            tz = tl.where(col_mask[None, :], tz, float("-inf"))
+            best_t, ids_t = _insert_topk(best_t, ids_t, tz, cols, K, BN, KP)
         if FROM_STUDENT:
             z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
                              HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
-            cand = tl.topk(_sort_keys(z, cols, col_mask), KP, dim=1)
-            best_s = tl.topk(tl.reshape(tl.join(best_s, cand), (BM, 2 * KP)), KP, dim=1)
-    k = tl.arange(0, KP)
-    out_mask = row_mask[:, None] & (k[None, :] < K)
-    at = rows[:, None] * K + k[None, :]
+            z = tl.where(col_mask[None, :], z, float("-inf"))
+            best_s, ids_s = _insert_topk(best_s, ids_s, z, cols, K, BN, KP)
+    at = (rows[:, None] * splits + split) * KP + slots[None, :]
+    out_mask = row_mask[:, None] & (slots[None, :] < K)
     if FROM_TEACHER:
-        tl.store(ids_ptr + at, _key_column(best_t), mask=out_mask)
+        tl.store(vals_ptr + at, best_t, mask=out_mask)
+        tl.store(ids_ptr + at, ids_t, mask=out_mask)
         if FROM_STUDENT:
-            tl.store(student_ids_ptr + at, _key_column(best_s), mask=out_mask)
+            tl.store(s_vals_ptr + at, best_s, mask=out_mask)
+            tl.store(s_ids_ptr + at, ids_s, mask=out_mask)
     else:
-        tl.store(ids_ptr + at, _key_column(best_s), mask=out_mask)
+        tl.store(vals_ptr + at, best_s, mask=out_mask)
+        tl.store(ids_ptr + at, ids_s, mask=out_mask)
