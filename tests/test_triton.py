@@ -359,3 +359,42 @@ def test_mixed_dtypes(hidden_dtype, weight_dtype):
         for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
             assert g.dtype == problem[name].dtype
             assert_rel_close(g, r, 2 * rel_error(r.to(g.dtype), r) + TOLERANCE[torch.float32], f"grad {name} ({tail})")
+
+
+def _assert_is_topk(ids, logits, k):
+    """``ids`` hold k distinct columns whose logits are the k largest (up to float32 rounding)."""
+    assert ids.shape == (logits.shape[0], k) and (ids >= 0).all() and (ids < logits.shape[1]).all()
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all(), "an id chosen twice"
+    kth = logits.topk(k, dim=1).values[:, -1:]
+    assert (logits.gather(1, ids) >= kth - 1e-4).all()
+
+
+@pytest.mark.parametrize("k,topk_from", [
+    (64, "teacher"),
+    (64, "union"),
+    (130, "student"),  # K=130: 256 slots, the selection's 32-row blocks
+])
+def test_selection_at_gpu_tile_sizes(k, topk_from):
+    # The running top-K without a sort network, at an H100's tiles and vocabulary splits (several
+    # splits per row block, merged on the host), against the float64 logits' top-K.
+    from fastkd.backends import launch_configs, triton_backend
+
+    gen = torch.Generator().manual_seed(71)
+    n, d, teacher_d, v = 24, 32, 48, 500
+    hidden, weight = torch.randn(n, d, generator=gen).half(), torch.randn(v, d, generator=gen).half()
+    teacher_hidden = torch.randn(n, teacher_d, generator=gen).half()
+    teacher_weight = torch.randn(v, teacher_d, generator=gen).half()
+    with launch_configs.for_target(90):
+        ids = triton_backend.select_topk(hidden.to(DEVICE), weight.to(DEVICE), None,
+                                         teacher_hidden.to(DEVICE), teacher_weight.to(DEVICE), None,
+                                         k, topk_from, None, None).cpu()
+    student_logits = hidden.double() @ weight.double().T
+    teacher_logits = teacher_hidden.double() @ teacher_weight.double().T
+    if topk_from == "student":
+        _assert_is_topk(ids, student_logits, k)
+        return
+    _assert_is_topk(ids[:, :k], teacher_logits, k)
+    if topk_from == "union":  # then the student's top-K ids the teacher's set lacks, -1 elsewhere
+        student = student_logits.topk(k, dim=1).indices
+        for extra, own, theirs in zip(ids[:, k:], student, ids[:, :k]):
+            assert set(extra[extra >= 0].tolist()) == set(own.tolist()) - set(theirs.tolist())

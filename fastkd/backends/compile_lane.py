@@ -352,54 +352,66 @@ def violations(result: dict) -> list[str]:
 # csrc: nvcc -Xptxas -v
 # ------------------------------------------------------------------------------------------------
 
-def check_csrc(targets: list[int], root: Optional[Path] = None) -> list[dict]:
-    """Compiles ``csrc/*.cu`` for each target with ``nvcc -Xptxas -v``: registers, shared memory and
-    spills per kernel (``[]`` when nvcc is not installed)."""
+def check_csrc(targets: list[int], root: Optional[Path] = None, jobs: int = 2) -> list[dict]:
+    """Compiles ``csrc/*.cu`` for each target with ``nvcc -Xptxas -v`` and the build's flags
+    (``-O3 -std=c++17 -lineinfo``): registers, shared memory and spills per kernel (``[]`` when
+    nvcc is not installed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return []
     root = root or Path(__file__).resolve().parents[2]
-    results = []
-    for source in sorted((root / "csrc").glob("*.cu")):
-        for cc in targets:
-            with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
-                run = subprocess.run(
-                    [nvcc, "-c", "-O3", "-std=c++17", f"-arch=sm_{cc}", "-Xptxas", "-v",
-                     str(source), "-o", os.path.join(tmp, "k.o")],
-                    capture_output=True, text=True)
-                seconds = time.perf_counter() - start
-            if run.returncode:
-                results.append(dict(label=source.name, target=cc, error=run.stderr[-2000:],
-                                    seconds=seconds))
-                continue
-            kernel = None
-            for line in run.stderr.splitlines():
-                m = re.search(r"Compiling entry function '(\w+)'", line)
-                if m:
-                    kernel = m.group(1)
-                    results.append(dict(label=f"{source.name}:{_demangle(kernel)}", target=cc,
-                                        seconds=seconds, registers=0, shared=0, spill_stores=0,
-                                        spill_loads=0, stack=0))
-                    continue
-                if kernel is None:
-                    continue
-                m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-                if m:
-                    results[-1].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                                       spill_loads=int(m.group(3)))
-                m = re.search(r"Used (\d+) registers", line)
-                if m:
-                    results[-1]["registers"] = int(m.group(1))
-                    s = re.search(r"(\d+) bytes smem", line)
-                    results[-1]["shared"] = int(s.group(1)) if s else 0
+    work = [(source, cc) for source in sorted((root / "csrc").glob("*.cu")) for cc in targets]
+    with ThreadPoolExecutor(jobs) as pool:
+        return [r for found in pool.map(lambda w: _nvcc(nvcc, *w), work) for r in found]
+
+
+def _nvcc(nvcc: str, source: Path, cc: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run = subprocess.run(
+            [nvcc, "-c", "-O3", "-std=c++17", "-lineinfo", f"-arch=sm_{cc}", "-Xptxas", "-v",
+             str(source), "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if run.returncode:
+        return [dict(label=source.name, target=cc, error=run.stderr[-2000:], seconds=seconds)]
+    results: list[dict] = []
+    for line in run.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            results.append(dict(label=f"{source.name}:{_demangle(m.group(1))}", target=cc,
+                                seconds=seconds, registers=0, shared=0, spill_stores=0,
+                                spill_loads=0, stack=0))
+            continue
+        if not results:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            results[-1].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                               spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            results[-1]["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            results[-1]["shared"] = int(s.group(1)) if s else 0
     return results
 
 
 def _demangle(name: str) -> str:
-    m = re.search(r"(topk_\w+?_kernel|dense_\w+?_kernel|\w+_kernel)", name)
-    base = m.group(1) if m else name
-    for tag, dtype in (("6__half", "fp16"), ("13__nv_bfloat16", "bf16"), ("If", "fp32")):
+    """``kernel<dtype>`` from an Itanium-mangled entry name (length-prefixed identifiers)."""
+    base, i = name, 0
+    while i < len(name):
+        m = re.match(r"\d+", name[i:])
+        if not m:
+            i += 1
+            continue
+        length, i = int(m.group()), i + len(m.group())
+        ident = name[i:i + length]
+        if ident.endswith("_kernel"):
+            base = ident
+        i += length
+    for tag, dtype in (("6__half", "fp16"), ("13__nv_bfloat16", "bf16"), ("IfE", "fp32")):
         if tag in name:
             return f"{base}<{dtype}>"
     return base

@@ -22,6 +22,7 @@ TF32: the logits keep float32 precision), with smaller tiles so nothing spills.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -60,19 +61,27 @@ class Tiles:
                     num_stages=self.num_stages, **extra)
 
 
-# (family, arch row, "16" | "32") -> Tiles. Families: "stream" (forward passes and the top-k
-# selection: one logits tile at a time), "backward" (a logits tile, then dh/dW dots), "gather"
-# (tail="renormalize": K rows of W per row). Checked by the compile lane on every target.
+# (family, arch row, "16" | "32") -> Tiles. Families: "stream" (forward passes: one logits tile
+# at a time), "stream_teacher" (a student and a teacher tile alive at once, plus the (BM, K) set:
+# the online top-k forward and the selection; narrower tiles, else they spill), "backward" (a
+# logits tile, then dh/dW dots), "gather" (tail="renormalize": K rows of W per row). Checked by
+# the compile lane on every target.
 _GPU = {
     ("stream", 80, "16"): Tiles(64, 128, 64, 8, 3),
     ("stream", 86, "16"): Tiles(64, 128, 64, 8, 2),
     ("stream", 90, "16"): Tiles(64, 128, 64, 8, 3),
+    ("stream_teacher", 80, "16"): Tiles(64, 64, 64, 8, 3),
+    ("stream_teacher", 86, "16"): Tiles(64, 64, 64, 8, 2),
+    ("stream_teacher", 90, "16"): Tiles(64, 64, 64, 8, 3),
     ("backward", 80, "16"): Tiles(64, 128, 64, 8, 3),
     ("backward", 86, "16"): Tiles(64, 128, 64, 8, 2),
     ("backward", 90, "16"): Tiles(64, 128, 64, 8, 3),
     ("stream", 80, "32"): Tiles(32, 64, 32, 4, 2),
     ("stream", 86, "32"): Tiles(32, 64, 32, 4, 2),
     ("stream", 90, "32"): Tiles(32, 64, 32, 4, 2),
+    ("stream_teacher", 80, "32"): Tiles(32, 64, 32, 4, 2),
+    ("stream_teacher", 86, "32"): Tiles(32, 64, 32, 4, 2),
+    ("stream_teacher", 90, "32"): Tiles(32, 64, 32, 4, 2),
     ("backward", 80, "32"): Tiles(32, 64, 32, 4, 2),
     ("backward", 86, "32"): Tiles(32, 64, 32, 4, 2),
     ("backward", 90, "32"): Tiles(32, 64, 32, 4, 2),
@@ -161,14 +170,19 @@ def sm_count(device: torch.device) -> int:
     return SM_COUNT.get(cc, SM_COUNT[_arch_row(cc)])
 
 
-def tiles(family: str, device: torch.device, dtype: torch.dtype) -> Tiles:
-    """The launch parameters of kernel ``family`` for tensors of ``dtype`` on ``device``."""
+def tiles(family: str, device: torch.device, dtype: torch.dtype, kp: int = 1) -> Tiles:
+    """The launch parameters of kernel ``family`` for tensors of ``dtype`` on ``device``; ``kp``:
+    the top-k width rounded up to a power of two (the selection keeps ``(BM, kp)`` values and
+    columns in registers: from 128 on it takes 32-row blocks, so they fit without spilling)."""
     cc = target(device)
     if family == "gather":
         return _GATHER_INTERPRETED if cc == INTERPRETER else _GATHER_GPU
     if cc == INTERPRETER:
         return _INTERPRETED
     width = "32" if dtype == torch.float32 else "16"
+    if family == "select":
+        found = _GPU[("stream_teacher", _arch_row(cc), width)]
+        return dataclasses.replace(found, BM=32) if kp >= 128 else found
     return _GPU[(family, _arch_row(cc), width)]
 
 

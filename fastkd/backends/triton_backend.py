@@ -42,10 +42,10 @@ class _Launch:
     """Tile sizes, warps, stages (``launch_configs``, per target) and dot precision for one call."""
 
     def __init__(self, hidden: Tensor, k: int = 1, family: str = "stream"):
-        tiles = lc.tiles(family, hidden.device, hidden.dtype)
+        self.KP = triton.next_power_of_2(max(k, 1))
+        tiles = lc.tiles(family, hidden.device, hidden.dtype, self.KP)
         self.BM, self.BN, self.BD = tiles.BM, tiles.BN, tiles.BD
         self.num_warps, self.num_stages = tiles.num_warps, tiles.num_stages
-        self.KP = triton.next_power_of_2(max(k, 1))
         gather = lc.tiles("gather", hidden.device, hidden.dtype)
         self.gather = dict(KP=self.KP, BD=gather.BD, num_warps=gather.num_warps,
                            num_stages=gather.num_stages)
@@ -114,7 +114,7 @@ def topk_kd_forward(
     online = teacher_hidden is not None
     if online:
         teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, k)
+    launch = _Launch(hidden, k, "stream_teacher" if online else "stream")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats or online
@@ -414,39 +414,37 @@ def select_topk(
 ) -> Tensor:
     """S per row, ``(N, K')`` int64 with ``-1`` on unused slots (see ``divergences.select_topk``).
 
-    The kernel keeps a running top-K per row and vocabulary split (no sort); the splits'
-    candidates, ``(N, splits·K)``, are merged here with one ``torch.topk``."""
+    The kernel keeps a running top-K per row and vocabulary split (no sort), one head per launch
+    (the union launches twice: the same GEMM work as one fused pass, half the registers); the
+    splits' candidates, ``(N, splits·K)``, are merged here with one ``torch.topk``."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, k)
+    launch = _Launch(hidden, k, "select")
     splits = _splits(n_rows, vocab, launch.BM, launch.BN, device)
     span = triton.cdiv(triton.cdiv(vocab, splits), launch.BN) * launch.BN
     splits = triton.cdiv(vocab, span)
-    both = topk_from == "union"
-    shape = (n_rows, splits, launch.KP)
-    vals, s_vals = (torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
-                    for _ in range(2))
-    ids, s_ids = (torch.zeros(shape, dtype=torch.int64, device=device) for _ in range(2))
-    if n_rows:
-        lc.launch(kern.select_topk_kernel, (triton.cdiv(n_rows, launch.BM), splits),
-            hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-            _or_dummy(teacher_bias, device), vals, ids, s_vals, s_ids, n_rows, vocab, dim,
-            teacher_hidden.shape[1], k, span, _cap(softcap), _cap(teacher_softcap),
-            **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
-            FROM_TEACHER=topk_from != "student", FROM_STUDENT=topk_from != "teacher",
-            **launch.meta(KP=launch.KP))
 
-    def merged(values: Tensor, columns: Tensor) -> Tensor:
-        best = values.reshape(n_rows, -1).topk(k, dim=1).indices
-        return columns.reshape(n_rows, -1).gather(1, best)
+    def top(head: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], cap) -> Tensor:
+        shape = (n_rows, splits, launch.KP)
+        vals = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
+        ids = torch.zeros(shape, dtype=torch.int64, device=device)
+        if n_rows:
+            lc.launch(kern.select_topk_kernel, (triton.cdiv(n_rows, launch.BM), splits),
+                      head, head_weight, _or_dummy(head_bias, device), vals, ids,
+                      n_rows, vocab, head.shape[1], k, span, _cap(cap),
+                      **_head_flags(head_bias, cap), **launch.meta(KP=launch.KP))
+        best = vals.reshape(n_rows, -1).topk(k, dim=1).indices
+        return ids.reshape(n_rows, -1).gather(1, best)
 
-    first = merged(vals, ids)
-    if not both:
+    if topk_from == "student":
+        return top(hidden, weight, bias, softcap)
+    first = top(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
+    if topk_from == "teacher":
         return first
-    student = merged(s_vals, s_ids)
+    student = top(hidden, weight, bias, softcap)
     seen = (student.unsqueeze(-1) == first.unsqueeze(-2)).any(dim=-1)
     return torch.cat([first, torch.where(seen, -1, student)], dim=-1)
 

@@ -82,12 +82,18 @@ def _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels):
 
 @triton.jit
 def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.constexpr):
-    """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile."""
-    k = tl.arange(0, KP)
-    ids = tl.load(ids_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k[None, :] < K),
-                  other=2147483647)
-    start = tl.sum((ids < v0).to(tl.int32), axis=1)
-    count = tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
+    """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile.
+
+    Read in chunks of at most 64 slots, so registers do not grow with K."""
+    KC: tl.constexpr = 64 if KP > 64 else KP
+    start = tl.zeros_like(rows).to(tl.int32)
+    count = tl.zeros_like(rows).to(tl.int32)
+    for k0 in range(0, K, KC):
+        k = k0 + tl.arange(0, KC)
+        ids = tl.load(ids_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k[None, :] < K),
+                      other=2147483647)
+        start += tl.sum((ids < v0).to(tl.int32), axis=1)
+        count += tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
     return start, count
 
 
@@ -501,7 +507,8 @@ def _insert_topk(best_v, best_i, tile, cols, K, BN: tl.constexpr, KP: tl.constex
         put = (top > low)[:, None] & (slots[None, :] == slot[:, None])
         picked = lane[None, :] == at[:, None]
         best_v = tl.where(put, top[:, None], best_v)
-        best_i = tl.where(put, tl.sum(tl.where(picked, cols[None, :], 0), axis=1)[:, None], best_i)
+        column = tl.sum(tl.where(picked, cols[None, :], 0), axis=1).to(tl.int32)
+        best_i = tl.where(put, column[:, None], best_i)
         tile = tl.where(picked, float("-inf"), tile)
     return best_v, best_i
 
@@ -509,52 +516,34 @@ def _insert_topk(best_v, best_i, tile, cols, K, BN: tl.constexpr, KP: tl.constex
 @triton.jit
 def select_topk_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, vals_ptr, ids_ptr, s_vals_ptr, s_ids_ptr,
+    h_ptr, w_ptr, b_ptr, vals_ptr, ids_ptr,
     # shapes
-    N, V, D, DT, K, span,
+    N, V, D, K, span,
     # meta
-    cap, t_cap,
-    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
-    FROM_TEACHER: tl.constexpr, FROM_STUDENT: tl.constexpr,
+    cap,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)`` and writes
-    each row's top-K logits there and their columns, unordered, to ``(N, splits, KP)`` outputs:
-    the teacher's (→ ``vals``/``ids``) and/or the student's (→ ``s_vals``/``s_ids`` when both are
-    asked, else ``vals``/``ids``); unfilled slots hold -inf. The launcher merges the splits.
-    Temperature does not change a top-k."""
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)`` of one
+    head's logits ``softcap(h·Wᵀ + b)`` and writes each row's top-K values there and their
+    columns, unordered, to ``vals``/``ids (N, splits, KP)`` (unfilled slots: -inf). The launcher
+    merges the splits. Temperature does not change a top-k."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     row_mask = rows < N
     slots = tl.arange(0, KP)
-    empty = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BM, KP), tl.float32)
-    best_t = empty
-    ids_t = tl.zeros((BM, KP), tl.int64)
-    best_s = empty
-    ids_s = tl.zeros((BM, KP), tl.int64)
+    best = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BM, KP), tl.float32)
+    best_ids = tl.zeros((BM, KP), tl.int32)  # columns < V < 2³¹
     v_first = split.to(tl.int64) * span
     for v0 in range(v_first, tl.minimum(v_first + span, V), BN):
         cols = v0 + tl.arange(0, BN).to(tl.int64)
         col_mask = cols < V
-        if FROM_TEACHER:
-            tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
-                              T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
-            tz = tl.where(col_mask[None, :], tz, float("-inf"))
-            best_t, ids_t = _insert_topk(best_t, ids_t, tz, cols, K, BN, KP)
-        if FROM_STUDENT:
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
-                             HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
-            z = tl.where(col_mask[None, :], z, float("-inf"))
-            best_s, ids_s = _insert_topk(best_s, ids_s, z, cols, K, BN, KP)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                         HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        best, best_ids = _insert_topk(best, best_ids, z, cols, K, BN, KP)
     at = (rows[:, None] * splits + split) * KP + slots[None, :]
     out_mask = row_mask[:, None] & (slots[None, :] < K)
-    if FROM_TEACHER:
-        tl.store(vals_ptr + at, best_t, mask=out_mask)
-        tl.store(ids_ptr + at, ids_t, mask=out_mask)
-        if FROM_STUDENT:
-            tl.store(s_vals_ptr + at, best_s, mask=out_mask)
-            tl.store(s_ids_ptr + at, ids_s, mask=out_mask)
-    else:
-        tl.store(vals_ptr + at, best_s, mask=out_mask)
-        tl.store(ids_ptr + at, ids_s, mask=out_mask)
+    tl.store(vals_ptr + at, best, mask=out_mask)
+    tl.store(ids_ptr + at, best_ids.to(tl.int64), mask=out_mask)
