@@ -61,32 +61,35 @@ class Tiles:
                     num_stages=self.num_stages, **extra)
 
 
-# (family, arch row, "16" | "32") -> Tiles. Families: "stream" (forward passes: one logits tile
-# at a time), "stream_teacher" (a student and a teacher tile alive at once, plus the (BM, K) set:
-# the online top-k forward and the selection; narrower tiles, else they spill), "backward" (a
-# logits tile, then dh/dW dots), "gather" (tail="renormalize": K rows of W per row). Checked by
-# the compile lane on every target.
-_GPU = {
-    ("stream", 80, "16"): Tiles(64, 128, 64, 8, 3),
-    ("stream", 86, "16"): Tiles(64, 128, 64, 8, 2),
-    ("stream", 90, "16"): Tiles(64, 128, 64, 8, 3),
-    ("stream_teacher", 80, "16"): Tiles(64, 64, 64, 8, 3),
-    ("stream_teacher", 86, "16"): Tiles(64, 64, 64, 8, 2),
-    ("stream_teacher", 90, "16"): Tiles(64, 64, 64, 8, 3),
-    ("backward", 80, "16"): Tiles(64, 128, 64, 8, 3),
-    ("backward", 86, "16"): Tiles(64, 128, 64, 8, 2),
-    ("backward", 90, "16"): Tiles(64, 128, 64, 8, 3),
-    ("stream", 80, "32"): Tiles(32, 64, 32, 4, 2),
-    ("stream", 86, "32"): Tiles(32, 64, 32, 4, 2),
-    ("stream", 90, "32"): Tiles(32, 64, 32, 4, 2),
-    ("stream_teacher", 80, "32"): Tiles(32, 64, 32, 4, 2),
-    ("stream_teacher", 86, "32"): Tiles(32, 64, 32, 4, 2),
-    ("stream_teacher", 90, "32"): Tiles(32, 64, 32, 4, 2),
-    ("backward", 80, "32"): Tiles(32, 64, 32, 4, 2),
-    ("backward", 86, "32"): Tiles(32, 64, 32, 4, 2),
-    ("backward", 90, "32"): Tiles(32, 64, 32, 4, 2),
+# (family, arch row, "16" | "32") -> Tiles, one family per kernel role:
+#   "stream"          top-k forward, offline teacher: one logits tile alive;
+#   "stream_teacher"  top-k forward with an online teacher: a student and a teacher tile plus the
+#                     (BM, K) set alive, so narrower tiles, else it spills;
+#   "dense"           the dense online teacher's two forward passes;
+#   "select"          the running top-K selection (32-row blocks from K > 128, see tiles());
+#   "backward"        a logits tile, then the dh/dW dots;
+#   "gather"          tail="renormalize": K rows of W per row.
+# Each row is what the compile lane found to fit that target without spills (a choice ptxas's
+# register allocator makes near its limits, hence per architecture); the lane checks them all.
+_SIXTEEN = {
+    "stream": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    "stream_teacher": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
+    "dense": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    "select": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
+    "backward": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
 }
-_GATHER_GPU = Tiles(1, 1, 64, 4, 2)
+# float32: IEEE dots on CUDA cores (FMA), operands held in registers: smaller tiles, 8 warps.
+_THIRTY_TWO = {
+    "stream": {a: Tiles(32, 64, 32, 8, 2) for a in (80, 86, 90)},
+    "stream_teacher": {80: Tiles(32, 32, 32, 8, 1), 86: Tiles(32, 32, 32, 8, 1), 90: Tiles(32, 32, 32, 8, 2)},
+    "dense": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
+    "select": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
+    "backward": {a: Tiles(32, 64, 32, 8, 2) for a in (80, 86, 90)},
+}
+_GPU = {(family, arch, width): tiles
+        for width, table in (("16", _SIXTEEN), ("32", _THIRTY_TWO))
+        for family, rows in table.items() for arch, tiles in rows.items()}
+_GATHER_GPU = Tiles(1, 1, 32, 8, 2)
 _INTERPRETED = Tiles(16, 32, 16, 4, 1)
 _GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1)
 
@@ -180,10 +183,10 @@ def tiles(family: str, device: torch.device, dtype: torch.dtype, kp: int = 1) ->
     if cc == INTERPRETER:
         return _INTERPRETED
     width = "32" if dtype == torch.float32 else "16"
-    if family == "select":
-        found = _GPU[("stream_teacher", _arch_row(cc), width)]
-        return dataclasses.replace(found, BM=32) if kp >= 128 else found
-    return _GPU[(family, _arch_row(cc), width)]
+    found = _GPU[(family, _arch_row(cc), width)]
+    if family == "select" and kp >= 128:
+        return dataclasses.replace(found, BM=32)
+    return found
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:

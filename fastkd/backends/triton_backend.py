@@ -49,6 +49,7 @@ class _Launch:
         gather = lc.tiles("gather", hidden.device, hidden.dtype)
         self.gather = dict(KP=self.KP, BD=gather.BD, num_warps=gather.num_warps,
                            num_stages=gather.num_stages)
+        self.group = 8 if lc.target(hidden.device) != lc.INTERPRETER else 2  # row blocks per group
         # float32 inputs get IEEE float32 dots (tf32 would cost 3 decimal digits of the logits).
         self.PRECISION = "ieee" if hidden.dtype == torch.float32 else "tf32"
 
@@ -78,6 +79,27 @@ def _or_dummy(x: Optional[Tensor], device) -> Tensor:
 
 def _cap(cap: Optional[float]) -> float:
     return 1.0 if cap is None else float(cap)
+
+
+def _split_plan(n_rows: int, vocab: int, launch: _Launch, device) -> tuple[int, int]:
+    """Split-V: ``(splits, span)``, the vocabulary cut into ``splits`` ranges of ``span`` columns
+    (whole tiles), so that a forward pass over few rows still fills the GPU: about two programs
+    per SM in all (``launch_configs.sm_count``), never more splits than vocabulary tiles."""
+    row_blocks = triton.cdiv(max(n_rows, 1), launch.BM)
+    tiles = triton.cdiv(max(vocab, 1), launch.BN)
+    wanted = max(1, min(tiles, triton.cdiv(2 * lc.sm_count(device), row_blocks)))
+    span = triton.cdiv(tiles, wanted) * launch.BN
+    return triton.cdiv(max(vocab, 1), span), span
+
+
+def _merge_lse(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Merges per-split running maxima ``m`` and sums ``s = Σ exp(x − m)`` (both ``(N, splits)``):
+    returns the log-sum-exp per row and the factors ``exp(m − max)`` that rescale any other sum
+    kept against the same maxima. Rows with no entry (max −inf) give −inf, as one pass would."""
+    top = m.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    weights = torch.exp(m - top)
+    return top.squeeze(1) + (s * weights).sum(dim=1).log(), weights
 
 
 def _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) -> Tensor:
@@ -124,21 +146,28 @@ def topk_kd_forward(
 
     lse = tail_lse = lse_ce = target = mean_z = None
     if full_pass:
-        lse, tail_lse, lse_ce, target, mean_z, t_lse, t_tail_lse = (
-            torch.zeros(n_rows, **f32) for _ in range(7))
+        splits, span = _split_plan(n_rows, vocab, launch, device)
+        part = torch.zeros((n_rows, splits, 10), **f32)
         topk_logits = torch.zeros((n_rows, k), **f32)
         teacher_topk_logits = torch.zeros((n_rows, k), **f32)
         if n_rows:
-            lc.launch(kern.topk_forward_kernel, (triton.cdiv(n_rows, launch.BM),),
+            lc.launch(kern.topk_forward_kernel, (triton.cdiv(n_rows, launch.BM), splits),
                 hidden, weight, _or_dummy(bias, device), _or_dummy(teacher_hidden, device),
                 _or_dummy(teacher_weight, device), _or_dummy(teacher_bias, device), sorted_ids,
-                _or_dummy(labels, device), lse, tail_lse, topk_logits, lse_ce, target, mean_z,
-                t_lse, t_tail_lse, teacher_topk_logits,
-                n_rows, vocab, dim, teacher_hidden.shape[1] if online else 1, k,
+                _or_dummy(labels, device), part, topk_logits, teacher_topk_logits,
+                n_rows, vocab, dim, teacher_hidden.shape[1] if online else 1, k, span,
                 1.0 / temperature, _cap(softcap), _cap(teacher_softcap), ignore_index,
                 **_head_flags(bias, softcap), HAS_TEACHER=online,
                 **_head_flags(teacher_bias, teacher_softcap, "T_"), HAS_LABELS=labels is not None,
                 WITH_CE=use_ce, WITH_STATS=with_stats, **launch.meta(KP=launch.KP))
+        m, s_all, s_tail, s_z, m_ce, s_ce, target_part, mt, st, st_tail = part.unbind(dim=2)
+        lse, weights = _merge_lse(m, s_all)
+        tail_lse = _merge_lse(m, s_tail)[0]
+        mean_z = (s_z * weights).sum(dim=1) / (s_all * weights).sum(dim=1)
+        lse_ce = _merge_lse(m_ce, s_ce)[0]
+        target = target_part.sum(dim=1)
+        t_lse = _merge_lse(mt, st)[0]
+        t_tail_lse = _merge_lse(mt, st_tail)[0]
     else:
         ids = teacher_ids.gather(1, perm)
         topk_logits = _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) / temperature
@@ -184,9 +213,11 @@ def _(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_hidden, teach
 
 
 def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launch, **flags) -> None:
-    """Runs the backward kernel: atomics (MODE 0), or the deterministic row/column pair (1 + 2)."""
+    """Runs the backward kernel: atomics (MODE 0, grouped program order), or the deterministic
+    row/column pair (1 + 2)."""
     if n_rows == 0:
         return
+    flags = dict(flags, GROUP=launch.group)
     row_blocks, col_blocks = triton.cdiv(n_rows, launch.BM), triton.cdiv(vocab, launch.BN)
     if config.deterministic:
         lc.launch(kern.backward_kernel, (row_blocks,), *kernel_args, MODE=1, **flags,
@@ -194,7 +225,7 @@ def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launc
         lc.launch(kern.backward_kernel, (col_blocks,), *kernel_args, MODE=2, **flags,
                   **launch.meta(KP=launch.KP))
     else:
-        lc.launch(kern.backward_kernel, (row_blocks, col_blocks), *kernel_args, MODE=0, **flags,
+        lc.launch(kern.backward_kernel, (row_blocks * col_blocks,), *kernel_args, MODE=0, **flags,
                   **launch.meta(KP=launch.KP))
 
 
@@ -298,22 +329,33 @@ def dense_kd_forward(
     device = hidden.device
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden)
+    launch = _Launch(hidden, 1, "dense")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     f32 = dict(dtype=torch.float32, device=device)
-    lse, t_lse, lse_ce, target, mean_z, kd, wsum = (torch.zeros(n_rows, **f32) for _ in range(7))
-    if n_rows:
-        for pass_ in (1, 2):
-            lc.launch(kern.dense_forward_kernel, (triton.cdiv(n_rows, launch.BM),),
+    splits, span = _split_plan(n_rows, vocab, launch, device)
+    part = torch.zeros((n_rows, splits, 8), **f32)
+    lse = t_lse = torch.zeros(n_rows, **f32)
+    for pass_ in (1, 2):
+        if n_rows:
+            lc.launch(kern.dense_forward_kernel, (triton.cdiv(n_rows, launch.BM), splits),
                 hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-                _or_dummy(teacher_bias, device), _or_dummy(labels, device),
-                lse, t_lse, lse_ce, target, mean_z, kd, wsum,
-                n_rows, vocab, dim, teacher_hidden.shape[1],
+                _or_dummy(teacher_bias, device), _or_dummy(labels, device), lse, t_lse, part,
+                n_rows, vocab, dim, teacher_hidden.shape[1], span,
                 1.0 / temperature, _cap(softcap), _cap(teacher_softcap), ignore_index, float(beta),
                 **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
                 HAS_LABELS=labels is not None, WITH_CE=use_ce, WITH_STATS=with_stats,
                 KIND=_kind(divergence, beta), PASS=pass_, **launch.meta())
+        if pass_ == 1:
+            m, s_all, s_z, mt, st, m_ce, s_ce, target_part = part.unbind(dim=2)
+            lse, weights = _merge_lse(m, s_all)
+            mean_z = (s_z * weights).sum(dim=1) / (s_all * weights).sum(dim=1)
+            t_lse = _merge_lse(mt, st)[0].contiguous()
+            lse = lse.contiguous()
+            lse_ce = _merge_lse(m_ce, s_ce)[0]
+            target = target_part.sum(dim=1)
+            part = torch.zeros((n_rows, splits, 8), **f32)
+    kd, wsum = part[:, :, 0].sum(dim=1), part[:, :, 1].sum(dim=1)
     zero = torch.zeros((), **f32)
     kd_rows = torch.where(counted, kd, zero)
     loss_rows = kd_weight * temperature**2 * kd_rows
@@ -399,13 +441,6 @@ torch.library.register_autograd(
 # online teacher, top-k: the set S by a running top-k over streamed tiles
 # ------------------------------------------------------------------------------------------------
 
-def _splits(n_rows: int, vocab: int, block_rows: int, block_cols: int, device) -> int:
-    """Vocabulary splits of a streaming pass, so that small N still fills the GPU: about two
-    programs per SM in all, never more splits than vocabulary tiles."""
-    row_blocks = triton.cdiv(max(n_rows, 1), block_rows)
-    return max(1, min(triton.cdiv(vocab, block_cols), triton.cdiv(2 * lc.sm_count(device), row_blocks)))
-
-
 @torch.library.custom_op("fastkd::triton_select_topk", mutates_args=())
 def select_topk(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Tensor,
@@ -423,9 +458,7 @@ def select_topk(
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden, k, "select")
-    splits = _splits(n_rows, vocab, launch.BM, launch.BN, device)
-    span = triton.cdiv(triton.cdiv(vocab, splits), launch.BN) * launch.BN
-    splits = triton.cdiv(vocab, span)
+    splits, span = _split_plan(n_rows, vocab, launch, device)
 
     def top(head: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], cap) -> Tensor:
         shape = (n_rows, splits, launch.KP)

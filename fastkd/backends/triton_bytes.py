@@ -18,7 +18,8 @@ ends inside its range straight to the output, and leaves a partial log-sum-exp f
 the last bucket of its range, which neighbouring ranges may share. A few PyTorch ops on
 ``(N, 2G)`` then merge those partials. Cost: one ``N x V x D`` GEMM, nothing ``N x V`` in memory.
 
-Backward: program (row block, vocabulary tile) in the original id order recomputes its logit tile,
+Backward: program (row block, vocabulary tile), in grouped order for L2 reuse, in the original id
+order recomputes its logit tile,
 forms dz from the saved L and the incoming g (gathered by bucket), and accumulates dh and dW with
 fp32 atomics (the tile of dz is never written out), like Cut Cross-Entropy's backward.
 
@@ -42,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch_configs as lc
-from .triton_kernels import _logits_tile
+from .triton_kernels import _grouped, _logits_tile
 
 N_BUCKETS = 257
 
@@ -119,12 +120,12 @@ def _byte_lse_backward_kernel(
     n_rows, vocab, dim,
     # meta
     inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, N_BUCKETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, N_BUCKETS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # 1-D grid in grouped order (GROUP row blocks at a time): a wave shares h blocks and W tiles in L2
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab, BLOCK_V), GROUP)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
@@ -282,7 +283,7 @@ def byte_lse_backward(
     grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=hidden.device)
     grad_bias = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     if n_rows:
-        grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(vocab, blocks["BLOCK_V"]))
+        grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]) * triton.cdiv(vocab, blocks["BLOCK_V"]),)
         lc.launch(
             _byte_lse_backward_kernel, grid,
             hidden, weight, bias if bias is not None else hidden, first_byte,
@@ -291,6 +292,7 @@ def byte_lse_backward(
             n_rows, vocab, dim,
             1.0 / temperature, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
+            GROUP=8 if lc.target(hidden.device) != lc.INTERPRETER else 2,
             BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"],
             num_stages=blocks["num_stages"])

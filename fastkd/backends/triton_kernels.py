@@ -20,10 +20,15 @@ then ``× (1 − (capped/cap)²)`` under a softcap, and ``dh += dz·W``, ``dW +=
 The per-row coefficients (``kd_lse``, ``dense``, ``topk_coef``, ``W``, ``w_S``) come from the
 PyTorch epilogue on ``(N, K)`` tensors, which calls the math module.
 
-Backward modes (``MODE``): 0 = one program per (row block, vocabulary tile), atomics into float32
-``dh``/``dW`` (fast, order not fixed); 1 = one program per row block walking the vocabulary, owning
-its ``dh`` rows; 2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows.
-Modes 1 and 2 together are the deterministic backward (bit-identical run to run).
+Forward passes run on a ``(row blocks, splits)`` grid: each program streams one range of the
+vocabulary (split-V) and stores partial statistics that the launcher merges, so few rows still
+fill the GPU. Backward modes (``MODE``): 0 = one program per (row block, vocabulary tile) on a 1-D
+grid in grouped order (L2 reuse), relaxed atomics into float32 ``dh``/``dW`` (fast, order not
+fixed; ``sem="relaxed"``: a sum needs no ordering, and the default ``acq_rel`` adds a GPU-wide
+fence per atomic); 1 = one program per row block walking the vocabulary, owning its ``dh`` rows;
+2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows. Modes 1 and 2
+together are the deterministic backward (bit-identical run to run). Tile sizes, warps and stages
+come from ``launch_configs`` per target architecture.
 """
 from __future__ import annotations
 
@@ -118,11 +123,9 @@ def _row_block(labels_ptr, N, ignore_index, HAS_LABELS: tl.constexpr, BM: tl.con
 @triton.jit
 def topk_forward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, labels_ptr,
-    lse_ptr, tail_lse_ptr, zs_ptr, lse_ce_ptr, target_ptr, mean_z_ptr,
-    t_lse_ptr, t_tail_lse_ptr, t_zs_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, labels_ptr, part_ptr, zs_ptr, t_zs_ptr,
     # shapes
-    N, V, D, DT, K,
+    N, V, D, DT, K, span,
     # meta
     inv_temp, cap, t_cap, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TEACHER: tl.constexpr,
@@ -130,10 +133,17 @@ def topk_forward_kernel(
     WITH_CE: tl.constexpr, WITH_STATS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per row: lse of ``z = softcap(h·Wᵀ+b)/τ`` over V and over ``V∖S``, ``z`` at the (sorted) S,
-    the CE log-sum-exp and target logit of the untempered logits, ``E_p[z]``; and the same lse,
-    tail lse and ``z_S`` for an online teacher streamed in the same pass."""
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)``. Per row:
+    ``z`` (and an online teacher's) at the sorted ids of S in that range, stored to ``zs``/``t_zs``;
+    and the partial statistics of the range, ``part (N, splits, 10)``: running max and sums of
+    ``exp(z − max)`` over the range and over its part of ``V∖S``, ``Σ e·z`` (for ``E_p[z]``), the
+    CE max and sum of the untempered logits and the label's logit, the teacher's max, sum and tail
+    sum. The launcher merges the splits (``_merge_lse``)."""
     rows, row_mask, labels, counted = _row_block(labels_ptr, N, ignore_index, HAS_LABELS, BM)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_first = split.to(tl.int64) * span
+    v_end = tl.minimum(v_first + span, V)
     neg_inf = float("-inf")
     masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
     m = tl.full((BM,), neg_inf, tl.float32)
@@ -149,7 +159,7 @@ def topk_forward_kernel(
     if WITH_STATS:  # statistics are defined on every row, ignored or not
         counted = row_mask
     if tl.max(counted.to(tl.int32)) > 0:  # a block of ignored rows reads nothing
-        for v0 in range(0, V, BN):
+        for v0 in range(v_first, v_end, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
             capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
@@ -181,16 +191,17 @@ def topk_forward_kernel(
                 st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
             if WITH_CE:
                 m_ce, s_ce, target = _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
-    tl.store(tail_lse_ptr + rows, m + tl.log(s_tail), mask=row_mask)
-    if WITH_STATS:
-        tl.store(mean_z_ptr + rows, s_z / s, mask=row_mask)
-    if WITH_CE:
-        tl.store(lse_ce_ptr + rows, m_ce + tl.log(s_ce), mask=row_mask)
-        tl.store(target_ptr + rows, target, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(t_lse_ptr + rows, mt + tl.log(st), mask=row_mask)
-        tl.store(t_tail_lse_ptr + rows, mt + tl.log(st_tail), mask=row_mask)
+    part = part_ptr + (rows * splits + split) * 10
+    tl.store(part, m, mask=row_mask)
+    tl.store(part + 1, s, mask=row_mask)
+    tl.store(part + 2, s_tail, mask=row_mask)
+    tl.store(part + 3, s_z, mask=row_mask)
+    tl.store(part + 4, m_ce, mask=row_mask)
+    tl.store(part + 5, s_ce, mask=row_mask)
+    tl.store(part + 6, target, mask=row_mask)
+    tl.store(part + 7, mt, mask=row_mask)
+    tl.store(part + 8, st, mask=row_mask)
+    tl.store(part + 9, st_tail, mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,10 +234,9 @@ def _dense_terms(z, tz, lse, t_lse, beta, KIND: tl.constexpr):
 @triton.jit
 def dense_forward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr,
-    lse_ptr, t_lse_ptr, lse_ce_ptr, target_ptr, mean_z_ptr, kd_ptr, wsum_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, lse_ptr, t_lse_ptr, part_ptr,
     # shapes
-    N, V, D, DT,
+    N, V, D, DT, span,
     # meta
     inv_temp, cap, t_cap, ignore_index, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
@@ -234,9 +244,16 @@ def dense_forward_kernel(
     PASS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """PASS 1: student and teacher lse (+ CE, ``E_p[z]``). PASS 2, given them: the divergence and
-    ``W = Σ_j w_j`` per row (JSD's log M needs both normalisers, hence two passes)."""
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)`` and writes
+    partials to ``part (N, splits, 8)``. PASS 1: student and teacher running max and sum (+ CE
+    max, sum and label logit, ``Σ e·z`` for ``E_p[z]``). PASS 2, given the merged ``lse`` and
+    ``t_lse``: the divergence and ``W = Σ_j w_j`` of the range (JSD's log M needs both
+    normalisers, hence two passes). The launcher merges the splits."""
     rows, row_mask, labels, counted = _row_block(labels_ptr, N, ignore_index, HAS_LABELS, BM)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_first = split.to(tl.int64) * span
+    v_end = tl.minimum(v_first + span, V)
     neg_inf = float("-inf")
     masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
     m = tl.full((BM,), neg_inf, tl.float32)
@@ -255,7 +272,7 @@ def dense_forward_kernel(
     if WITH_STATS:
         counted = row_mask
     if tl.max(counted.to(tl.int32)) > 0:
-        for v0 in range(0, V, BN):
+        for v0 in range(v_first, v_end, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
             capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
@@ -276,22 +293,33 @@ def dense_forward_kernel(
                 term, w, _p = _dense_terms(z, tz, lse, t_lse, beta, KIND)
                 kd += tl.sum(tl.where(col_mask[None, :], term, 0.0), axis=1)
                 wsum += tl.sum(tl.where(col_mask[None, :], w, 0.0), axis=1)
+    part = part_ptr + (rows * splits + split) * 8
     if PASS == 1:
-        tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
-        tl.store(t_lse_ptr + rows, mt + tl.log(st), mask=row_mask)
-        if WITH_STATS:
-            tl.store(mean_z_ptr + rows, s_z / s, mask=row_mask)
-        if WITH_CE:
-            tl.store(lse_ce_ptr + rows, m_ce + tl.log(s_ce), mask=row_mask)
-            tl.store(target_ptr + rows, target, mask=row_mask)
+        tl.store(part, m, mask=row_mask)
+        tl.store(part + 1, s, mask=row_mask)
+        tl.store(part + 2, s_z, mask=row_mask)
+        tl.store(part + 3, mt, mask=row_mask)
+        tl.store(part + 4, st, mask=row_mask)
+        tl.store(part + 5, m_ce, mask=row_mask)
+        tl.store(part + 6, s_ce, mask=row_mask)
+        tl.store(part + 7, target, mask=row_mask)
     else:
-        tl.store(kd_ptr + rows, kd, mask=row_mask)
-        tl.store(wsum_ptr + rows, wsum, mask=row_mask)
+        tl.store(part, kd, mask=row_mask)
+        tl.store(part + 1, wsum, mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------
 # backward: gradient tiles, then dh += dz·W, dW += dzᵀ·h, db += Σ dz
 # ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grouped(pid, row_blocks, col_blocks, GROUP: tl.constexpr):
+    """(row block, column tile) of program ``pid`` in grouped order (GROUP row blocks at a time)."""
+    per_group = GROUP * col_blocks
+    first = (pid // per_group) * GROUP
+    rows_here = tl.minimum(row_blocks - first, GROUP)
+    return first + (pid % per_group) % rows_here, (pid % per_group) // rows_here
+
 
 @triton.jit
 def _grad_tile(
@@ -356,14 +384,17 @@ def backward_kernel(
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr, GROUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE)."""
+    """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE).
+
+    MODE 0 runs on a 1-D grid in grouped order: consecutive programs walk the vocabulary tiles of
+    a group of ``GROUP`` row blocks, column by column, so a wave of programs shares a few ``h``
+    blocks and ``W`` tiles in L2 instead of streaming all of ``h`` once per vocabulary tile."""
     if MODE == 0:
-        m_first = tl.program_id(0)
+        m_first, n_first = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(V, BN), GROUP)
         m_last = m_first + 1
-        n_first = tl.program_id(1)
         n_last = n_first + 1
     elif MODE == 1:
         m_first = tl.program_id(0)
