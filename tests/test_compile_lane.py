@@ -117,8 +117,12 @@ def test_launchers_are_recorded_per_target():
         by_name = {r.kernel.fn.__name__: r for r in records}
         assert set(by_name) == {"topk_forward_kernel", "backward_kernel"}
         backward = by_name["backward_kernel"]
-        assert backward.target == cc and backward.kwargs["BN"] == 128
-        assert backward.grid == (1, 4)  # 64 rows x 512 columns in 64 x 128 tiles
+        with launch_configs.for_target(cc):
+            tiles = launch_configs.tiles("backward", torch.device("cpu"), torch.bfloat16)
+        assert backward.target == cc and backward.kwargs["BN"] == tiles.BN
+        # 64 rows x 512 columns: one program per (row block, vocabulary tile), 1-D grouped grid
+        assert backward.grid == (-(-64 // tiles.BM) * (512 // tiles.BN),)
+        assert backward.kwargs["maxnreg"] == 255
         stages[cc] = backward.kwargs["num_stages"]
     assert stages == {80: 3, 89: 2, 90: 3}
     assert not launch_configs.is_recording()

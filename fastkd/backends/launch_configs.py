@@ -54,11 +54,17 @@ class Tiles:
     BD: int
     num_warps: int
     num_stages: int
+    gpu: bool = True
 
-    def meta(self, **extra) -> dict:
-        """Keyword arguments of a streaming kernel launch (see ``triton_kernels``)."""
-        return dict(BM=self.BM, BN=self.BN, BD=self.BD, num_warps=self.num_warps,
-                    num_stages=self.num_stages, **extra)
+    def options(self) -> dict:
+        """Launch options: warps, stages and, on a GPU, ``maxnreg`` = the whole register file for
+        one block (≤ 255 per thread). Without it ptxas may cap registers to fit a second block
+        per SM (e.g. 128 or 168 per thread) and spill instead; these kernels hold large tiles and
+        need one block per SM, not two."""
+        found = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.gpu:
+            found["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * self.num_warps))
+        return found
 
 
 # (family, arch row, "16" | "32") -> Tiles, one family per kernel role:
@@ -72,16 +78,18 @@ class Tiles:
 # Each row is what the compile lane found to fit that target without spills (a choice ptxas's
 # register allocator makes near its limits, hence per architecture); the lane checks them all.
 _SIXTEEN = {
-    "stream": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    "stream": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
     "stream_teacher": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
     "dense": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
     "select": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
-    "backward": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    # sm_80 has no wgmma: its mma.sync accumulators and operands live in registers, so 64-wide
+    # vocabulary tiles there (128 spills in the bias/softcap/CE variants at 255 registers).
+    "backward": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
 }
 # float32: IEEE dots on CUDA cores (FMA), operands held in registers: smaller tiles, 8 warps.
 _THIRTY_TWO = {
     "stream": {a: Tiles(32, 64, 32, 8, 2) for a in (80, 86, 90)},
-    "stream_teacher": {80: Tiles(32, 32, 32, 8, 1), 86: Tiles(32, 32, 32, 8, 1), 90: Tiles(32, 32, 32, 8, 2)},
+    "stream_teacher": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
     "dense": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
     "select": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
     "backward": {a: Tiles(32, 64, 32, 8, 2) for a in (80, 86, 90)},
@@ -90,8 +98,8 @@ _GPU = {(family, arch, width): tiles
         for width, table in (("16", _SIXTEEN), ("32", _THIRTY_TWO))
         for family, rows in table.items() for arch, tiles in rows.items()}
 _GATHER_GPU = Tiles(1, 1, 32, 8, 2)
-_INTERPRETED = Tiles(16, 32, 16, 4, 1)
-_GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1)
+_INTERPRETED = Tiles(16, 32, 16, 4, 1, gpu=False)
+_GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1, gpu=False)
 
 
 @dataclass

@@ -45,17 +45,16 @@ class _Launch:
         self.KP = triton.next_power_of_2(max(k, 1))
         tiles = lc.tiles(family, hidden.device, hidden.dtype, self.KP)
         self.BM, self.BN, self.BD = tiles.BM, tiles.BN, tiles.BD
-        self.num_warps, self.num_stages = tiles.num_warps, tiles.num_stages
+        self.options = tiles.options()
         gather = lc.tiles("gather", hidden.device, hidden.dtype)
-        self.gather = dict(KP=self.KP, BD=gather.BD, num_warps=gather.num_warps,
-                           num_stages=gather.num_stages)
+        self.gather = dict(KP=self.KP, BD=gather.BD, **gather.options())
         self.group = 8 if lc.target(hidden.device) != lc.INTERPRETER else 2  # row blocks per group
         # float32 inputs get IEEE float32 dots (tf32 would cost 3 decimal digits of the logits).
         self.PRECISION = "ieee" if hidden.dtype == torch.float32 else "tf32"
 
     def meta(self, **extra):
-        return dict(BM=self.BM, BN=self.BN, BD=self.BD, PRECISION=self.PRECISION,
-                    num_warps=self.num_warps, num_stages=self.num_stages, **extra)
+        return dict(BM=self.BM, BN=self.BN, BD=self.BD, PRECISION=self.PRECISION, **self.options,
+                    **extra)
 
 
 def _common(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

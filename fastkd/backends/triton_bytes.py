@@ -182,8 +182,11 @@ def block_sizes(device: torch.device, dtype: torch.dtype = torch.bfloat16,
     if cc == lc.INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=1, num_stages=1)
     tiles = lc.tiles(family, device, dtype)
-    return dict(BLOCK_N=tiles.BM, BLOCK_V=tiles.BN, BLOCK_D=tiles.BD, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages)
+    return dict(BLOCK_N=tiles.BM, BLOCK_V=tiles.BN, BLOCK_D=tiles.BD, **tiles.options())
+
+
+def _options(blocks: dict) -> dict:
+    return {k: v for k, v in blocks.items() if not k.startswith("BLOCK_")}
 
 
 def n_ranges(n_rows: int, vocab: int, device: torch.device) -> int:
@@ -255,8 +258,7 @@ def byte_lse(
         1.0 / temperature, 1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
         BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"],
-        num_stages=blocks["num_stages"])
+        DOT_PRECISION=_dot_precision(hidden.dtype), **_options(blocks))
     return _merge_partials(out, part, part_bucket)
 
 
@@ -294,8 +296,7 @@ def byte_lse_backward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
             GROUP=8 if lc.target(hidden.device) != lc.INTERPRETER else 2,
             BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
-            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"],
-            num_stages=blocks["num_stages"])
+            DOT_PRECISION=_dot_precision(hidden.dtype), **_options(blocks))
     return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype),
             grad_bias.to(bias.dtype if bias is not None else weight_dtype))
 
