@@ -122,7 +122,7 @@ def test_launchers_are_recorded_per_target():
         assert backward.target == cc and backward.kwargs["BN"] == tiles.BN
         # 64 rows x 512 columns: one program per (row block, vocabulary tile), 1-D grouped grid
         assert backward.grid == (-(-64 // tiles.BM) * (512 // tiles.BN),)
-        assert backward.kwargs["maxnreg"] == 255
+        assert "maxnreg" not in backward.kwargs  # 16-bit: ptxas chooses
         stages[cc] = backward.kwargs["num_stages"]
     assert stages == {80: 3, 89: 2, 90: 3}
     assert not launch_configs.is_recording()

@@ -54,15 +54,16 @@ class Tiles:
     BD: int
     num_warps: int
     num_stages: int
-    gpu: bool = True
+    whole_register_file: bool = False
 
     def options(self) -> dict:
-        """Launch options: warps, stages and, on a GPU, ``maxnreg`` = the whole register file for
-        one block (≤ 255 per thread). Without it ptxas may cap registers to fit a second block
-        per SM (e.g. 128 or 168 per thread) and spill instead; these kernels hold large tiles and
-        need one block per SM, not two."""
+        """Launch options: warps, stages and, where ``whole_register_file``, ``maxnreg`` = the
+        register file for one block (≤ 255 per thread). The float32 kernels need it: their FMA
+        dots hold operand tiles in registers, and without it ptxas caps registers to fit a second
+        block per SM (128 or 168 per thread) and spills instead. The 16-bit ones do not (on sm_90
+        the cap even made ptxas allocate worse), so they leave the choice to ptxas."""
         found = dict(num_warps=self.num_warps, num_stages=self.num_stages)
-        if self.gpu:
+        if self.whole_register_file:
             found["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * self.num_warps))
         return found
 
@@ -88,18 +89,18 @@ _SIXTEEN = {
 }
 # float32: IEEE dots on CUDA cores (FMA), operands held in registers: smaller tiles, 8 warps.
 _THIRTY_TWO = {
-    "stream": {a: Tiles(32, 64, 32, 8, 2) for a in (80, 86, 90)},
-    "stream_teacher": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
-    "dense": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
-    "select": {a: Tiles(32, 32, 32, 8, 2) for a in (80, 86, 90)},
-    "backward": {a: Tiles(32, 64, 32, 8, 2) for a in (80, 86, 90)},
+    "stream": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "stream_teacher": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "dense": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "select": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "backward": {a: Tiles(32, 64, 32, 8, 2, True) for a in (80, 86, 90)},
 }
 _GPU = {(family, arch, width): tiles
         for width, table in (("16", _SIXTEEN), ("32", _THIRTY_TWO))
         for family, rows in table.items() for arch, tiles in rows.items()}
 _GATHER_GPU = Tiles(1, 1, 32, 8, 2)
-_INTERPRETED = Tiles(16, 32, 16, 4, 1, gpu=False)
-_GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1, gpu=False)
+_INTERPRETED = Tiles(16, 32, 16, 4, 1)
+_GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1)
 
 
 @dataclass
