@@ -60,8 +60,9 @@ class Tiles:
         """Launch options: warps, stages and, where ``whole_register_file``, ``maxnreg`` = the
         register file for one block (≤ 255 per thread). The float32 kernels need it: their FMA
         dots hold operand tiles in registers, and without it ptxas caps registers to fit a second
-        block per SM (128 or 168 per thread) and spills instead. The 16-bit ones do not (on sm_90
-        the cap even made ptxas allocate worse), so they leave the choice to ptxas."""
+        block per SM (128 or 168 per thread) and spills instead; so does sm_80's 16-bit forward
+        (mma.sync keeps its operands in registers). The other 16-bit ones do not (on sm_90 it
+        even made ptxas allocate worse), so they leave the choice to ptxas."""
         found = dict(num_warps=self.num_warps, num_stages=self.num_stages)
         if self.whole_register_file:
             found["maxnreg"] = min(255, REGISTERS_PER_SM // (32 * self.num_warps))
@@ -79,7 +80,7 @@ class Tiles:
 # Each row is what the compile lane found to fit that target without spills (a choice ptxas's
 # register allocator makes near its limits, hence per architecture); the lane checks them all.
 _SIXTEEN = {
-    "stream": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    "stream": {80: Tiles(64, 64, 64, 8, 3, True), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
     "stream_teacher": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
     "dense": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
     "select": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
@@ -93,7 +94,7 @@ _THIRTY_TWO = {
     "stream_teacher": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "dense": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "select": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
-    "backward": {a: Tiles(32, 64, 32, 8, 2, True) for a in (80, 86, 90)},
+    "backward": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
 }
 _GPU = {(family, arch, width): tiles
         for width, table in (("16", _SIXTEEN), ("32", _THIRTY_TWO))
