@@ -33,17 +33,15 @@ class Config:
             gradient, another each vocabulary tile of the weight gradient), at the cost of one more
             recomputation of the logits. The ``torch`` backend is deterministic on the CPU either
             way. Default False.
-        triton_grad_filter: skip, in the ``triton`` backward, gradient tiles whose largest entry is
-            below the input dtype's resolution (2⁻⁸ bf16, 2⁻¹¹ fp16, 2⁻²⁴ fp32): they would not
-            change a 16-bit gradient. ``"auto"`` (default) filters 16-bit inputs and not float32;
-            ``True``/``False`` force it on or off.
+
+    (Earlier versions had ``triton_grad_filter``, which skipped backward tiles judged negligible;
+    it dropped real gradient and was removed: every backend computes the whole gradient.)
     """
 
     check_values: bool = True
     check_finite: bool = False
     chunk_bytes: int = 512 * 2**20
     deterministic: bool = False
-    triton_grad_filter: object = "auto"
 
 
 config = Config()

@@ -14,8 +14,12 @@ CUDA device, or on the CPU under ``TRITON_INTERPRET=1`` (the test lane).
 
 Options (``fastkd.config``): ``deterministic`` (the backward without atomics: one kernel owns each
 row block of ``dh``, another each vocabulary tile of ``dW``; bit-identical run to run, one more
-logits recomputation) and ``triton_grad_filter`` (skip gradient tiles whose largest ``|dz|`` is
-below the input dtype's resolution; ``"auto"``: on for 16-bit inputs, off for float32).
+logits recomputation). Every gradient tile is computed and accumulated: there is no filter that
+skips "small" tiles (an earlier one dropped real gradient, see docs/gpu_checks.md).
+
+Launch configurations (tile sizes, warps, pipeline stages) come from ``launch_configs`` per target
+architecture, and every launch goes through ``launch_configs.launch`` (the compile lane records
+them there).
 """
 from __future__ import annotations
 
@@ -27,28 +31,30 @@ from torch import Tensor
 
 from .. import divergences as dv
 from ..config import config
+from . import launch_configs as lc
 from . import triton_kernels as kern
 from .torch_backend import _topk_epilogue, counted_rows, sorted_topk_ids
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-# Resolution below which a gradient entry vanishes next to an O(1) one in the input dtype.
-_FILTER_EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 
 class _Launch:
-    """Tile sizes and dot precision for one call (small tiles for the CPU interpreter)."""
+    """Tile sizes, warps, stages (``launch_configs``, per target) and dot precision for one call."""
 
-    def __init__(self, hidden: Tensor, k: int = 1):
-        gpu = hidden.device.type == "cuda"
-        self.BM, self.BN, self.BD = (64, 128, 64) if gpu else (16, 32, 16)
+    def __init__(self, hidden: Tensor, k: int = 1, family: str = "stream"):
         self.KP = triton.next_power_of_2(max(k, 1))
-        self.num_warps = 8 if gpu else 4
+        tiles = lc.tiles(family, hidden.device, hidden.dtype, self.KP)
+        self.BM, self.BN, self.BD = tiles.BM, tiles.BN, tiles.BD
+        self.options = tiles.options()
+        gather = lc.tiles("gather", hidden.device, hidden.dtype)
+        self.gather = dict(KP=self.KP, BD=gather.BD, **gather.options())
+        self.group = 8 if lc.target(hidden.device) != lc.INTERPRETER else 2  # row blocks per group
         # float32 inputs get IEEE float32 dots (tf32 would cost 3 decimal digits of the logits).
         self.PRECISION = "ieee" if hidden.dtype == torch.float32 else "tf32"
 
     def meta(self, **extra):
-        return dict(BM=self.BM, BN=self.BN, BD=self.BD, PRECISION=self.PRECISION,
-                    num_warps=self.num_warps, **extra)
+        return dict(BM=self.BM, BN=self.BN, BD=self.BD, PRECISION=self.PRECISION, **self.options,
+                    **extra)
 
 
 def _common(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,14 +76,29 @@ def _or_dummy(x: Optional[Tensor], device) -> Tensor:
     return _dummy(device) if x is None else x.contiguous()
 
 
-def _filter(dtype: torch.dtype) -> tuple[bool, float]:
-    mode = config.triton_grad_filter
-    on = dtype != torch.float32 if mode == "auto" else bool(mode)
-    return on, _FILTER_EPS[dtype]
-
-
 def _cap(cap: Optional[float]) -> float:
     return 1.0 if cap is None else float(cap)
+
+
+def _split_plan(n_rows: int, vocab: int, launch: _Launch, device) -> tuple[int, int]:
+    """Split-V: ``(splits, span)``, the vocabulary cut into ``splits`` ranges of ``span`` columns
+    (whole tiles), so that a forward pass over few rows still fills the GPU: about two programs
+    per SM in all (``launch_configs.sm_count``), never more splits than vocabulary tiles."""
+    row_blocks = triton.cdiv(max(n_rows, 1), launch.BM)
+    tiles = triton.cdiv(max(vocab, 1), launch.BN)
+    wanted = max(1, min(tiles, triton.cdiv(2 * lc.sm_count(device), row_blocks)))
+    span = triton.cdiv(tiles, wanted) * launch.BN
+    return triton.cdiv(max(vocab, 1), span), span
+
+
+def _merge_lse(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """Merges per-split running maxima ``m`` and sums ``s = Σ exp(x − m)`` (both ``(N, splits)``):
+    returns the log-sum-exp per row and the factors ``exp(m − max)`` that rescale any other sum
+    kept against the same maxima. Rows with no entry (max −inf) give −inf, as one pass would."""
+    top = m.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    weights = torch.exp(m - top)
+    return top.squeeze(1) + (s * weights).sum(dim=1).log(), weights
 
 
 def _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) -> Tensor:
@@ -85,10 +106,9 @@ def _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) -> Tenso
     n_rows, k = ids.shape
     out = torch.zeros((n_rows, k), dtype=torch.float32, device=hidden.device)
     if n_rows:
-        kern.gather_forward_kernel[(n_rows,)](
+        lc.launch(kern.gather_forward_kernel, (n_rows,),
             hidden, weight, _or_dummy(bias, hidden.device), ids.to(torch.int32).contiguous(), out,
-            n_rows, hidden.shape[1], k, _cap(softcap), **_head_flags(bias, softcap),
-            KP=launch.KP, BD=launch.BD)
+            n_rows, hidden.shape[1], k, _cap(softcap), **_head_flags(bias, softcap), **launch.gather)
     return out
 
 
@@ -115,7 +135,7 @@ def topk_kd_forward(
     online = teacher_hidden is not None
     if online:
         teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, k)
+    launch = _Launch(hidden, k, "stream_teacher" if online else "stream")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats or online
@@ -125,21 +145,28 @@ def topk_kd_forward(
 
     lse = tail_lse = lse_ce = target = mean_z = None
     if full_pass:
-        lse, tail_lse, lse_ce, target, mean_z, t_lse, t_tail_lse = (
-            torch.zeros(n_rows, **f32) for _ in range(7))
+        splits, span = _split_plan(n_rows, vocab, launch, device)
+        part = torch.zeros((n_rows, splits, 10), **f32)
         topk_logits = torch.zeros((n_rows, k), **f32)
         teacher_topk_logits = torch.zeros((n_rows, k), **f32)
         if n_rows:
-            kern.topk_forward_kernel[(triton.cdiv(n_rows, launch.BM),)](
+            lc.launch(kern.topk_forward_kernel, (triton.cdiv(n_rows, launch.BM), splits),
                 hidden, weight, _or_dummy(bias, device), _or_dummy(teacher_hidden, device),
                 _or_dummy(teacher_weight, device), _or_dummy(teacher_bias, device), sorted_ids,
-                _or_dummy(labels, device), lse, tail_lse, topk_logits, lse_ce, target, mean_z,
-                t_lse, t_tail_lse, teacher_topk_logits,
-                n_rows, vocab, dim, teacher_hidden.shape[1] if online else 1, k,
+                _or_dummy(labels, device), part, topk_logits, teacher_topk_logits,
+                n_rows, vocab, dim, teacher_hidden.shape[1] if online else 1, k, span,
                 1.0 / temperature, _cap(softcap), _cap(teacher_softcap), ignore_index,
                 **_head_flags(bias, softcap), HAS_TEACHER=online,
                 **_head_flags(teacher_bias, teacher_softcap, "T_"), HAS_LABELS=labels is not None,
                 WITH_CE=use_ce, WITH_STATS=with_stats, **launch.meta(KP=launch.KP))
+        m, s_all, s_tail, s_z, m_ce, s_ce, target_part, mt, st, st_tail = part.unbind(dim=2)
+        lse, weights = _merge_lse(m, s_all)
+        tail_lse = _merge_lse(m, s_tail)[0]
+        mean_z = (s_z * weights).sum(dim=1) / (s_all * weights).sum(dim=1)
+        lse_ce = _merge_lse(m_ce, s_ce)[0]
+        target = target_part.sum(dim=1)
+        t_lse = _merge_lse(mt, st)[0]
+        t_tail_lse = _merge_lse(mt, st_tail)[0]
     else:
         ids = teacher_ids.gather(1, perm)
         topk_logits = _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) / temperature
@@ -185,16 +212,20 @@ def _(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_hidden, teach
 
 
 def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launch, **flags) -> None:
-    """Runs the backward kernel: atomics (MODE 0), or the deterministic row/column pair (1 + 2)."""
+    """Runs the backward kernel: atomics (MODE 0, grouped program order), or the deterministic
+    row/column pair (1 + 2)."""
     if n_rows == 0:
         return
+    flags = dict(flags, GROUP=launch.group)
     row_blocks, col_blocks = triton.cdiv(n_rows, launch.BM), triton.cdiv(vocab, launch.BN)
     if config.deterministic:
-        kern.backward_kernel[(row_blocks,)](*kernel_args, MODE=1, **flags, **launch.meta(KP=launch.KP))
-        kern.backward_kernel[(col_blocks,)](*kernel_args, MODE=2, **flags, **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (row_blocks,), *kernel_args, MODE=1, **flags,
+                  **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (col_blocks,), *kernel_args, MODE=2, **flags,
+                  **launch.meta(KP=launch.KP))
     else:
-        kern.backward_kernel[(row_blocks, col_blocks)](*kernel_args, MODE=0, **flags,
-                                                        **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (row_blocks * col_blocks,), *kernel_args, MODE=0, **flags,
+                  **launch.meta(KP=launch.KP))
 
 
 def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -221,23 +252,21 @@ def topk_kd_backward(
     grads = _grad_buffers(hidden, weight, bias)
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
-    launch = _Launch(hidden, k)
+    launch = _Launch(hidden, k, "backward")
     counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
     use_ce = ce_weight != 0.0
     sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
     if tail == "bucket" or use_ce or config.deterministic:
-        filter_on, filter_eps = _filter(hidden.dtype)
         device = hidden.device
         args = (hidden, weight, _or_dummy(bias, device), _dummy(device), _dummy(device),
                 _dummy(device), sorted_ids, topk_weights.gather(1, perm).contiguous(),
                 _or_dummy(labels, device), state, kd_scale, (ce_weight * grad_rows).contiguous(),
-                *grads, n_rows, vocab, dim, 1, k, 1.0 / temperature, _cap(softcap), 1.0, 0.5,
-                filter_eps)
+                *grads, n_rows, vocab, dim, 1, k, 1.0 / temperature, _cap(softcap), 1.0, 0.5)
         _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
                          T_HAS_BIAS=False, T_HAS_CAP=False, DENSE_TEACHER=False,
-                         WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0, FILTER=filter_on)
+                         WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0)
     elif n_rows:
         # tail="renormalize" without CE: the gradient lives on S only, O(N·K·D).
         capped = _gathered_capped_logits(hidden, weight, bias, teacher_ids, softcap, launch)
@@ -246,9 +275,9 @@ def topk_kd_backward(
         if softcap is not None:
             grad = grad * (1.0 - (capped / softcap) ** 2)
         grad = torch.where(teacher_ids >= 0, grad, 0.0).contiguous()
-        kern.gather_backward_kernel[(n_rows,)](
+        lc.launch(kern.gather_backward_kernel, (n_rows,),
             hidden, weight, teacher_ids.to(torch.int32).contiguous(), grad, *grads, n_rows, dim, k,
-            HAS_BIAS=bias is not None, KP=launch.KP, BD=launch.BD)
+            HAS_BIAS=bias is not None, **launch.gather)
     return _grad_results(grads, *results_like)
 
 
@@ -299,22 +328,33 @@ def dense_kd_forward(
     device = hidden.device
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden)
+    launch = _Launch(hidden, 1, "dense")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     f32 = dict(dtype=torch.float32, device=device)
-    lse, t_lse, lse_ce, target, mean_z, kd, wsum = (torch.zeros(n_rows, **f32) for _ in range(7))
-    if n_rows:
-        for pass_ in (1, 2):
-            kern.dense_forward_kernel[(triton.cdiv(n_rows, launch.BM),)](
+    splits, span = _split_plan(n_rows, vocab, launch, device)
+    part = torch.zeros((n_rows, splits, 8), **f32)
+    lse = t_lse = torch.zeros(n_rows, **f32)
+    for pass_ in (1, 2):
+        if n_rows:
+            lc.launch(kern.dense_forward_kernel, (triton.cdiv(n_rows, launch.BM), splits),
                 hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-                _or_dummy(teacher_bias, device), _or_dummy(labels, device),
-                lse, t_lse, lse_ce, target, mean_z, kd, wsum,
-                n_rows, vocab, dim, teacher_hidden.shape[1],
+                _or_dummy(teacher_bias, device), _or_dummy(labels, device), lse, t_lse, part,
+                n_rows, vocab, dim, teacher_hidden.shape[1], span,
                 1.0 / temperature, _cap(softcap), _cap(teacher_softcap), ignore_index, float(beta),
                 **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
                 HAS_LABELS=labels is not None, WITH_CE=use_ce, WITH_STATS=with_stats,
                 KIND=_kind(divergence, beta), PASS=pass_, **launch.meta())
+        if pass_ == 1:
+            m, s_all, s_z, mt, st, m_ce, s_ce, target_part = part.unbind(dim=2)
+            lse, weights = _merge_lse(m, s_all)
+            mean_z = (s_z * weights).sum(dim=1) / (s_all * weights).sum(dim=1)
+            t_lse = _merge_lse(mt, st)[0].contiguous()
+            lse = lse.contiguous()
+            lse_ce = _merge_lse(m_ce, s_ce)[0]
+            target = target_part.sum(dim=1)
+            part = torch.zeros((n_rows, splits, 8), **f32)
+    kd, wsum = part[:, :, 0].sum(dim=1), part[:, :, 1].sum(dim=1)
     zero = torch.zeros((), **f32)
     kd_rows = torch.where(counted, kd, zero)
     loss_rows = kd_weight * temperature**2 * kd_rows
@@ -353,20 +393,18 @@ def dense_kd_backward(
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden)
+    launch = _Launch(hidden, 1, "backward")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
-    filter_on, filter_eps = _filter(hidden.dtype)
     args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
             _or_dummy(teacher_bias, device), _dummy(device), _dummy(device),
             _or_dummy(labels, device), state, (kd_weight * temperature * grad_rows).contiguous(),
             (ce_weight * grad_rows).contiguous(), *grads, n_rows, vocab, dim,
             teacher_hidden.shape[1], 1, 1.0 / temperature, _cap(softcap), _cap(teacher_softcap),
-            float(beta), filter_eps)
+            float(beta))
     _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
                      **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
-                     WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta),
-                     FILTER=filter_on)
+                     WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta))
     return _grad_results(grads, *results_like)
 
 
@@ -408,28 +446,39 @@ def select_topk(
     teacher_weight: Tensor, teacher_bias: Optional[Tensor], k: int, topk_from: str,
     softcap: Optional[float], teacher_softcap: Optional[float],
 ) -> Tensor:
-    """S per row, ``(N, K')`` int64 with ``-1`` on unused slots (see ``divergences.select_topk``)."""
+    """S per row, ``(N, K')`` int64 with ``-1`` on unused slots (see ``divergences.select_topk``).
+
+    The kernel keeps a running top-K per row and vocabulary split (no sort), one head per launch
+    (the union launches twice: the same GEMM work as one fused pass, half the registers); the
+    splits' candidates, ``(N, splits·K)``, are merged here with one ``torch.topk``."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, k)
-    launch.BN = max(launch.BN, launch.KP)  # tl.topk takes at most a tile's width
-    ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
-    student_ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
-    if n_rows:
-        kern.select_topk_kernel[(triton.cdiv(n_rows, launch.BM),)](
-            hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-            _or_dummy(teacher_bias, device), ids, student_ids, n_rows, vocab, dim,
-            teacher_hidden.shape[1], k, _cap(softcap), _cap(teacher_softcap),
-            **_head_flags(bias, softcap), **_head_flags(teacher_bias, teacher_softcap, "T_"),
-            FROM_TEACHER=topk_from != "student", FROM_STUDENT=topk_from != "teacher",
-            **launch.meta(KP=launch.KP))
-    if topk_from != "union":
-        return ids
-    seen = (student_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(dim=-1)
-    return torch.cat([ids, torch.where(seen, -1, student_ids)], dim=-1)
+    launch = _Launch(hidden, k, "select")
+    splits, span = _split_plan(n_rows, vocab, launch, device)
+
+    def top(head: Tensor, head_weight: Tensor, head_bias: Optional[Tensor], cap) -> Tensor:
+        shape = (n_rows, splits, launch.KP)
+        vals = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
+        ids = torch.zeros(shape, dtype=torch.int64, device=device)
+        if n_rows:
+            lc.launch(kern.select_topk_kernel, (triton.cdiv(n_rows, launch.BM), splits),
+                      head, head_weight, _or_dummy(head_bias, device), vals, ids,
+                      n_rows, vocab, head.shape[1], k, span, _cap(cap),
+                      **_head_flags(head_bias, cap), **launch.meta(KP=launch.KP))
+        best = vals.reshape(n_rows, -1).topk(k, dim=1).indices
+        return ids.reshape(n_rows, -1).gather(1, best)
+
+    if topk_from == "student":
+        return top(hidden, weight, bias, softcap)
+    first = top(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
+    if topk_from == "teacher":
+        return first
+    student = top(hidden, weight, bias, softcap)
+    seen = (student.unsqueeze(-1) == first.unsqueeze(-2)).any(dim=-1)
+    return torch.cat([first, torch.where(seen, -1, student)], dim=-1)
 
 
 @select_topk.register_fake

@@ -18,7 +18,8 @@ ends inside its range straight to the output, and leaves a partial log-sum-exp f
 the last bucket of its range, which neighbouring ranges may share. A few PyTorch ops on
 ``(N, 2G)`` then merge those partials. Cost: one ``N x V x D`` GEMM, nothing ``N x V`` in memory.
 
-Backward: program (row block, vocabulary tile) in the original id order recomputes its logit tile,
+Backward: program (row block, vocabulary tile), in grouped order for L2 reuse, in the original id
+order recomputes its logit tile,
 forms dz from the saved L and the incoming g (gathered by bucket), and accumulates dh and dW with
 fp32 atomics (the tile of dz is never written out), like Cut Cross-Entropy's backward.
 
@@ -41,7 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_kernels import _logits_tile
+from . import launch_configs as lc
+from .triton_kernels import _grouped, _logits_tile
 
 N_BUCKETS = 257
 
@@ -118,12 +120,12 @@ def _byte_lse_backward_kernel(
     n_rows, vocab, dim,
     # meta
     inv_temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, N_BUCKETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, N_BUCKETS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # 1-D grid in grouped order (GROUP row blocks at a time): a wave shares h blocks and W tiles in L2
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(vocab, BLOCK_V), GROUP)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_rows
@@ -140,7 +142,7 @@ def _byte_lse_backward_kernel(
         capped = logits / softcap
         dz = dz * (1.0 - capped * capped)
     if HAS_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     # Scaled to O(1) before a 16-bit cast (a mean over many rows makes every entry tiny and fp16
     # would flush it to zero); the products are scaled back in float32.
     scale = tl.maximum(tl.max(tl.abs(dz)), 1e-30)
@@ -152,12 +154,12 @@ def _byte_lse_backward_kernel(
                     mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_hidden_ptr + rows[:, None] * dim + dims[None, :],
                       tl.dot(dz, w, input_precision=DOT_PRECISION) * scale,
-                      mask=row_mask[:, None] & dim_mask[None, :])
+                      mask=row_mask[:, None] & dim_mask[None, :], sem="relaxed")
         h = tl.load(hidden_ptr + rows[:, None] * dim + dims[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         tl.atomic_add(grad_weight_ptr + cols[:, None] * dim + dims[None, :],
                       tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION) * scale,
-                      mask=col_mask[:, None] & dim_mask[None, :])
+                      mask=col_mask[:, None] & dim_mask[None, :], sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,21 +173,30 @@ def interpreting() -> bool:
     return isinstance(_byte_lse_forward_kernel, InterpretedFunction)
 
 
-def block_sizes(device: torch.device) -> dict:
-    """Tile sizes: small ones in the interpreter (speed, and tests that cross many tiles)."""
-    if device.type != "cuda" or interpreting():
-        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=1)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8)
+def block_sizes(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                family: str = "stream") -> dict:
+    """Tile sizes, warps and stages (``launch_configs``, per target architecture): small tiles in
+    the interpreter (speed, and tests that cross many tiles). ``family``: "stream" for the
+    forward, "backward" for the backward."""
+    cc = lc.target(device)
+    if cc == lc.INTERPRETER:
+        return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=1, num_stages=1)
+    tiles = lc.tiles(family, device, dtype)
+    return dict(BLOCK_N=tiles.BM, BLOCK_V=tiles.BN, BLOCK_D=tiles.BD, **tiles.options())
+
+
+def _options(blocks: dict) -> dict:
+    return {k: v for k, v in blocks.items() if not k.startswith("BLOCK_")}
 
 
 def n_ranges(n_rows: int, vocab: int, device: torch.device) -> int:
     """How many vocabulary ranges to split the forward into: enough programs to fill the GPU."""
     blocks = block_sizes(device)
     n_tiles = -(-vocab // blocks["BLOCK_V"])
-    if device.type != "cuda" or interpreting():
+    if lc.target(device) == lc.INTERPRETER:
         return min(n_tiles, 3)  # several ranges, so the partial-bucket merge is always exercised
     row_blocks = -(-n_rows // blocks["BLOCK_N"])
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 4 * lc.sm_count(device)
     return max(1, min(n_tiles, -(-programs // row_blocks)))
 
 
@@ -232,21 +243,22 @@ def byte_lse(
     hidden, weight = hidden.to(common).contiguous(), weight.to(common).contiguous()
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
-    blocks = block_sizes(hidden.device)
+    blocks = block_sizes(hidden.device, hidden.dtype)
     ranges = range_start.shape[0] - 1
     out = torch.full((n_rows, N_BUCKETS), float("-inf"), dtype=torch.float32, device=hidden.device)
     part = torch.empty((n_rows, ranges, 2), dtype=torch.float32, device=hidden.device)
     if n_rows == 0:
         return out
     grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), ranges)
-    _byte_lse_forward_kernel[grid](
+    lc.launch(
+        _byte_lse_forward_kernel, grid,
         hidden, weight, bias if bias is not None else hidden, sorted_ids, bucket_of_sorted,
         range_start, out, part,
         n_rows, dim, ranges,
         1.0 / temperature, 1.0 if softcap is None else softcap,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
         BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"])
+        DOT_PRECISION=_dot_precision(hidden.dtype), **_options(blocks))
     return _merge_partials(out, part, part_bucket)
 
 
@@ -268,21 +280,23 @@ def byte_lse_backward(
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
-    blocks = block_sizes(hidden.device)
+    blocks = block_sizes(hidden.device, hidden.dtype, "backward")
     grad_hidden = torch.zeros((n_rows, dim), dtype=torch.float32, device=hidden.device)
     grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=hidden.device)
     grad_bias = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     if n_rows:
-        grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]), triton.cdiv(vocab, blocks["BLOCK_V"]))
-        _byte_lse_backward_kernel[grid](
+        grid = (triton.cdiv(n_rows, blocks["BLOCK_N"]) * triton.cdiv(vocab, blocks["BLOCK_V"]),)
+        lc.launch(
+            _byte_lse_backward_kernel, grid,
             hidden, weight, bias if bias is not None else hidden, first_byte,
             bucket_lse.float().contiguous(), grad.float().contiguous(),
             grad_hidden, grad_weight, grad_bias if bias is not None else grad_hidden,
             n_rows, vocab, dim,
             1.0 / temperature, 1.0 if softcap is None else softcap,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, N_BUCKETS=N_BUCKETS,
+            GROUP=8 if lc.target(hidden.device) != lc.INTERPRETER else 2,
             BLOCK_N=blocks["BLOCK_N"], BLOCK_V=blocks["BLOCK_V"], BLOCK_D=blocks["BLOCK_D"],
-            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=blocks["num_warps"])
+            DOT_PRECISION=_dot_precision(hidden.dtype), **_options(blocks))
     return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype),
             grad_bias.to(bias.dtype if bias is not None else weight_dtype))
 

@@ -20,10 +20,15 @@ then ``× (1 − (capped/cap)²)`` under a softcap, and ``dh += dz·W``, ``dW +=
 The per-row coefficients (``kd_lse``, ``dense``, ``topk_coef``, ``W``, ``w_S``) come from the
 PyTorch epilogue on ``(N, K)`` tensors, which calls the math module.
 
-Backward modes (``MODE``): 0 = one program per (row block, vocabulary tile), atomics into float32
-``dh``/``dW`` (fast, order not fixed); 1 = one program per row block walking the vocabulary, owning
-its ``dh`` rows; 2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows.
-Modes 1 and 2 together are the deterministic backward (bit-identical run to run).
+Forward passes run on a ``(row blocks, splits)`` grid: each program streams one range of the
+vocabulary (split-V) and stores partial statistics that the launcher merges, so few rows still
+fill the GPU. Backward modes (``MODE``): 0 = one program per (row block, vocabulary tile) on a 1-D
+grid in grouped order (L2 reuse), relaxed atomics into float32 ``dh``/``dW`` (fast, order not
+fixed; ``sem="relaxed"``: a sum needs no ordering, and the default ``acq_rel`` adds a GPU-wide
+fence per atomic); 1 = one program per row block walking the vocabulary, owning its ``dh`` rows;
+2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows. Modes 1 and 2
+together are the deterministic backward (bit-identical run to run). Tile sizes, warps and stages
+come from ``launch_configs`` per target architecture.
 """
 from __future__ import annotations
 
@@ -82,12 +87,18 @@ def _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels):
 
 @triton.jit
 def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.constexpr):
-    """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile."""
-    k = tl.arange(0, KP)
-    ids = tl.load(ids_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k[None, :] < K),
-                  other=2147483647)
-    start = tl.sum((ids < v0).to(tl.int32), axis=1)
-    count = tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
+    """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile.
+
+    Read in chunks of at most 64 slots, so registers do not grow with K."""
+    KC: tl.constexpr = 64 if KP > 64 else KP
+    start = tl.zeros_like(rows).to(tl.int32)
+    count = tl.zeros_like(rows).to(tl.int32)
+    for k0 in range(0, K, KC):
+        k = k0 + tl.arange(0, KC)
+        ids = tl.load(ids_ptr + rows[:, None] * K + k[None, :], mask=row_mask[:, None] & (k[None, :] < K),
+                      other=2147483647)
+        start += tl.sum((ids < v0).to(tl.int32), axis=1)
+        count += tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
     return start, count
 
 
@@ -112,11 +123,9 @@ def _row_block(labels_ptr, N, ignore_index, HAS_LABELS: tl.constexpr, BM: tl.con
 @triton.jit
 def topk_forward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, labels_ptr,
-    lse_ptr, tail_lse_ptr, zs_ptr, lse_ce_ptr, target_ptr, mean_z_ptr,
-    t_lse_ptr, t_tail_lse_ptr, t_zs_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, labels_ptr, part_ptr, zs_ptr, t_zs_ptr,
     # shapes
-    N, V, D, DT, K,
+    N, V, D, DT, K, span,
     # meta
     inv_temp, cap, t_cap, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_TEACHER: tl.constexpr,
@@ -124,10 +133,17 @@ def topk_forward_kernel(
     WITH_CE: tl.constexpr, WITH_STATS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per row: lse of ``z = softcap(h·Wᵀ+b)/τ`` over V and over ``V∖S``, ``z`` at the (sorted) S,
-    the CE log-sum-exp and target logit of the untempered logits, ``E_p[z]``; and the same lse,
-    tail lse and ``z_S`` for an online teacher streamed in the same pass."""
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)``. Per row:
+    ``z`` (and an online teacher's) at the sorted ids of S in that range, stored to ``zs``/``t_zs``;
+    and the partial statistics of the range, ``part (N, splits, 10)``: running max and sums of
+    ``exp(z − max)`` over the range and over its part of ``V∖S``, ``Σ e·z`` (for ``E_p[z]``), the
+    CE max and sum of the untempered logits and the label's logit, the teacher's max, sum and tail
+    sum. The launcher merges the splits (``_merge_lse``)."""
     rows, row_mask, labels, counted = _row_block(labels_ptr, N, ignore_index, HAS_LABELS, BM)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_first = split.to(tl.int64) * span
+    v_end = tl.minimum(v_first + span, V)
     neg_inf = float("-inf")
     masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
     m = tl.full((BM,), neg_inf, tl.float32)
@@ -143,7 +159,7 @@ def topk_forward_kernel(
     if WITH_STATS:  # statistics are defined on every row, ignored or not
         counted = row_mask
     if tl.max(counted.to(tl.int32)) > 0:  # a block of ignored rows reads nothing
-        for v0 in range(0, V, BN):
+        for v0 in range(v_first, v_end, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
             capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
@@ -175,16 +191,17 @@ def topk_forward_kernel(
                 st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
             if WITH_CE:
                 m_ce, s_ce, target = _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
-    tl.store(tail_lse_ptr + rows, m + tl.log(s_tail), mask=row_mask)
-    if WITH_STATS:
-        tl.store(mean_z_ptr + rows, s_z / s, mask=row_mask)
-    if WITH_CE:
-        tl.store(lse_ce_ptr + rows, m_ce + tl.log(s_ce), mask=row_mask)
-        tl.store(target_ptr + rows, target, mask=row_mask)
-    if HAS_TEACHER:
-        tl.store(t_lse_ptr + rows, mt + tl.log(st), mask=row_mask)
-        tl.store(t_tail_lse_ptr + rows, mt + tl.log(st_tail), mask=row_mask)
+    part = part_ptr + (rows * splits + split) * 10
+    tl.store(part, m, mask=row_mask)
+    tl.store(part + 1, s, mask=row_mask)
+    tl.store(part + 2, s_tail, mask=row_mask)
+    tl.store(part + 3, s_z, mask=row_mask)
+    tl.store(part + 4, m_ce, mask=row_mask)
+    tl.store(part + 5, s_ce, mask=row_mask)
+    tl.store(part + 6, target, mask=row_mask)
+    tl.store(part + 7, mt, mask=row_mask)
+    tl.store(part + 8, st, mask=row_mask)
+    tl.store(part + 9, st_tail, mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,10 +234,9 @@ def _dense_terms(z, tz, lse, t_lse, beta, KIND: tl.constexpr):
 @triton.jit
 def dense_forward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr,
-    lse_ptr, t_lse_ptr, lse_ce_ptr, target_ptr, mean_z_ptr, kd_ptr, wsum_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, lse_ptr, t_lse_ptr, part_ptr,
     # shapes
-    N, V, D, DT,
+    N, V, D, DT, span,
     # meta
     inv_temp, cap, t_cap, ignore_index, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
@@ -228,9 +244,16 @@ def dense_forward_kernel(
     PASS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """PASS 1: student and teacher lse (+ CE, ``E_p[z]``). PASS 2, given them: the divergence and
-    ``W = Σ_j w_j`` per row (JSD's log M needs both normalisers, hence two passes)."""
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)`` and writes
+    partials to ``part (N, splits, 8)``. PASS 1: student and teacher running max and sum (+ CE
+    max, sum and label logit, ``Σ e·z`` for ``E_p[z]``). PASS 2, given the merged ``lse`` and
+    ``t_lse``: the divergence and ``W = Σ_j w_j`` of the range (JSD's log M needs both
+    normalisers, hence two passes). The launcher merges the splits."""
     rows, row_mask, labels, counted = _row_block(labels_ptr, N, ignore_index, HAS_LABELS, BM)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_first = split.to(tl.int64) * span
+    v_end = tl.minimum(v_first + span, V)
     neg_inf = float("-inf")
     masked = -1e30  # masked columns: exp underflows to 0 and no inf − inf appears
     m = tl.full((BM,), neg_inf, tl.float32)
@@ -249,7 +272,7 @@ def dense_forward_kernel(
     if WITH_STATS:
         counted = row_mask
     if tl.max(counted.to(tl.int32)) > 0:
-        for v0 in range(0, V, BN):
+        for v0 in range(v_first, v_end, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
             capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
@@ -270,22 +293,33 @@ def dense_forward_kernel(
                 term, w, _p = _dense_terms(z, tz, lse, t_lse, beta, KIND)
                 kd += tl.sum(tl.where(col_mask[None, :], term, 0.0), axis=1)
                 wsum += tl.sum(tl.where(col_mask[None, :], w, 0.0), axis=1)
+    part = part_ptr + (rows * splits + split) * 8
     if PASS == 1:
-        tl.store(lse_ptr + rows, m + tl.log(s), mask=row_mask)
-        tl.store(t_lse_ptr + rows, mt + tl.log(st), mask=row_mask)
-        if WITH_STATS:
-            tl.store(mean_z_ptr + rows, s_z / s, mask=row_mask)
-        if WITH_CE:
-            tl.store(lse_ce_ptr + rows, m_ce + tl.log(s_ce), mask=row_mask)
-            tl.store(target_ptr + rows, target, mask=row_mask)
+        tl.store(part, m, mask=row_mask)
+        tl.store(part + 1, s, mask=row_mask)
+        tl.store(part + 2, s_z, mask=row_mask)
+        tl.store(part + 3, mt, mask=row_mask)
+        tl.store(part + 4, st, mask=row_mask)
+        tl.store(part + 5, m_ce, mask=row_mask)
+        tl.store(part + 6, s_ce, mask=row_mask)
+        tl.store(part + 7, target, mask=row_mask)
     else:
-        tl.store(kd_ptr + rows, kd, mask=row_mask)
-        tl.store(wsum_ptr + rows, wsum, mask=row_mask)
+        tl.store(part, kd, mask=row_mask)
+        tl.store(part + 1, wsum, mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------
 # backward: gradient tiles, then dh += dz·W, dW += dzᵀ·h, db += Σ dz
 # ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _grouped(pid, row_blocks, col_blocks, GROUP: tl.constexpr):
+    """(row block, column tile) of program ``pid`` in grouped order (GROUP row blocks at a time)."""
+    per_group = GROUP * col_blocks
+    first = (pid // per_group) * GROUP
+    rows_here = tl.minimum(row_blocks - first, GROUP)
+    return first + (pid % per_group) % rows_here, (pid % per_group) // rows_here
+
 
 @triton.jit
 def _grad_tile(
@@ -347,17 +381,20 @@ def backward_kernel(
     # shapes
     N, V, D, DT, K,
     # meta
-    inv_temp, cap, t_cap, beta, skip_below,
+    inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    MODE: tl.constexpr, FILTER: tl.constexpr,
+    MODE: tl.constexpr, GROUP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE)."""
+    """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE).
+
+    MODE 0 runs on a 1-D grid in grouped order: consecutive programs walk the vocabulary tiles of
+    a group of ``GROUP`` row blocks, column by column, so a wave of programs shares a few ``h``
+    blocks and ``W`` tiles in L2 instead of streaming all of ``h`` once per vocabulary tile."""
     if MODE == 0:
-        m_first = tl.program_id(0)
+        m_first, n_first = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(V, BN), GROUP)
         m_last = m_first + 1
-        n_first = tl.program_id(1)
         n_last = n_first + 1
     elif MODE == 1:
         m_first = tl.program_id(0)
@@ -386,44 +423,38 @@ def backward_kernel(
                                 v0, cols, col_mask, D, DT, K, inv_temp, cap, t_cap, beta,
                                 HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL,
                                 WITH_CE, KIND, BM, BN, BD, KP, PRECISION)
-                if FILTER:
-                    # relative to the block's largest row scale: entries are O(1)·scale at most
-                    keep = tl.max(tl.abs(dz)) >= skip_below * live
-                else:
-                    keep = live > 0
-                if keep:
-                    if HAS_BIAS and MODE != 1:
-                        db = tl.sum(dz, axis=0)
-                        if MODE == 0:
-                            tl.atomic_add(db_ptr + cols, db, mask=col_mask)
+                if HAS_BIAS and MODE != 1:
+                    db = tl.sum(dz, axis=0)
+                    if MODE == 0:
+                        tl.atomic_add(db_ptr + cols, db, mask=col_mask, sem="relaxed")
+                    else:
+                        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
+                # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
+                # many rows makes every entry tiny); the products are scaled back in float32.
+                dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+                for d0 in range(0, D, BD):
+                    d = d0 + tl.arange(0, BD)
+                    d_mask = d < D
+                    if MODE != 2:
+                        w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
+                                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                        dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
+                        dh_at = dh_ptr + rows[:, None] * D + d[None, :]
+                        dh_mask = row_mask[:, None] & d_mask[None, :]
+                        if MODE == 0:  # relaxed: a sum needs no ordering, and no GPU-wide fence
+                            tl.atomic_add(dh_at, dh, mask=dh_mask, sem="relaxed")
                         else:
-                            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
-                    # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
-                    # many rows makes every entry tiny); the products are scaled back in float32.
-                    dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
-                    for d0 in range(0, D, BD):
-                        d = d0 + tl.arange(0, BD)
-                        d_mask = d < D
-                        if MODE != 2:
-                            w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
-                                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                            dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
-                            dh_at = dh_ptr + rows[:, None] * D + d[None, :]
-                            dh_mask = row_mask[:, None] & d_mask[None, :]
-                            if MODE == 0:
-                                tl.atomic_add(dh_at, dh, mask=dh_mask)
-                            else:
-                                tl.store(dh_at, tl.load(dh_at, mask=dh_mask) + dh, mask=dh_mask)
-                        if MODE != 1:
-                            h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
-                                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                            dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
-                            dw_at = dw_ptr + cols[:, None] * D + d[None, :]
-                            dw_mask = col_mask[:, None] & d_mask[None, :]
-                            if MODE == 0:
-                                tl.atomic_add(dw_at, dw, mask=dw_mask)
-                            else:
-                                tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
+                            tl.store(dh_at, tl.load(dh_at, mask=dh_mask) + dh, mask=dh_mask)
+                    if MODE != 1:
+                        h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                        dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
+                        dw_at = dw_ptr + cols[:, None] * D + d[None, :]
+                        dw_mask = col_mask[:, None] & d_mask[None, :]
+                        if MODE == 0:
+                            tl.atomic_add(dw_at, dw, mask=dw_mask, sem="relaxed")
+                        else:
+                            tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,7 +502,7 @@ def gather_backward_kernel(
     valid = (ids >= 0) & (k < K)
     gz = tl.load(gz_ptr + row * K + k, mask=valid, other=0.0)
     if HAS_BIAS:
-        tl.atomic_add(db_ptr + ids, gz, mask=valid)
+        tl.atomic_add(db_ptr + ids, gz, mask=valid, sem="relaxed")
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         d_mask = d < D
@@ -479,67 +510,71 @@ def gather_backward_kernel(
         w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask2, other=0.0).to(tl.float32)
         tl.store(dh_ptr + row * D + d, tl.sum(gz[:, None] * w, axis=0), mask=d_mask)
         h = tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2)
+        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2,
+                      sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
-# online top-k selection: a running top-k per row over streamed logit tiles
+# online top-k selection: a running top-k per row over streamed logit tiles, no sort
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _sort_keys(x, cols, col_mask):
-    """int64 keys that order like the float32 values ``x``, with the column in the low 32 bits."""
-    bits = x.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    key = (ordered << 32) | cols[None, :]
-    return tl.where(col_mask[None, :], key, -9223372036854775807)
+def _insert_topk(best_v, best_i, tile, cols, K, BN: tl.constexpr, KP: tl.constexpr):
+    """Merges a ``(BM, BN)`` tile into each row's running top-K (exact, no sort network).
 
-
-@triton.jit
-def _key_column(key):
-    """The column in the low 32 bits of a key (bit 31 is 0, so the arithmetic shift is exact)."""
-    return (key << 32) >> 32
+    ``best_v``/``best_i (BM, KP)``: the best values and their columns so far, in no order; slots
+    ``≥ K`` hold +inf and are never replaced. Each round moves every row's largest remaining tile
+    entry into its smallest slot when it beats it. Only entries above the row's K-th best at entry
+    can enter, at most K of them, in decreasing order, so ``min(max_row #above, K)`` rounds are
+    exact; after the first tiles that is a handful (the K-th best only rises)."""
+    lane = tl.arange(0, BN)
+    slots = tl.arange(0, KP)
+    above = tl.sum((tile > tl.min(best_v, axis=1)[:, None]).to(tl.int32), axis=1)
+    for _round in range(0, tl.minimum(tl.max(above), K)):
+        top = tl.max(tile, axis=1)
+        at = tl.argmax(tile, axis=1)
+        low = tl.min(best_v, axis=1)
+        slot = tl.argmin(best_v, axis=1)
+        put = (top > low)[:, None] & (slots[None, :] == slot[:, None])
+        picked = lane[None, :] == at[:, None]
+        best_v = tl.where(put, top[:, None], best_v)
+        column = tl.sum(tl.where(picked, cols[None, :], 0), axis=1).to(tl.int32)
+        best_i = tl.where(put, column[:, None], best_i)
+        tile = tl.where(picked, float("-inf"), tile)
+    return best_v, best_i
 
 
 @triton.jit
 def select_topk_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, student_ids_ptr,
+    h_ptr, w_ptr, b_ptr, vals_ptr, ids_ptr,
     # shapes
-    N, V, D, DT, K,
+    N, V, D, K, span,
     # meta
-    cap, t_cap,
-    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
-    FROM_TEACHER: tl.constexpr, FROM_STUDENT: tl.constexpr,
+    cap,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The top-K column ids per row of the teacher's logits (→ ``ids``) and/or the student's
-    (→ ``student_ids`` when both are asked, else ``ids``). Temperature does not change a top-k."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BM + tl.arange(0, BM)
+    """Program (row block, split) streams the columns ``[split·span, (split+1)·span)`` of one
+    head's logits ``softcap(h·Wᵀ + b)`` and writes each row's top-K values there and their
+    columns, unordered, to ``vals``/``ids (N, splits, KP)`` (unfilled slots: -inf). The launcher
+    merges the splits. Temperature does not change a top-k."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     row_mask = rows < N
-    lowest = tl.full((BM, KP), -9223372036854775807, tl.int64)
-    best_t = lowest
-    best_s = lowest
-    for v0 in range(0, V, BN):
+    slots = tl.arange(0, KP)
+    best = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BM, KP), tl.float32)
+    best_ids = tl.zeros((BM, KP), tl.int32)  # columns < V < 2³¹
+    v_first = split.to(tl.int64) * span
+    for v0 in range(v_first, tl.minimum(v_first + span, V), BN):
         cols = v0 + tl.arange(0, BN).to(tl.int64)
         col_mask = cols < V
-        if FROM_TEACHER:
-            tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
-                              T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
-            cand = tl.topk(_sort_keys(tz, cols, col_mask), KP, dim=1)
-            best_t = tl.topk(tl.reshape(tl.join(best_t, cand), (BM, 2 * KP)), KP, dim=1)
-        if FROM_STUDENT:
-            z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
-                             HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
-            cand = tl.topk(_sort_keys(z, cols, col_mask), KP, dim=1)
-            best_s = tl.topk(tl.reshape(tl.join(best_s, cand), (BM, 2 * KP)), KP, dim=1)
-    k = tl.arange(0, KP)
-    out_mask = row_mask[:, None] & (k[None, :] < K)
-    at = rows[:, None] * K + k[None, :]
-    if FROM_TEACHER:
-        tl.store(ids_ptr + at, _key_column(best_t), mask=out_mask)
-        if FROM_STUDENT:
-            tl.store(student_ids_ptr + at, _key_column(best_s), mask=out_mask)
-    else:
-        tl.store(ids_ptr + at, _key_column(best_s), mask=out_mask)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+                         HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        best, best_ids = _insert_topk(best, best_ids, z, cols, K, BN, KP)
+    at = (rows[:, None] * splits + split) * KP + slots[None, :]
+    out_mask = row_mask[:, None] & (slots[None, :] < K)
+    tl.store(vals_ptr + at, best, mask=out_mask)
+    tl.store(ids_ptr + at, best_ids.to(tl.int64), mask=out_mask)
