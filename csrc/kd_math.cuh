@@ -58,7 +58,8 @@ template <> FASTKD_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return 
 // the LM head's final transform (cap <= 0 means "no softcap")
 // ---------------------------------------------------------------------------------------------
 
-FASTKD_HD float softcap(float x, float cap) { return cap > 0.f ? cap * tanhf(x / cap) : x; }
+// x·(1/c), not x/c: an IEEE division is an out-of-line call whose saved registers spilled.
+FASTKD_HD float softcap(float x, float cap) { return cap > 0.f ? cap * tanhf(x * (1.f / cap)) : x; }
 
 // d softcap(x) / dx written with the capped value s: 1 − (s/c)².
 FASTKD_HD float softcap_grad(float capped, float cap) {

@@ -135,9 +135,6 @@ def test_shared_memory_limits_per_target():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not found on PATH")
-@pytest.mark.xfail(strict=True, reason=(
-    "csrc topk_stats_kernel spills 8 bytes on sm_90 around the call of an out-of-line float "
-    "division (csrc belongs to the CUDA backend's branch; strict: passes once that is fixed)"))
 def test_csrc_resources():
     results = compile_lane.check_csrc(list(compile_lane.TARGETS), ROOT)
     names = {r["label"].split(":")[1].split("<")[0] for r in results if "error" not in r}
