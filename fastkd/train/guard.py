@@ -82,6 +82,11 @@ class NonFiniteGuard:
                 f"{self._before['position'] + self.items_per_step - 1} of the seeded order (items {shown})")
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)  # a DTensor: this process's shard
+    return to_local() if to_local is not None else tensor
+
+
 def check_finite_weights(model: torch.nn.Module, step: int,
                          all_processes_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Raises :class:`NonFiniteError` when a trainable parameter holds NaN/inf on any process.
@@ -92,7 +97,9 @@ def check_finite_weights(model: torch.nn.Module, step: int,
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not params:
         return
-    flags = torch.stack([~torch.isfinite(p.detach()).all() for _, p in params])
+    # DTensors (FSDP2 and tensor-parallel shards) are checked through their local shards: every
+    # element lives on some process, and the flags are summed over all of them below
+    flags = torch.stack([~torch.isfinite(_local(p.detach())).all() for _, p in params])
     total = all_processes_sum(flags.sum().to(torch.float64).reshape(1))
     if float(total.sum()) == 0:
         return
