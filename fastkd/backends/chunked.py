@@ -55,7 +55,7 @@ _LSE, _TEACHER_LSE, _WSUM = range(3)
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Chunk heights are rounded down to a multiple of this (whole GEMM tiles) when at least one fits.
 ROW_ALIGN = 64
-EPILOGUES = ("torch", "triton", "cuda")
+EPILOGUES = ("torch", "triton", "cuda", "fused")
 # Below this many elements a GEMM output goes through the allocator instead of out= (see _Head).
 _OUT_MIN_NUMEL = 1 << 16
 
@@ -84,7 +84,7 @@ def provider(name: str):
     if name == "torch":
         from .torch_epilogue import TorchEpilogue
         return TorchEpilogue()
-    if name == "triton":
+    if name in ("triton", "fused"):  # "fused": the Triton epilogues wherever the head is not fused
         from . import triton_epilogue
         return FunctionEpilogue("triton", triton_epilogue)
     if name == "cuda":
@@ -242,6 +242,12 @@ class _Pass:
         return None if self.safe_labels is None else self.safe_labels[rows]
 
 
+def _fused(epilogue: str, operand: torch.dtype) -> bool:
+    """Whether the fused head (``triton_fused_head``: GEMM 1 with the stats in its epilogue, 16-bit
+    tiles) runs this top-k call; float64 runs the Triton epilogues unfused."""
+    return epilogue == "fused" and operand in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def no_autocast(device: torch.device):
     """Autocast off inside the ops: their GEMMs take the operand dtype they are given."""
     if device.type in ("cuda", "cpu"):
@@ -349,6 +355,13 @@ def topk_forward(
     empty without a bias); else all three are empty.
     """
     online = teacher_hidden is not None
+    if _fused(epilogue, operand_dtype) and not online:
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.topk_forward(
+                hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta, tail,
+                temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, with_stats,
+                grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype,
                    buffers=2 if online else 1)
@@ -435,6 +448,13 @@ def topk_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight or empty, d bias or empty)`` of ``Σ_n grad_rows[n] ·
     loss_rows[n]``, recomputing each chunk's logits once (the path for a per-row ``grad_rows``)."""
+    if _fused(epilogue, operand_dtype):  # offline or online: the gradient needs only S and state
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.topk_backward(
+                grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, tail,
+                temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad,
+                operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 1)
         acc, vocab, k = ps.head.acc, ps.vocab, teacher_ids.shape[1]

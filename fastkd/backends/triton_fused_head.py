@@ -1,0 +1,638 @@
+"""The fused head of the chunked plan: the logits GEMM with the row statistics in its epilogue,
+and a gradient pass over 16-bit tiles (``epilogue="fused"``; DESIGN.md §3 "chunked").
+
+The unfused plan writes each chunk's logits ``x = h_c·Wᵀ`` as float32 (4 B per element of C×V),
+reads them in the stats epilogue (4 B), again in the gradient epilogue (4 B) and writes ``dz``
+(2 B). Here the GEMM itself finishes the statistics from its unrounded float32 accumulator and
+writes the tile once in 16 bits, so per chunk:
+
+    1. head_stats_kernel   tiles of z = softcap(h_c·Wᵀ + b)/τ with ``tl.dot`` (float32
+                           accumulation, grouped program order for L2 reuse); per (row, tile of
+                           BLOCK_N columns) it writes, from the unrounded accumulator:
+                             m_t    = max_tile z
+                             sum_t  = Σ_tile e^{z−m_t}
+                             tail_t = Σ_{tile∖S} e^{z−m_t}          (membership, not subtraction)
+                             ent_t  = Σ_tile e^{z−m_t}·(z − m_t)    (for E_p[z], the entropy)
+                             mce_t, sce_t: the same max/sum on s = softcap(x) (CE at τ ≠ 1)
+                           the values z at S (in the sorted order of S), the CE target s[label],
+                           and the tile as ``y = z − m_t`` in float16 (float32 for float32
+                           operands). y ≤ 0 and its rounding error |y|·2⁻¹¹ is smallest for the
+                           entries that carry probability (y near 0), so the softmax is not hurt.
+    2. combine (torch)     lse = M + log Σ_t sum_t·e^{m_t−M}, the tail lse the same way, CE lse,
+                           E_p[z] = M + Σ_t e^{m_t−lse}·(ent_t + (m_t − M)·sum_t)
+    3. (C, K) epilogue     torch, as the unfused plan (``torch_backend._topk_epilogue``)
+    4. head_grad_kernel    reads y (2 B) and m_t, writes dz (2 B) in the operand dtype — in place
+                           over the tile when the operand is 16-bit (bfloat16 dz through a view) —
+                           with ``triton_epilogue.topk_grad``'s semantics: values set on S, the dense
+                           part off S, CE, the softcap derivative, ignored rows exact zeros.
+    5. dh = dz·W, dW += dzᵀ·h  as the plan (``chunked._Grads``), on tensor cores.
+
+**Bytes and FLOPs per element of C×V outside the GEMM main loops** (16-bit operands):
+GEMM 1 writes the 16-bit tile (2 B; the bare GEMM of the floor writes 16-bit logits too); the
+partials are 6 float32 per row per tile of BLOCK_N = 128 columns (24/128 ≈ 0.19 B per element
+written, read once by the combine); the grad pass reads 2 B and writes 2 B; GEMMs 2 and 3 read dz
+(2 B each, as the floor's GEMMs do). So the excess over the three bare GEMMs is ≈ 4.2 B per element
+(the unfused plan: 4 B fp32 write − 2 + 4 + 4 + 2 ≈ 12 B), and ≈ 25 scalar FLOPs per element on the
+CUDA cores (2 exp, tanh with a softcap) hidden behind the GEMM. ``bench`` of the lead's tree turns
+this into time; see the report in the module ``cost`` figures below (``excess_bytes_per_element``).
+
+Scope: the offline top-k teacher (``kd_loss`` with teacher ids and log-probs, every divergence and
+tail mode, CE, softcap, τ, ``reduction`` summing (gradients in the forward) or ``"none"`` (one
+recomputation in the backward)). The online teachers run the Triton epilogues of the unfused plan.
+
+Launch configurations come from ``head_config(target, dtype)`` — chosen from the compile target
+(sm_80, sm_86–89 with 99 KB of shared memory per block, sm_90), never by querying a GPU at import;
+on a GPU the target is read from the tensor's device when the kernel is launched. ``recording()``
+and ``compile_specs()`` expose the launches to the offline compile lane
+(``scripts/compile_fused_head.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _tanh
+
+_MASKED = tl.constexpr(-1e30)
+# y = z − m_t is stored in float16; below this it is clamped (e^y is 0 in float32 long before).
+_Y_FLOOR = tl.constexpr(-60000.0)
+# Partials per (row, tile): m, sum, tail, ent, CE max, CE sum.
+N_PARTIALS = 6
+_M, _SUM, _TAIL, _ENT, _MCE, _SCE = range(N_PARTIALS)
+# Bytes per element of C×V moved outside the GEMM main loops by the fused plan (16-bit operands),
+# beyond what the floor's three bare GEMMs move: the tile read + dz write of the grad pass and the
+# partials (6 float32 per 128 columns, written once and read once).
+EXCESS_BYTES_PER_ELEMENT = 2 + 2 + 2 * N_PARTIALS * 4 / 128
+
+
+@triton.jit
+def _softcap(x, cap, HAS_CAP: tl.constexpr):
+    if HAS_CAP:
+        x = cap * _tanh(x / cap)
+    return x
+
+
+@triton.jit
+def _set_range(ids_ptr, rows, row_mask, stride_ids, K, v0,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per row of the tile, the slots ``[lo, hi)`` of its sorted ids that fall in columns
+    ``[v0, v0 + BLOCK_N)`` (one compare over K per row), and the largest count in the tile."""
+    kk = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_ptr + rows[:, None] * stride_ids + kk[None, :],
+                  mask=row_mask[:, None] & (kk < K)[None, :], other=2147483647)
+    lo = tl.sum((ids < v0).to(tl.int32), axis=1)
+    hi = tl.sum((ids < v0 + BLOCK_N).to(tl.int32), axis=1)
+    return lo, hi, tl.max(hi - lo, axis=0)
+
+
+@triton.jit
+def head_stats_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, ids_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+    # shapes
+    C, V, D, K, n_tiles,
+    # strides (unit column strides everywhere)
+    stride_h, stride_w, stride_ids, stride_tile, stride_part, stride_zs,
+    # meta
+    inv_temp, cap,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
+    WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    WITH_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of z, its partial statistics and its 16-bit store."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(C, BLOCK_M)
+    in_group = GROUP_M * n_tiles
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v0 = pid_n * BLOCK_N
+    cols = v0 + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rows64[:, None] * stride_h + dd[None, :]
+    w_ptrs = w_ptr + cols64[:, None] * stride_w + dd[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = (d0 + dd) < D
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+
+    # ---- epilogue, from the unrounded float32 accumulator ----
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    s = _softcap(acc, cap, HAS_CAP)
+    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
+    m = tl.max(z, axis=1)
+    y = z - m[:, None]
+    e = tl.exp(y)
+    part_row = part_ptr + rows64 * stride_part + pid_n
+    part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
+    tl.store(part_row + _M * part_stride, m, mask=row_mask)
+    tl.store(part_row + _SUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
+    if WITH_STATS:
+        tl.store(part_row + _ENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
+    if HAS_SET:
+        lo, hi, most = _set_range(ids_ptr, rows64, row_mask, stride_ids, K, v0, BLOCK_K, BLOCK_N)
+        in_s = tl.zeros((BLOCK_M, BLOCK_N), tl.int1)
+        for j in range(0, most):  # ~K·BLOCK_N/V ids per row per tile: usually 0 or 1 iteration
+            has = row_mask & ((lo + j) < hi)
+            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
+            in_s = in_s | hit
+            tl.store(zs_ptr + rows64 * stride_zs + lo + j, tl.sum(tl.where(hit, z, 0.0), axis=1),
+                     mask=has)
+        if WITH_TAIL:
+            tail = tl.sum(tl.where(in_s, 0.0, e), axis=1)
+            tl.store(part_row + _TAIL * part_stride, tail, mask=row_mask)
+    elif WITH_TAIL:
+        tl.store(part_row + _TAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
+    if WITH_CE:
+        label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+        hit = cols[None, :] == label[:, None]
+        here = row_mask & (label >= v0) & (label < v0 + BLOCK_N)
+        tl.store(target_ptr + rows64, tl.sum(tl.where(hit, s, 0.0), axis=1), mask=here)
+        if SEPARATE_CE:
+            s_m = tl.where(col_mask[None, :], s, _MASKED)
+            m_ce = tl.max(s_m, axis=1)
+            tl.store(part_row + _MCE * part_stride, m_ce, mask=row_mask)
+            tl.store(part_row + _SCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
+                     mask=row_mask)
+    y = tl.maximum(y, _Y_FLOOR)
+    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols64[None, :],
+             y.to(tile_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def head_grad_kernel(
+    # pointers
+    tile_ptr, part_ptr, out_ptr, ids_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V, K,
+    # strides
+    stride_tile, stride_part, stride_out, stride_ids, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dz over one (BLOCK_M, BLOCK_N) tile from y = z − m_t: values set on S, the dense part off
+    S, the CE term, × softcap'. ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale,
+    CE lse, CE scale."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v0 = pid_n * BLOCK_N
+    cols = v0 + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols64[None, :], mask=mask, other=0.0)
+    m = tl.load(part_ptr + rows64 * stride_part + pid_n, mask=row_mask, other=0.0)
+    z = y.to(tl.float32) + m[:, None]
+    s = z * temp
+    kd_lse = tl.load(row_ptr + rows64, mask=row_mask, other=0.0)
+    g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if WITH_TAIL:
+        dense = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
+        g = tl.where(dense[:, None] != 0.0, dense[:, None] * tl.exp(z - kd_lse[:, None]), 0.0)
+    if HAS_SET:
+        lo, hi, most = _set_range(ids_ptr, rows64, row_mask, stride_ids, K, v0, BLOCK_K, BLOCK_N)
+        for j in range(0, most):  # set, not add: a huge G_T cannot cancel on S
+            has = row_mask & ((lo + j) < hi)
+            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            val = tl.load(values_ptr + rows64 * stride_values + lo + j, mask=has, other=0.0)
+            g = tl.where(cols[None, :] == idj[:, None], val.to(tl.float32)[:, None], g)
+    if WITH_CE:
+        lse_ce = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
+        ce_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
+        label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+        onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        g += tl.where(ce_scale[:, None] != 0.0,
+                      ce_scale[:, None] * (tl.exp(s - lse_ce[:, None]) - onehot), 0.0)
+    if HAS_CAP:
+        r = s / cap
+        g = g * (1.0 - r * r)
+    tl.store(out_ptr + rows64[:, None] * stride_out + cols64[None, :],
+             g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configurations, per compile target (never a GPU query at import)
+# ------------------------------------------------------------------------------------------------
+
+# Interpreter (tests): small tiles so a tiny problem still spans many tiles and both loops.
+INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16)
+_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dict:
+    """Launch configuration of ``head_stats_kernel`` for compute capability ``cc`` (e.g. 90, 89,
+    80) and the operand dtype. 16-bit: 128×128 tiles, BLOCK_D 64, 8 warps; 4 stages on sm_90
+    (wgmma, 227 KB), 3 on sm_80 (163 KB), 2 on sm_86/89 (99 KB per block: 2 × 32 KB of operands +
+    the epilogue's scratch). float32 operands (IEEE dot, no tensor cores) use BLOCK_D 32."""
+    if interpreter:
+        return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
+    bd = 64 if operand in (torch.float16, torch.bfloat16) else 32
+    stages = 4 if cc >= 90 else (3 if cc == 80 else 2)
+    if operand == torch.float32:
+        stages = 3 if cc >= 90 else 2
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=bd, GROUP_M=8, num_warps=8, num_stages=stages)
+
+
+def grad_config(block_n: int, interpreter: bool = False) -> dict:
+    """``head_grad_kernel``: the stats kernel's BLOCK_N (one m_t per row per tile), 16 rows."""
+    if interpreter:
+        return dict(BLOCK_M=8, BLOCK_N=block_n, num_warps=4)
+    return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4)
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _cc(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+# While `recording()` is active the launchers append (kernel, grid, args, meta) instead of launching.
+_RECORDED: Optional[list] = None
+# The target the recorded launches are configured for (compile_specs sets it).
+_RECORD_CC: Optional[int] = None
+
+
+def _launch(kernel, grid, device, args, meta) -> None:
+    if _RECORDED is not None:
+        _RECORDED.append((kernel, args, meta))
+        return
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **meta)
+
+
+def _config(device: torch.device, operand: torch.dtype) -> dict:
+    if _RECORDED is not None and _RECORD_CC is not None:
+        return head_config(_RECORD_CC, operand)
+    if _interpreted(device):
+        return head_config(0, operand, interpreter=True)
+    return head_config(_cc(device), operand)
+
+
+def _block_k(k: int) -> int:
+    return max(2, triton.next_power_of_2(max(k, 1)))
+
+
+class HeadChunk:
+    """The outputs of ``head_stats`` for one chunk: the 16-bit (float32) tile, the partials
+    ``(6, C, n_tiles)``, the values z at S in sorted order ``(C, K)``, the CE target ``(C,)``."""
+
+    def __init__(self, tile, partials, zs, target, block_n):
+        self.tile, self.partials, self.zs, self.target, self.block_n = tile, partials, zs, target, block_n
+
+
+def tile_dtype(operand: torch.dtype) -> torch.dtype:
+    """float16 tiles for 16-bit operands, float32 for float32 operands."""
+    return torch.float16 if operand in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_ids: Optional[Tensor],
+               labels: Optional[Tensor], inv_temp: float, cap: float, with_tail: bool,
+               with_ce: bool, separate_ce: bool, with_stats: bool,
+               tile: Optional[Tensor] = None) -> HeadChunk:
+    """GEMM 1 of a chunk with its statistics: ``hidden (C, D)`` and ``weight (V, D)`` in the operand
+    dtype (float16, bfloat16 or float32), ``bias (V,)`` float32 or None, ``sorted_ids (C, K)`` int32
+    ascending (unused slots ``>= V`` or ``< 0``) or None, ``labels (C,)`` in range (with
+    ``with_ce``). ``tile`` an optional reused ``(≥C, V)`` buffer of ``tile_dtype``."""
+    _check_operands(hidden, weight, bias)
+    c, d = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    k = 0 if sorted_ids is None else sorted_ids.shape[1]
+    if sorted_ids is not None:
+        _check_2d("sorted_ids", sorted_ids, (c, k), (torch.int32,), device)
+    if with_ce:
+        _check_2d("labels", labels, (c,), (torch.int32, torch.int64), device)
+    cfg = _config(device, hidden.dtype)
+    bn = cfg["BLOCK_N"]
+    n_tiles = triton.cdiv(vocab, bn)
+    if tile is None:
+        tile = torch.empty((c, vocab), dtype=tile_dtype(hidden.dtype), device=device)
+    else:
+        tile = tile[:c]
+    partials = torch.empty((N_PARTIALS, c, n_tiles), dtype=torch.float32, device=device)
+    zs = torch.zeros((c, max(k, 1)), dtype=torch.float32, device=device)
+    target = torch.zeros(c, dtype=torch.float32, device=device)
+    if c == 0:
+        return HeadChunk(tile, partials, zs[:, :k], target, bn)
+    has_set = k > 0
+    ids = sorted_ids if has_set else zs
+    args = (hidden, weight, zs if bias is None else bias, ids, labels if with_ce else zs, tile,
+            partials, zs, target,
+            c, vocab, d, k, n_tiles,
+            hidden.stride(0), weight.stride(0), ids.stride(0), tile.stride(0), n_tiles, zs.stride(0),
+            float(inv_temp), float(cap) if cap else 1.0)
+    meta = dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), HAS_SET=has_set,
+                WITH_TAIL=bool(with_tail), WITH_CE=bool(with_ce),
+                SEPARATE_CE=bool(with_ce) and bool(separate_ce), WITH_STATS=bool(with_stats),
+                PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+                BLOCK_K=_block_k(k), **cfg)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]) * n_tiles,)
+    _launch(head_stats_kernel, grid, device, args, meta)
+    return HeadChunk(tile, partials, zs[:, :k], target, bn)
+
+
+def _lse_of(m: Tensor, sums: Tensor) -> Tensor:
+    """``log Σ_t sums_t·e^{m_t}`` per row, against the row's largest ``m_t``; −inf for a zero sum."""
+    top = m.amax(dim=1, keepdim=True)
+    return top.squeeze(1) + torch.log((sums * torch.exp(m - top)).sum(dim=1))
+
+
+def combine(chunk: HeadChunk, with_tail: bool, with_ce: bool, separate_ce: bool,
+            with_stats: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(lse, tail_lse, lse_ce, mean_z)`` per row from the partials (float32; None when not asked)."""
+    p = chunk.partials
+    m, sums = p[_M], p[_SUM]
+    lse = _lse_of(m, sums)
+    tail_lse = _lse_of(m, p[_TAIL]) if with_tail else None
+    lse_ce = None
+    if with_ce:
+        lse_ce = _lse_of(p[_MCE], p[_SCE]) if separate_ce else lse
+    mean_z = None
+    if with_stats:
+        top = m.amax(dim=1, keepdim=True)
+        weight = torch.exp(m - lse.unsqueeze(1))
+        mean_z = top.squeeze(1) + (weight * (p[_ENT] + (m - top) * sums)).sum(dim=1)
+    return lse, tail_lse, lse_ce, mean_z
+
+
+def head_grad(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Optional[Tensor],
+              kd_lse: Tensor, dense_scale: Optional[Tensor], lse_ce: Optional[Tensor],
+              ce_scale: Optional[Tensor], labels: Optional[Tensor], temperature: float, cap: float,
+              with_tail: bool, with_ce: bool, out: Tensor) -> Tensor:
+    """``dz`` of a chunk from its tile into ``out`` (C, V) — the tile itself, or a view of it as
+    bfloat16, for in place. Per-row vectors float32 ``(C,)``; ``sorted_values (C, K)`` float32."""
+    tile = chunk.tile
+    c, vocab = tile.shape
+    device = tile.device
+    k = 0 if sorted_ids is None else sorted_ids.shape[1]
+    _check_2d("out", out, (c, vocab), (torch.float16, torch.bfloat16, torch.float32), device)
+    if c == 0:
+        return out
+    zero = kd_lse.new_zeros(c)
+    rows = torch.stack([kd_lse, dense_scale if with_tail else zero, lse_ce if with_ce else zero,
+                        ce_scale if with_ce else zero]).to(torch.float32).contiguous()
+    has_set = k > 0
+    ids = sorted_ids if has_set else rows
+    values = sorted_values.to(torch.float32).contiguous() if has_set else rows
+    n_tiles = chunk.partials.shape[2]
+    cfg = grad_config(chunk.block_n, _interpreted(device) and _RECORDED is None)
+    args = (tile, chunk.partials, out, ids, values, rows, labels if with_ce else rows,
+            c, vocab, k,
+            tile.stride(0), n_tiles, out.stride(0), ids.stride(0), values.stride(0),
+            float(temperature), float(cap) if cap else 1.0)
+    meta = dict(HAS_CAP=bool(cap), WITH_TAIL=bool(with_tail), HAS_SET=has_set,
+                WITH_CE=bool(with_ce), BLOCK_K=_block_k(k), **cfg)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]), n_tiles)
+    _launch(head_grad_kernel, grid, device, args, meta)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks (before any kernel runs)
+# ------------------------------------------------------------------------------------------------
+
+def _check_2d(name, x, shape, dtypes, device) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must be one of {dtypes}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+    if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have unit column stride, got strides {tuple(x.stride())}")
+
+
+def _check_operands(hidden, weight, bias) -> None:
+    ok = (torch.float16, torch.bfloat16, torch.float32)
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        raise ValueError("hidden must be a 2-D tensor (rows, D)")
+    if hidden.dtype not in ok:
+        raise TypeError(f"hidden must be float16, bfloat16 or float32, got {hidden.dtype}")
+    _check_2d("weight", weight, (weight.shape[0], hidden.shape[1]), (hidden.dtype,), hidden.device)
+    if hidden.shape[1] > 1 and hidden.stride(1) != 1:
+        raise ValueError(f"hidden must have unit column stride, got strides {tuple(hidden.stride())}")
+    if bias is not None:
+        _check_2d("bias", bias, (weight.shape[0],), (torch.float32,), hidden.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the offline compile lane compiles
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def recording(cc: int = 90):
+    """Within the block the launchers record ``(kernel, args, meta)`` for target ``cc`` instead of
+    launching (argument checks still run)."""
+    global _RECORDED, _RECORD_CC
+    previous = (_RECORDED, _RECORD_CC)
+    _RECORDED, _RECORD_CC = [], cc
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED, _RECORD_CC = previous
+
+
+def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
+                  dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The two launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats;
+    dz written as ``dtype`` when 16-bit), configured for ``cc``, as the dicts
+    ``triton_epilogue.compile_specs`` gives. Recorded on CPU tensors: nothing runs."""
+    from .triton_epilogue import _compile_spec
+    rows = 2
+    hidden = torch.zeros((rows, dim), dtype=dtype)
+    weight = torch.zeros((vocab, dim), dtype=dtype)
+    bias = torch.zeros(vocab, dtype=torch.float32)
+    ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
+    labels = torch.zeros(rows, dtype=torch.int64)
+    vec = torch.zeros(rows, dtype=torch.float32)
+    with recording(cc) as launches:
+        chunk = head_stats(hidden, weight, bias, ids, labels, 0.5, 30.0, True, True, True, True)
+        out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
+        head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
+                  True, True, out)
+    return [_compile_spec(*launch) for launch in launches]
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan with the fused head: offline top-k (chunked.topk_forward / topk_backward dispatch here)
+# ------------------------------------------------------------------------------------------------
+
+class _FusedPass:
+    """Set-up shared by the forward and the recomputing backward: the student's head, counted rows,
+    the chunk height (a 16-bit tile per element, plus a float32 dz block where dz cannot go in
+    place: the CPU, float32 operands keep dz in the tile itself) and the reused buffers."""
+
+    def __init__(self, hidden, weight, bias, labels, ignore_index, chunk_bytes, operand):
+        from . import chunked
+        from .torch_backend import counted_rows
+        if operand not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"epilogue='fused' takes float16, bfloat16 or float32 operands, got {operand}")
+        self.n_rows, self.vocab = hidden.shape[0], weight.shape[0]
+        self.head = chunked._Head(weight, bias, operand)
+        self.operand = operand
+        # the kernel's operands in the operand dtype (on CUDA the head's own copy)
+        self.weight_k = self.head.weight if self.head.tensor_cores else weight.detach().to(operand)
+        self.bias_k = None if bias is None else self.head.bias.to(torch.float32)
+        self.counted = counted_rows(labels, self.n_rows, ignore_index, hidden.device)
+        self.safe_labels = None if labels is None else torch.where(self.counted, labels, 0).long().contiguous()
+        tdtype = tile_dtype(operand)
+        self.in_place = self.head.tensor_cores or tdtype == torch.float32
+        per_element = torch.finfo(tdtype).bits // 8 + (0 if self.in_place else 4)
+        self.step = chunked.chunk_rows(self.n_rows, self.vocab, per_element, chunk_bytes)
+        shape = (min(self.step, self.n_rows), self.vocab)
+        self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
+        self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
+
+    def chunks(self):
+        for start in range(0, self.n_rows, self.step):
+            yield slice(start, min(self.n_rows, start + self.step))
+
+    def labels(self, rows):
+        return None if self.safe_labels is None else self.safe_labels[rows]
+
+    def stats(self, hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats):
+        h_k = hidden[rows].detach().to(self.operand)
+        return head_stats(h_k, self.weight_k, self.bias_k, sorted_ids, self.labels(rows),
+                          1.0 / temperature, softcap or 0.0, with_tail, use_ce,
+                          use_ce and temperature != 1.0, with_stats, tile=self.tile)
+
+    def grad(self, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid, kd_lse, dense,
+             topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail, use_ce):
+        on_topk = kd_scale.unsqueeze(1) * (
+            topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
+        on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(torch.float32)
+        c = rows.stop - rows.start
+        if self.out is not None:
+            out = self.out[:c]
+        elif self.operand == torch.bfloat16:
+            out = chunk.tile.view(torch.bfloat16)
+        else:
+            out = chunk.tile
+        return head_grad(chunk, sorted_ids, on_topk, kd_lse.to(torch.float32),
+                         (kd_scale * dense).to(torch.float32) if with_tail else None,
+                         lse_ce.to(torch.float32) if use_ce else None,
+                         ce_scale.to(torch.float32) if use_ce else None,
+                         self.labels(rows) if use_ce else None, temperature, softcap or 0.0,
+                         with_tail, use_ce, out)
+
+
+def _unsort(sorted_values: Tensor, perm: Tensor) -> Tensor:
+    """Values in the order of the teacher's ids from their sorted order (``sorted = x.gather(1, perm)``)."""
+    return torch.empty_like(sorted_values).scatter_(1, perm, sorted_values)
+
+
+def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta,
+                 tail, temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes,
+                 with_stats, grads_in_forward, weight_grad, operand_dtype):
+    """``chunked.topk_forward`` for an offline teacher with the fused head: same outputs."""
+    from . import chunked
+    from .. import divergences as dv
+    from .torch_backend import _topk_epilogue, sorted_topk_ids
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype)
+    n_rows, vocab, counted = ps.n_rows, ps.vocab, ps.counted
+    acc = torch.float32
+    k = teacher_ids.shape[1]
+    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
+    f = dict(dtype=acc, device=hidden.device)
+    lse, lse_ce, target, kd_rows = (torch.zeros(n_rows, **f) for _ in range(4))
+    state = torch.zeros((n_rows, 4), **f)
+    topk_weights = torch.zeros((n_rows, k), **f)
+    stats = torch.zeros((n_rows if with_stats else 0, 3), **f)
+    kd_scale = counted.to(acc) * (kd_weight * temperature)
+    ce_scale = counted.to(acc) * ce_weight
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad) if grads_in_forward else None
+    for rows in ps.chunks():
+        ids_c, logprobs_c = teacher_ids[rows], teacher_logprobs[rows].to(acc)
+        valid_c = ids_c >= 0
+        sorted_ids, perm = sorted_topk_ids(ids_c, vocab)
+        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats)
+        lse_c, tail_c, lse_ce_c, mean_z_c = combine(chunk, with_tail, use_ce,
+                                                    use_ce and temperature != 1.0, with_stats)
+        topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
+        lse[rows] = lse_c
+        if use_ce:
+            target[rows], lse_ce[rows] = chunk.target, lse_ce_c
+        kd, w, kd_lse, dense, topk_coef = _topk_epilogue(
+            topk_logits, lse_c, tail_c, logprobs_c, None, valid_c, tail, divergence, beta)
+        kd_rows[rows] = kd
+        topk_weights[rows] = w
+        state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF] = kd_lse, dense
+        state[rows, chunked._TOPK_COEF] = topk_coef
+        if with_stats:
+            topk_mass = dv.masked_logsumexp(topk_logits, valid_c).sub(lse_c).exp()
+            stats[rows] = torch.stack([lse_c - mean_z_c, lse_c, topk_mass], dim=1)
+        if grads is not None:
+            dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse, dense,
+                         topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature, softcap,
+                         with_tail, use_ce)
+            grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    state[:, chunked._LSE_CE] = lse_ce
+    zero = torch.zeros((), **f)
+    kd_rows = torch.where(counted, kd_rows, zero)
+    loss_rows = kd_weight * temperature**2 * kd_rows
+    if use_ce:
+        loss_rows = loss_rows + torch.where(counted, ce_weight * (lse_ce - target), zero)
+    topk_weights = torch.where(counted.unsqueeze(1), topk_weights, zero)
+    ids_out = torch.empty((0, k), dtype=torch.int64, device=hidden.device)
+    grad_outputs = grads.result() if grads is not None else chunked._no_grads(hidden)
+    return (loss_rows, kd_rows, state, topk_weights, stats, ids_out) + grad_outputs
+
+
+def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, tail,
+                  temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes,
+                  weight_grad, operand_dtype):
+    """``chunked.topk_backward`` with the fused head: each chunk's GEMM 1 recomputed once (its
+    tile and the values at S; no statistics), then the gradient pass and GEMMs 2–3."""
+    from . import chunked
+    from .torch_backend import sorted_topk_ids
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype)
+    acc = torch.float32
+    g = torch.where(ps.counted, grad_rows.to(acc), 0.0)
+    kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
+    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad)
+    state = state.to(acc)
+    for rows in ps.chunks():
+        ids_c = teacher_ids[rows]
+        valid_c = ids_c >= 0
+        sorted_ids, perm = sorted_topk_ids(ids_c, ps.vocab)
+        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
+        topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
+        dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, topk_weights[rows].to(acc), valid_c,
+                     state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF],
+                     state[rows, chunked._TOPK_COEF], kd_scale[rows], state[rows, chunked._LSE_CE],
+                     ce_scale[rows], temperature, softcap, with_tail, use_ce)
+        grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    return grads.result()

@@ -1,0 +1,227 @@
+"""The fused head of the chunked plan (fastkd/backends/triton_fused_head.py), in the interpreter.
+
+The whole offline top-k plan with ``epilogue="fused"`` — GEMM 1 with its statistics in the epilogue
+(``tl.dot``), the combine, the (C, K) epilogue, the gradient pass over the stored tiles, the gradient
+GEMMs — against the float64 reference (``fastkd.reference``) on random problems: loss, d hidden,
+d weight, d bias. Each error must stay within FACTOR × the error of plain PyTorch computing the loss
+in the operand dtype on the same (rounded) inputs, or a floor of a few ulps of that dtype; the unfused
+plan (torch epilogues) is run too and the fused plan must stay within FACTOR × its error or the
+floor of the tile's rounding (float16 tiles: ``|z − m_t|·2⁻¹¹``).
+
+Operands float16 and float32 (bfloat16 ``tl.dot`` is wrong in the triton 3.9 interpreter, so
+bfloat16 is covered by compiling: ``test_kernels_compile_for_sm90_sm89_sm80``). Shapes are tiny
+and the interpreter tiles small (16×32, BLOCK_D 16) so a problem spans several row tiles, vocabulary
+tiles (V = 101: the last partial), D steps and chunks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from conftest import rel_error
+from fastkd.backends import chunked
+from fastkd.backends import triton_fused_head as fh
+from fastkd.reference import topk_kd_loss_reference
+
+ROWS, VOCAB, DIM, K = 24, 101, 32, 6
+CHUNK_ROWS = 16  # two chunks: 16 + 8 rows
+IGNORED = (1, 7, 20)
+IGNORE_INDEX = -100
+KD_WEIGHT = 0.8
+FACTOR = 4.0
+# Below this a relative error is rounding of the dtype itself (a few ulps).
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3}
+
+# id, operand dtype, student distribution, tail, divergence, beta, temperature, softcap,
+# ce_weight, reduction, bias
+CASES = [
+    ("flat-f32-rkl-mean", torch.float32, "flat", "bucket", "reverse_kl", 0.5, 1.0, None, 0.0,
+     "mean", False),
+    ("peaked-f16-fkl-cap-tau-ce-none", torch.float16, "peaked", "bucket", "forward_kl", 0.5, 2.0,
+     5.0, 0.7, "none", True),
+    ("converged-f16-jsd-ce-mean", torch.float16, "converged", "bucket", "jsd", 0.3, 1.0, None, 0.5,
+     "mean", False),
+    ("flat-f16-renormalize-cap-ce-sum", torch.float16, "flat", "renormalize", "reverse_kl", 0.5,
+     0.7, 3.0, 0.3, "sum", True),
+    ("peaked-f32-rkl-tau-cap-none", torch.float32, "peaked", "bucket", "reverse_kl", 0.5, 1.5,
+     30.0, 1.0, "none", False),
+]
+
+
+def _problem(dist, dtype, gen):
+    """hidden, weight (operand dtype) and bias; teacher ids/log-probs with -1 slots and ids at a
+    tile's edges; labels with ignored rows; a per-row grad_output."""
+    scale = {"flat": 0.3, "peaked": 2.0, "converged": 1.0}[dist]
+    hidden = torch.randn(ROWS, DIM, generator=gen, dtype=torch.float64)
+    weight = torch.randn(VOCAB, DIM, generator=gen, dtype=torch.float64) * (scale / DIM**0.5)
+    if dist == "converged":  # one dominant token per row: its weight row aligned with the row
+        top = torch.randint(0, VOCAB, (ROWS,), generator=gen)
+        weight[top] += 3.0 * hidden / hidden.norm(dim=1, keepdim=True) ** 2 * 4.0
+    bias = torch.randn(VOCAB, generator=gen, dtype=torch.float64) * 0.1
+    teacher = hidden @ weight.T + 0.3 * torch.randn(ROWS, VOCAB, generator=gen, dtype=torch.float64)
+    teacher_lp = torch.log_softmax(teacher, dim=-1)
+    ids = teacher_lp.topk(K, dim=-1).indices
+    for row, edges in ((0, [31, 32]), (3, [VOCAB - 1])):  # a tile edge, the vocabulary's end
+        edges = torch.tensor(edges)
+        free = edges[~torch.isin(edges, ids[row])]  # no duplicate ids
+        ids[row, K - len(free):] = free
+    ids[2, 1] = ids[5, 0] = ids[5, 4] = -1
+    logprobs = torch.where(ids >= 0, teacher_lp.gather(1, ids.clamp(min=0)), 0.0).float()
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=gen)
+    labels[list(IGNORED)] = IGNORE_INDEX
+    grad_rows = torch.rand(ROWS, generator=gen, dtype=torch.float64) + 0.5
+    return hidden.to(dtype), weight.to(dtype), bias.float(), ids, logprobs, labels, grad_rows
+
+
+def _plan(epilogue, hidden, weight, bias, ids, logprobs, labels, grad_rows, case):
+    """Loss and (dh, dW, db) of the chunked op, reduced as ``reduction`` says."""
+    _name, dtype, _dist, tail, div, beta, temp, cap, ce, reduction, _b = case
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    per_element = 4 if dtype == torch.float32 else 6  # fused: tile + a float32 dz block on the CPU
+    chunk_bytes = CHUNK_ROWS * VOCAB * per_element
+    ids_in = torch.where((labels != IGNORE_INDEX).unsqueeze(1), ids, -1)
+    out = chunked.topk_forward(
+        h, w, b, ids_in, logprobs, None, None, None, labels, div, beta, tail, temp, cap, None, 0,
+        "teacher", IGNORE_INDEX, ce, KD_WEIGHT, chunk_bytes, False, reduction != "none", True,
+        epilogue, dtype)
+    loss = _reduce(out[0], labels, reduction, grad_rows)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def _reduce(loss_rows, labels, reduction, grad_rows):
+    if reduction == "none":
+        return (loss_rows * grad_rows.to(loss_rows.dtype)).sum()
+    total = loss_rows.sum()
+    return total / (labels != IGNORE_INDEX).sum() if reduction == "mean" else total
+
+
+def _reference(compute, hidden, weight, bias, ids, logprobs, labels, grad_rows, case):
+    """The float64 reference (``compute`` float64), or plain PyTorch as real code runs it: the
+    head's GEMM in the operand dtype (16-bit logits), the loss on them in float32, the gradient
+    GEMMs on the 16-bit ``dz`` that autograd hands the head."""
+    _name, dtype, _dist, tail, div, beta, temp, cap, ce, reduction, _b = case
+    h = hidden.to(compute).requires_grad_()
+    w = weight.to(compute).requires_grad_()
+    b = None if bias is None else bias.to(compute).requires_grad_()
+    if compute == torch.float64 or dtype == torch.float32:
+        head, eye, head_bias = h, w, b
+    else:  # logits = linear(h, W, b) in the 16-bit dtype, the loss in float32 over an identity head
+        logits = torch.nn.functional.linear(h, w, None if b is None else b.to(dtype))
+        head, eye, head_bias = logits.float(), torch.eye(VOCAB), None
+        compute = torch.float32
+    loss = topk_kd_loss_reference(
+        head, eye, ids, logprobs, divergence=div, beta=beta, tail=tail, temperature=temp,
+        labels=labels, ignore_index=IGNORE_INDEX, ce_weight=ce, kd_weight=KD_WEIGHT, softcap=cap,
+        bias=head_bias, reduction=reduction, compute_dtype=compute)
+    if reduction == "none":
+        loss = (loss * grad_rows.to(compute)).sum()
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fused_plan_matches_reference(case):
+    name, dtype, dist, *_rest, with_bias = case
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    hidden, weight, bias, ids, logprobs, labels, grad_rows = _problem(dist, dtype, gen)
+    bias = bias if with_bias else None
+    args = (hidden, weight, bias, ids, logprobs, labels, grad_rows, case)
+    fused = _plan("fused", *args)
+    unfused = _plan("torch", *args)
+    ref = _reference(torch.float64, *args)
+    plain = _reference(dtype, *args)
+    for what, out, unf, r, p in zip(("loss", "d hidden", "d weight", "d bias"), fused, unfused, ref, plain):
+        if r is None:
+            continue
+        assert torch.isfinite(out).all(), f"{name}: {what} not finite"
+        err, err_plain, err_unfused = rel_error(out, r), rel_error(p, r), rel_error(unf, r)
+        tol = max(FACTOR * err_plain, FLOOR[dtype])
+        assert err <= tol, f"{name}: {what} error {err:.2e} > {tol:.2e} (plain {dtype}: {err_plain:.2e})"
+        tol_unfused = max(FACTOR * err_unfused, FLOOR[dtype])
+        assert err <= tol_unfused, (f"{name}: {what} error {err:.2e} > {tol_unfused:.2e} "
+                                    f"(unfused plan: {err_unfused:.2e})")
+    dh = fused[1]
+    assert (dh[list(IGNORED)] == 0).all(), f"{name}: ignored rows' d hidden not exactly zero"
+
+
+def test_statistics_of_one_chunk_against_float64():
+    """head_stats + combine: lse, exact tail lse, CE lse at τ ≠ 1, E_p[z], z at S, the CE target
+    and the stored tile (z − m_t, float16) against float64, float16 operands, bias and softcap."""
+    gen = torch.Generator().manual_seed(5)
+    c, vocab, dim, k = 20, 101, 24, 5
+    h = torch.randn(c, dim, generator=gen).half()
+    w = (torch.randn(vocab, dim, generator=gen) * 0.5).half()
+    b = torch.randn(vocab, generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
+    ids[0, 2] = -1
+    sorted_ids = torch.where(ids >= 0, ids, vocab).sort(dim=1).values.to(torch.int32)
+    labels = torch.randint(0, vocab, (c,), generator=gen)
+    inv_temp, cap = 0.5, 3.0
+    chunk = fh.head_stats(h, w, b, sorted_ids, labels, inv_temp, cap, True, True, True, True)
+    lse, tail_lse, lse_ce, mean_z = fh.combine(chunk, True, True, True, True)
+    x = h.double() @ w.double().T + b.double()
+    s = cap * torch.tanh(x / cap)
+    z = s * inv_temp
+    in_s = torch.zeros(c, vocab, dtype=torch.bool).scatter_(1, ids.clamp(min=0), ids >= 0)
+    p = torch.softmax(z, dim=1)
+    checks = [("lse", lse, torch.logsumexp(z, 1)),
+              ("tail lse", tail_lse, torch.logsumexp(z.masked_fill(in_s, float("-inf")), 1)),
+              ("CE lse", lse_ce, torch.logsumexp(s, 1)), ("E_p[z]", mean_z, (p * z).sum(1)),
+              ("target", chunk.target, s.gather(1, labels.unsqueeze(1)).squeeze(1))]
+    for what, out, ref in checks:
+        assert (out.double() - ref).abs().max() < 2e-6, f"{what}: {(out.double() - ref).abs().max():.2e}"
+    valid = sorted_ids < vocab
+    zs_ref = z.gather(1, sorted_ids.long().clamp(max=vocab - 1))
+    assert (chunk.zs.double() - zs_ref)[valid].abs().max() < 2e-6, "z at S"
+    bn = chunk.block_n
+    m_t = chunk.partials[0].repeat_interleave(bn, dim=1)[:, :vocab].double()
+    y = z - m_t
+    assert (y <= 1e-6).all(), "z − m_t above 0"
+    err = (chunk.tile.double() - y).abs()
+    assert (err <= y.abs() * 2.0**-11 + 1e-6).all(), f"tile rounding {err.max():.2e}"
+
+
+def test_bad_arguments_raise_before_any_kernel():
+    h = torch.zeros(4, 8, dtype=torch.float16)
+    w = torch.zeros(10, 8, dtype=torch.float16)
+    with pytest.raises(TypeError, match="weight"):
+        fh.head_stats(h, w.float(), None, None, None, 1.0, 0.0, False, False, False, False)
+    with pytest.raises(ValueError, match="weight"):
+        fh.head_stats(h, torch.zeros(10, 9, dtype=torch.float16), None, None, None, 1.0, 0.0,
+                      False, False, False, False)
+    with pytest.raises(TypeError, match="hidden"):
+        fh.head_stats(h.double(), w.double(), None, None, None, 1.0, 0.0, False, False, False, False)
+    with pytest.raises(TypeError, match="sorted_ids"):
+        fh.head_stats(h, w, None, torch.zeros(4, 2, dtype=torch.int64), None, 1.0, 0.0, True,
+                      False, False, False)
+    with pytest.raises(TypeError, match="bias"):
+        fh.head_stats(h, w, torch.zeros(10, dtype=torch.float16), None, None, 1.0, 0.0, False,
+                      False, False, False)
+
+
+def test_compile_specs_follow_the_target():
+    """The recorded launches carry each target's configuration (99 KB parts: 2 stages)."""
+    for cc, stages in ((90, 4), (89, 2), (80, 3)):
+        specs = fh.compile_specs(cc=cc, vocab=1000, dim=256, k=8)
+        assert [s["name"] for s in specs] == ["head_stats_kernel", "head_grad_kernel"]
+        assert specs[0]["options"]["num_stages"] == stages
+        assert specs[0]["constexprs"]["BLOCK_N"] == specs[1]["constexprs"]["BLOCK_N"]
+
+
+def test_kernels_compile_for_sm90_sm89_sm80():
+    """``scripts/compile_fused_head.py --dtypes bf16``: HGMMA on sm_90 and HMMA on sm_80/89 in the
+    stats kernel's SASS, no spills, shared memory within each target's limit (no GPU needed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_fused_head.py"),
+                          "--dtypes", "bf16"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
