@@ -65,6 +65,7 @@ _Y_FLOOR = tl.constexpr(-60000.0)
 # Partials per (row, tile): m, sum, tail, ent, CE max, CE sum.
 N_PARTIALS = 6
 _M, _SUM, _TAIL, _ENT, _MCE, _SCE = range(N_PARTIALS)
+_PM, _PSUM, _PTAIL, _PENT, _PMCE, _PSCE = (tl.constexpr(i) for i in range(N_PARTIALS))
 # Bytes per element of C×V moved outside the GEMM main loops by the fused plan (16-bit operands),
 # beyond what the floor's three bare GEMMs move: the tile read + dz write of the grad pass and the
 # partials (6 float32 per 128 columns, written once and read once).
@@ -79,33 +80,19 @@ def _softcap(x, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _set_range(ids_ptr, rows, row_mask, stride_ids, K, v0,
-               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per row of the tile, the slots ``[lo, hi)`` of its sorted ids that fall in columns
-    ``[v0, v0 + BLOCK_N)`` (one compare over K per row), and the largest count in the tile."""
-    kk = tl.arange(0, BLOCK_K)
-    ids = tl.load(ids_ptr + rows[:, None] * stride_ids + kk[None, :],
-                  mask=row_mask[:, None] & (kk < K)[None, :], other=2147483647)
-    lo = tl.sum((ids < v0).to(tl.int32), axis=1)
-    hi = tl.sum((ids < v0 + BLOCK_N).to(tl.int32), axis=1)
-    return lo, hi, tl.max(hi - lo, axis=0)
-
-
-@triton.jit
 def head_stats_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, ids_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+    h_ptr, w_ptr, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
     # shapes
-    C, V, D, K, n_tiles,
+    C, V, D, n_tiles,
     # strides (unit column strides everywhere)
-    stride_h, stride_w, stride_ids, stride_tile, stride_part, stride_zs,
+    stride_h, stride_w, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs,
     # meta
     inv_temp, cap,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
     WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
     WITH_STATS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of z, its partial statistics and its 16-bit store."""
     pid = tl.program_id(0)
@@ -135,63 +122,61 @@ def head_stats_kernel(
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
 
-    # ---- epilogue, from the unrounded float32 accumulator ----
+    # ---- epilogue, from the unrounded float32 accumulator (ordered to keep few tiles live) ----
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     s = _softcap(acc, cap, HAS_CAP)
-    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
-    m = tl.max(z, axis=1)
-    y = z - m[:, None]
-    e = tl.exp(y)
     part_row = part_ptr + rows64 * stride_part + pid_n
     part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
-    tl.store(part_row + _M * part_stride, m, mask=row_mask)
-    tl.store(part_row + _SUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
-    if WITH_STATS:
-        tl.store(part_row + _ENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
-    if HAS_SET:
-        lo, hi, most = _set_range(ids_ptr, rows64, row_mask, stride_ids, K, v0, BLOCK_K, BLOCK_N)
-        in_s = tl.zeros((BLOCK_M, BLOCK_N), tl.int1)
-        for j in range(0, most):  # ~K·BLOCK_N/V ids per row per tile: usually 0 or 1 iteration
-            has = row_mask & ((lo + j) < hi)
-            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
-            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
-            in_s = in_s | hit
-            tl.store(zs_ptr + rows64 * stride_zs + lo + j, tl.sum(tl.where(hit, z, 0.0), axis=1),
-                     mask=has)
-        if WITH_TAIL:
-            tail = tl.sum(tl.where(in_s, 0.0, e), axis=1)
-            tl.store(part_row + _TAIL * part_stride, tail, mask=row_mask)
-    elif WITH_TAIL:
-        tl.store(part_row + _TAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
     if WITH_CE:
         label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
-        hit = cols[None, :] == label[:, None]
         here = row_mask & (label >= v0) & (label < v0 + BLOCK_N)
-        tl.store(target_ptr + rows64, tl.sum(tl.where(hit, s, 0.0), axis=1), mask=here)
+        target = tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        tl.store(target_ptr + rows64, target, mask=here)
         if SEPARATE_CE:
             s_m = tl.where(col_mask[None, :], s, _MASKED)
             m_ce = tl.max(s_m, axis=1)
-            tl.store(part_row + _MCE * part_stride, m_ce, mask=row_mask)
-            tl.store(part_row + _SCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
+            tl.store(part_row + _PMCE * part_stride, m_ce, mask=row_mask)
+            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
                      mask=row_mask)
-    y = tl.maximum(y, _Y_FLOOR)
-    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols64[None, :],
-             y.to(tile_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
+    m = tl.max(z, axis=1)
+    y = z - m[:, None]
+    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols[None, :],
+             tl.maximum(y, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    e = tl.exp(y)
+    tl.store(part_row + _PM * part_stride, m, mask=row_mask)
+    tl.store(part_row + _PSUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
+    if WITH_STATS:
+        tl.store(part_row + _PENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
+    if HAS_SET:
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n + 1, mask=row_mask, other=0)
+        for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·BLOCK_N/V ids per row per tile: 0 or 1
+            has = (lo + j) < hi
+            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
+            zj = tl.sum(tl.where(hit, y, 0.0), axis=1) + m
+            tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
+            if WITH_TAIL:
+                e = tl.where(hit, 0.0, e)  # S leaves the tail by membership, not by subtraction
+    if WITH_TAIL:
+        tl.store(part_row + _PTAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
 
 
 @triton.jit
 def head_grad_kernel(
     # pointers
-    tile_ptr, part_ptr, out_ptr, ids_ptr, values_ptr, row_ptr, labels_ptr,
+    tile_ptr, part_ptr, out_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
     # shapes
-    C, V, K,
+    C, V,
     # strides
-    stride_tile, stride_part, stride_out, stride_ids, stride_values,
+    stride_tile, stride_part, stride_out, stride_ids, stride_bounds, stride_values,
     # meta
     temp, cap,
     HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dz over one (BLOCK_M, BLOCK_N) tile from y = z − m_t: values set on S, the dense part off
     S, the CE term, × softcap'. ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale,
@@ -206,7 +191,7 @@ def head_grad_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
-    y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols64[None, :], mask=mask, other=0.0)
+    y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols[None, :], mask=mask, other=0.0)
     m = tl.load(part_ptr + rows64 * stride_part + pid_n, mask=row_mask, other=0.0)
     z = y.to(tl.float32) + m[:, None]
     s = z * temp
@@ -216,12 +201,13 @@ def head_grad_kernel(
         dense = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
         g = tl.where(dense[:, None] != 0.0, dense[:, None] * tl.exp(z - kd_lse[:, None]), 0.0)
     if HAS_SET:
-        lo, hi, most = _set_range(ids_ptr, rows64, row_mask, stride_ids, K, v0, BLOCK_K, BLOCK_N)
-        for j in range(0, most):  # set, not add: a huge G_T cannot cancel on S
-            has = row_mask & ((lo + j) < hi)
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n + 1, mask=row_mask, other=0)
+        for j in range(0, tl.max(hi - lo, axis=0)):  # set, not add: a huge G_T cannot cancel on S
+            has = (lo + j) < hi
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
             val = tl.load(values_ptr + rows64 * stride_values + lo + j, mask=has, other=0.0)
-            g = tl.where(cols[None, :] == idj[:, None], val.to(tl.float32)[:, None], g)
+            g = tl.where(cols[None, :] == idj[:, None], val[:, None], g)
     if WITH_CE:
         lse_ce = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
         ce_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
@@ -232,7 +218,7 @@ def head_grad_kernel(
     if HAS_CAP:
         r = s / cap
         g = g * (1.0 - r * r)
-    tl.store(out_ptr + rows64[:, None] * stride_out + cols64[None, :],
+    tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
              g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -253,7 +239,7 @@ def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dic
     if interpreter:
         return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
     bd = 64 if operand in (torch.float16, torch.bfloat16) else 32
-    stages = 4 if cc >= 90 else (3 if cc == 80 else 2)
+    stages = 4 if cc >= 90 else 3
     if operand == torch.float32:
         stages = 3 if cc >= 90 else 2
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=bd, GROUP_M=8, num_warps=8, num_stages=stages)
@@ -298,16 +284,22 @@ def _config(device: torch.device, operand: torch.dtype) -> dict:
     return head_config(_cc(device), operand)
 
 
-def _block_k(k: int) -> int:
-    return max(2, triton.next_power_of_2(max(k, 1)))
+def tile_bounds(sorted_ids: Tensor, n_tiles: int, block_n: int) -> Tensor:
+    """``(C, n_tiles + 1)`` int32: row n's ids in vocabulary tile t are its sorted slots
+    ``[b[n, t], b[n, t + 1])`` (one ``searchsorted`` per chunk; no per-tile scan over K)."""
+    edges = torch.arange(n_tiles + 1, device=sorted_ids.device, dtype=sorted_ids.dtype) * block_n
+    return torch.searchsorted(sorted_ids, edges.expand(sorted_ids.shape[0], -1).contiguous(),
+                              out_int32=True)
 
 
 class HeadChunk:
     """The outputs of ``head_stats`` for one chunk: the 16-bit (float32) tile, the partials
-    ``(6, C, n_tiles)``, the values z at S in sorted order ``(C, K)``, the CE target ``(C,)``."""
+    ``(6, C, n_tiles)``, the values z at S in sorted order ``(C, K)``, the CE target ``(C,)``, and
+    the tile bounds of S (``tile_bounds``, or None without a set)."""
 
-    def __init__(self, tile, partials, zs, target, block_n):
-        self.tile, self.partials, self.zs, self.target, self.block_n = tile, partials, zs, target, block_n
+    def __init__(self, tile, partials, zs, target, block_n, bounds):
+        self.tile, self.partials, self.zs, self.target = tile, partials, zs, target
+        self.block_n, self.bounds = block_n, bounds
 
 
 def tile_dtype(operand: torch.dtype) -> torch.dtype:
@@ -342,23 +334,25 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     partials = torch.empty((N_PARTIALS, c, n_tiles), dtype=torch.float32, device=device)
     zs = torch.zeros((c, max(k, 1)), dtype=torch.float32, device=device)
     target = torch.zeros(c, dtype=torch.float32, device=device)
-    if c == 0:
-        return HeadChunk(tile, partials, zs[:, :k], target, bn)
     has_set = k > 0
+    bounds = tile_bounds(sorted_ids, n_tiles, bn) if has_set else None
+    if c == 0:
+        return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
     ids = sorted_ids if has_set else zs
-    args = (hidden, weight, zs if bias is None else bias, ids, labels if with_ce else zs, tile,
+    bnd = bounds if has_set else zs
+    args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else zs, tile,
             partials, zs, target,
-            c, vocab, d, k, n_tiles,
-            hidden.stride(0), weight.stride(0), ids.stride(0), tile.stride(0), n_tiles, zs.stride(0),
+            c, vocab, d, n_tiles,
+            hidden.stride(0), weight.stride(0), ids.stride(0), bnd.stride(0), tile.stride(0),
+            n_tiles, zs.stride(0),
             float(inv_temp), float(cap) if cap else 1.0)
     meta = dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), HAS_SET=has_set,
                 WITH_TAIL=bool(with_tail), WITH_CE=bool(with_ce),
                 SEPARATE_CE=bool(with_ce) and bool(separate_ce), WITH_STATS=bool(with_stats),
-                PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-                BLOCK_K=_block_k(k), **cfg)
+                PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg)
     grid = (triton.cdiv(c, cfg["BLOCK_M"]) * n_tiles,)
     _launch(head_stats_kernel, grid, device, args, meta)
-    return HeadChunk(tile, partials, zs[:, :k], target, bn)
+    return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
 
 
 def _lse_of(m: Tensor, sums: Tensor) -> Tensor:
@@ -403,15 +397,16 @@ def head_grad(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Opt
                         ce_scale if with_ce else zero]).to(torch.float32).contiguous()
     has_set = k > 0
     ids = sorted_ids if has_set else rows
+    bnd = chunk.bounds if has_set else rows
     values = sorted_values.to(torch.float32).contiguous() if has_set else rows
     n_tiles = chunk.partials.shape[2]
     cfg = grad_config(chunk.block_n, _interpreted(device) and _RECORDED is None)
-    args = (tile, chunk.partials, out, ids, values, rows, labels if with_ce else rows,
-            c, vocab, k,
-            tile.stride(0), n_tiles, out.stride(0), ids.stride(0), values.stride(0),
+    args = (tile, chunk.partials, out, ids, bnd, values, rows, labels if with_ce else rows,
+            c, vocab,
+            tile.stride(0), n_tiles, out.stride(0), ids.stride(0), bnd.stride(0), values.stride(0),
             float(temperature), float(cap) if cap else 1.0)
     meta = dict(HAS_CAP=bool(cap), WITH_TAIL=bool(with_tail), HAS_SET=has_set,
-                WITH_CE=bool(with_ce), BLOCK_K=_block_k(k), **cfg)
+                WITH_CE=bool(with_ce), **cfg)
     grid = (triton.cdiv(c, cfg["BLOCK_M"]), n_tiles)
     _launch(head_grad_kernel, grid, device, args, meta)
     return out
