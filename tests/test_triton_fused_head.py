@@ -9,7 +9,7 @@ plan (torch epilogues) is run too and the fused plan must stay within FACTOR × 
 floor of the tile's rounding (float16 tiles: ``|z − m_t|·2⁻¹¹``).
 
 Operands float16 and float32 (bfloat16 ``tl.dot`` is wrong in the triton 3.9 interpreter, so
-bfloat16 is covered by compiling: ``test_kernels_compile_for_sm90_sm89_sm80``). Shapes are tiny
+bfloat16 is covered by compiling: ``test_kernels_compile_for_sm90_sm89``). Shapes are tiny
 and the interpreter tiles small (16×32, BLOCK_D 16) so a problem spans several row tiles, vocabulary
 tiles (V = 101: the last partial), D steps and chunks.
 """
@@ -216,12 +216,58 @@ def test_compile_specs_follow_the_target():
         assert specs[0]["constexprs"]["BLOCK_N"] == specs[1]["constexprs"]["BLOCK_N"]
 
 
-def test_kernels_compile_for_sm90_sm89_sm80():
-    """``scripts/compile_fused_head.py --dtypes bf16``: HGMMA on sm_90 and HMMA on sm_80/89 in the
-    stats kernel's SASS, no spills, shared memory within each target's limit (no GPU needed)."""
+def test_kernels_compile_for_sm90_sm89():
+    """``scripts/compile_fused_head.py --dtypes bf16 --targets 90 89`` (sm_80 and fp16: the script
+    without arguments, ~75 s): HGMMA on sm_90 and HMMA on sm_89 in the stats kernel's SASS, no
+    spills, shared memory within each target's limit, compiled in < 60 s (no GPU needed)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_fused_head.py"),
-                          "--dtypes", "bf16"], capture_output=True, text=True, env=env, timeout=300)
+                          "--dtypes", "bf16", "--targets", "90", "89"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_default_cuda_epilogue_is_fused_for_16_bit_operands(monkeypatch):
+    """``config.chunked_epilogue``: "auto" picks the fused head for 16-bit operands only; a bad
+    value is refused by name."""
+    from fastkd import api, config
+    assert api._epilogue("chunked", torch.bfloat16) == "fused"
+    assert api._epilogue("chunked", torch.float16) == "fused"
+    assert api._epilogue("chunked", torch.float32) == "triton"
+    assert api._epilogue("torch", torch.bfloat16) == "torch"
+    monkeypatch.setattr(config, "chunked_epilogue", "triton")
+    assert api._epilogue("chunked", torch.bfloat16) == "triton"
+    monkeypatch.setattr(config, "chunked_epilogue", "cublas")
+    with pytest.raises(ValueError, match="chunked_epilogue"):
+        api._epilogue("chunked", torch.bfloat16)
+
+
+def test_through_topk_kd_loss(monkeypatch):
+    """``fastkd.topk_kd_loss`` on (B, T, D) float16 inputs with the fused provider behind the
+    chunked plan (as on CUDA): loss and gradients against the float64 reference."""
+    import fastkd
+    from fastkd import api, config
+    monkeypatch.setitem(api._EPILOGUE, "torch", "fused")
+    monkeypatch.setattr(config, "chunk_bytes", CHUNK_ROWS * VOCAB * 6)
+    launched = []
+    stats = fh.head_stats
+    monkeypatch.setattr(fh, "head_stats", lambda *a, **kw: launched.append(1) or stats(*a, **kw))
+    gen = torch.Generator().manual_seed(11)
+    hidden, weight, bias, ids, logprobs, labels, _g = _problem("peaked", torch.float16, gen)
+    case = ("api", torch.float16, "peaked", "bucket", "reverse_kl", 0.5, 1.3, 20.0, 0.4, "mean", False)
+    h = hidden.view(2, ROWS // 2, DIM).clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fastkd.topk_kd_loss(h, w, ids.view(2, ROWS // 2, K), logprobs.view(2, ROWS // 2, K),
+                               labels=labels.view(2, ROWS // 2), temperature=1.3, softcap=20.0,
+                               ce_weight=0.4, kd_weight=KD_WEIGHT, impl="torch")
+    loss.backward()
+    assert len(launched) == 2, "the fused head did not run (two chunks expected)"
+    ref = _reference(torch.float64, hidden, weight, None, ids, logprobs, labels, _g, case)
+    plain = _reference(torch.float16, hidden, weight, None, ids, logprobs, labels, _g, case)
+    for what, out, r, p in (("loss", loss, ref[0], plain[0]),
+                            ("d hidden", h.grad.view(ROWS, DIM), ref[1], plain[1]),
+                            ("d weight", w.grad, ref[2], plain[2])):
+        err, base = rel_error(out, r), rel_error(p, r)
+        assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
