@@ -152,9 +152,13 @@ def test_fused_plan_matches_reference(case):
     assert (dh[list(IGNORED)] == 0).all(), f"{name}: ignored rows' d hidden not exactly zero"
 
 
-def test_statistics_of_one_chunk_against_float64():
+@pytest.mark.parametrize("split", [1, 2])
+def test_statistics_of_one_chunk_against_float64(split, monkeypatch):
     """head_stats + combine: lse, exact tail lse, CE lse at τ ≠ 1, E_p[z], z at S, the CE target
-    and the stored tile (z − m_t, float16) against float64, float16 operands, bias and softcap."""
+    and the stored tile (z − m_t, float16) against float64, float16 operands, bias and softcap;
+    the epilogue on whole program tiles (``SPLIT=1``, sm_80/89) and on two halves (sm_90)."""
+    monkeypatch.setattr(fh, "INTERPRETER_TILES", dict(BLOCK_M=16, BLOCK_N=32 * split, BLOCK_D=16,
+                                                      SPLIT=split))
     gen = torch.Generator().manual_seed(5)
     c, vocab, dim, k = 20, 101, 24, 5
     h = torch.randn(c, dim, generator=gen).half()
@@ -208,12 +212,14 @@ def test_bad_arguments_raise_before_any_kernel():
 
 
 def test_compile_specs_follow_the_target():
-    """The recorded launches carry each target's configuration (sm_90: 4 stages, else 3)."""
+    """The recorded launches carry each target's configuration (stages: 4 on sm_90, else 3); the
+    gradient pass walks the partials' 128-column tiles."""
     for cc, stages in ((90, 4), (89, 3), (80, 3)):
         specs = fh.compile_specs(cc=cc, vocab=1000, dim=256, k=8)
         assert [s["name"] for s in specs] == ["head_stats_kernel", "head_grad_kernel"]
+        stats, grad = (s["constexprs"] for s in specs)
         assert specs[0]["options"]["num_stages"] == stages
-        assert specs[0]["constexprs"]["BLOCK_N"] == specs[1]["constexprs"]["BLOCK_N"]
+        assert stats["BLOCK_N"] // stats["SPLIT"] == grad["BLOCK_N"] == 128
 
 
 def test_kernels_compile_for_sm90_sm89():

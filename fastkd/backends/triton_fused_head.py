@@ -80,10 +80,64 @@ def _softcap(x, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
+                   b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+                   stride_ids, stride_bounds, stride_tile, stride_part, stride_zs, inv_temp, cap,
+                   HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
+                   WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
+                   WITH_STATS: tl.constexpr, SUB_N: tl.constexpr):
+    """Partial-statistics tile ``t`` (columns ``v0 + [0, SUB_N)``) of the float32 accumulator
+    ``acc (BLOCK_M, SUB_N)``, ordered so that at most two tile-sized values are live."""
+    cols = v0 + tl.arange(0, SUB_N)
+    col_mask = cols < V
+    row_mask = row_mask & ((rows64 * 0 + t) < n_tiles)  # a split's second half may lie past V
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    s = _softcap(acc, cap, HAS_CAP)
+    part_row = part_ptr + rows64 * stride_part + t
+    part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
+    if WITH_CE:
+        label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+        here = row_mask & (label >= v0) & (label < v0 + SUB_N)
+        target = tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        tl.store(target_ptr + rows64, target, mask=here)
+        if SEPARATE_CE:
+            s_m = tl.where(col_mask[None, :], s, _MASKED)
+            m_ce = tl.max(s_m, axis=1)
+            tl.store(part_row + _PMCE * part_stride, m_ce, mask=row_mask)
+            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
+                     mask=row_mask)
+    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
+    m = tl.max(z, axis=1)
+    y = z - m[:, None]
+    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols[None, :],
+             tl.maximum(y, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    e = tl.exp(y)
+    tl.store(part_row + _PM * part_stride, m, mask=row_mask)
+    tl.store(part_row + _PSUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
+    if WITH_STATS:
+        tl.store(part_row + _PENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
+    if HAS_SET:
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
+        for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·SUB_N/V ids per row per tile: 0 or 1
+            has = (lo + j) < hi
+            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
+            zj = tl.sum(tl.where(hit, y, 0.0), axis=1) + m
+            tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
+            if WITH_TAIL:
+                e = tl.where(hit, 0.0, e)  # S leaves the tail by membership, not by subtraction
+    if WITH_TAIL:
+        tl.store(part_row + _PTAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
+
+
+@triton.jit
 def head_stats_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
-    # shapes
+    # shapes (n_tiles: partial-statistics tiles of BLOCK_N // SPLIT columns)
     C, V, D, n_tiles,
     # strides (unit column strides everywhere)
     stride_h, stride_w, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs,
@@ -93,11 +147,13 @@ def head_stats_kernel(
     WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
     WITH_STATS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of z, its partial statistics and its 16-bit store."""
+    """One (BLOCK_M, BLOCK_N) tile of z = softcap(h·Wᵀ + b)/τ; its epilogue runs on SPLIT column
+    halves (partial statistics per BLOCK_N // SPLIT columns) to bound the live registers."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(C, BLOCK_M)
-    in_group = GROUP_M * n_tiles
+    in_group = GROUP_M * tl.cdiv(V, BLOCK_N)
     first_m = (pid // in_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group_size
@@ -122,47 +178,16 @@ def head_stats_kernel(
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
 
-    # ---- epilogue, from the unrounded float32 accumulator (ordered to keep few tiles live) ----
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    s = _softcap(acc, cap, HAS_CAP)
-    part_row = part_ptr + rows64 * stride_part + pid_n
-    part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
-    if WITH_CE:
-        label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
-        here = row_mask & (label >= v0) & (label < v0 + BLOCK_N)
-        target = tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
-        tl.store(target_ptr + rows64, target, mask=here)
-        if SEPARATE_CE:
-            s_m = tl.where(col_mask[None, :], s, _MASKED)
-            m_ce = tl.max(s_m, axis=1)
-            tl.store(part_row + _PMCE * part_stride, m_ce, mask=row_mask)
-            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
-                     mask=row_mask)
-    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
-    m = tl.max(z, axis=1)
-    y = z - m[:, None]
-    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols[None, :],
-             tl.maximum(y, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
-    e = tl.exp(y)
-    tl.store(part_row + _PM * part_stride, m, mask=row_mask)
-    tl.store(part_row + _PSUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
-    if WITH_STATS:
-        tl.store(part_row + _PENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
-    if HAS_SET:
-        lo = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n, mask=row_mask, other=0)
-        hi = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n + 1, mask=row_mask, other=0)
-        for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·BLOCK_N/V ids per row per tile: 0 or 1
-            has = (lo + j) < hi
-            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
-            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
-            zj = tl.sum(tl.where(hit, y, 0.0), axis=1) + m
-            tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
-            if WITH_TAIL:
-                e = tl.where(hit, 0.0, e)  # S leaves the tail by membership, not by subtraction
-    if WITH_TAIL:
-        tl.store(part_row + _PTAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
+    args = (C, V, n_tiles, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr,
+            target_ptr, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs, inv_temp, cap,
+            HAS_BIAS, HAS_CAP, HAS_SET, WITH_TAIL, WITH_CE, SEPARATE_CE, WITH_STATS)
+    if SPLIT == 1:
+        _tile_epilogue(acc, rows64, row_mask, v0, pid_n, *args, BLOCK_N)
+    else:  # SPLIT 2: the two column halves one after the other
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _tile_epilogue(left, rows64, row_mask, v0, 2 * pid_n, *args, BLOCK_N // 2)
+        _tile_epilogue(right, rows64, row_mask, v0 + BLOCK_N // 2, 2 * pid_n + 1, *args,
+                       BLOCK_N // 2)
 
 
 @triton.jit
@@ -227,22 +252,28 @@ def head_grad_kernel(
 # ------------------------------------------------------------------------------------------------
 
 # Interpreter (tests): small tiles so a tiny problem still spans many tiles and both loops.
-INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=16)
+INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=16, SPLIT=2)
 _SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dict:
     """Launch configuration of ``head_stats_kernel`` for compute capability ``cc`` (e.g. 90, 89,
-    80) and the operand dtype. 16-bit: 128×128 tiles, BLOCK_D 64, 8 warps; 4 stages on sm_90
-    (wgmma, 227 KB), 3 on sm_80 (163 KB), 2 on sm_86/89 (99 KB per block: 2 × 32 KB of operands +
-    the epilogue's scratch). float32 operands (IEEE dot, no tensor cores) use BLOCK_D 32."""
+    80) and the operand dtype, from the target alone (no GPU query).
+
+    16-bit operands: 128×128 program tiles, BLOCK_D 64, 8 warps, grouped by 8 row tiles; 4 stages
+    on sm_90 (wgmma; 4 × 32 KB of 227 KB), 3 on sm_80 (163 KB) and sm_86/89 (99 KB per block).
+    float32 operands (IEEE dot, CUDA cores): BLOCK_D 32, 2 stages. ``SPLIT=2`` (the epilogue on two
+    column halves, partials per half) lets a 256-wide tile keep a 128-wide epilogue: with
+    ``BLOCK_N=256`` it would halve the GEMM's L2 traffic on sm_90, but it spills there today
+    (376 B at 128×256, 255 registers; ``scripts/compile_fused_head.py``), so no target uses it
+    yet; the interpreter tests run it."""
     if interpreter:
         return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
-    bd = 64 if operand in (torch.float16, torch.bfloat16) else 32
-    stages = 4 if cc >= 90 else 3
     if operand == torch.float32:
-        stages = 3 if cc >= 90 else 2
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=bd, GROUP_M=8, num_warps=8, num_stages=stages)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, GROUP_M=8, SPLIT=1, num_warps=8,
+                    num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, SPLIT=1, num_warps=8,
+                num_stages=4 if cc >= 90 else 3)
 
 
 def grad_config(block_n: int, interpreter: bool = False) -> dict:
@@ -325,7 +356,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     if with_ce:
         _check_2d("labels", labels, (c,), (torch.int32, torch.int64), device)
     cfg = _config(device, hidden.dtype)
-    bn = cfg["BLOCK_N"]
+    bn = cfg["BLOCK_N"] // cfg["SPLIT"]  # columns per partial-statistics tile
     n_tiles = triton.cdiv(vocab, bn)
     if tile is None:
         tile = torch.empty((c, vocab), dtype=tile_dtype(hidden.dtype), device=device)
@@ -350,7 +381,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
                 WITH_TAIL=bool(with_tail), WITH_CE=bool(with_ce),
                 SEPARATE_CE=bool(with_ce) and bool(separate_ce), WITH_STATS=bool(with_stats),
                 PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg)
-    grid = (triton.cdiv(c, cfg["BLOCK_M"]) * n_tiles,)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
     _launch(head_stats_kernel, grid, device, args, meta)
     return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
 
