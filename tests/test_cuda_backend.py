@@ -29,7 +29,7 @@ import torch
 import fastkd
 from fastkd import api
 from fastkd import divergences as dv
-from fastkd.backends import cuda_backend, cuda_build
+from fastkd.backends import chunked, cuda_backend, cuda_build
 from fastkd.reference import kd_loss_reference, topk_kd_loss_reference
 
 from conftest import assert_rel_close, make_problem
@@ -385,12 +385,13 @@ def test_host_forward_without_grad_keeps_no_gradients(host_backend):
     prob = make_problem(7, 8, 301, 3, seed=5)
     args = (prob["hidden"], prob["weight"], prob["teacher_ids"], prob["teacher_logprobs"])
     with torch.no_grad():
-        out = cuda_backend.topk_kd_forward(
+        out = chunked.topk_forward(
             prob["hidden"], prob["weight"], None, prob["teacher_ids"], prob["teacher_logprobs"],
-            None, None, "reverse_kl", 0.5, "bucket", 1.0, None, -100, 0.0, 1.0, 1 << 20, False,
-            api._grads_in_forward("mean", prob["hidden"], prob["weight"]))
+            None, None, None, None, "reverse_kl", 0.5, "bucket", 1.0, None, None, 0, "teacher",
+            -100, 0.0, 1.0, 1 << 20, False,
+            api._grads_in_forward("mean", prob["hidden"], prob["weight"]), True, "cuda", torch.float32)
         ref = topk_kd_loss_reference(*args, reduction="none")
-    assert all(t.numel() == 0 for t in out[5:])
+    assert all(t.numel() == 0 for t in out[6:])
     assert_rel_close(out[0], ref, HOST_TOL[0], "loss rows")
 
 
@@ -496,9 +497,10 @@ def test_gpu_kd_loss_matches_reference(dtype, divergence, beta, topk):
 def test_gpu_ops_pass_opcheck_and_use_the_current_stream():
     prob = _cuda_problem(40, 32, 1001, 8, torch.float32, seed=51, ignore_frac=0.2)
     args = (prob["hidden"], prob["weight"], None, prob["teacher_ids"], prob["teacher_logprobs"],
-            None, prob["labels"], "jsd", 0.5, "bucket", 1.3, 10.0, -100, 0.2, 1.0, 1 << 20, True)
+            None, None, None, prob["labels"], "jsd", 0.5, "bucket", 1.3, 10.0, None, 0, "teacher",
+            -100, 0.2, 1.0, 1 << 20, True)
     for grads_in_forward in (True, False):
-        torch.library.opcheck(cuda_backend.topk_kd_forward, args + (grads_in_forward,),
+        torch.library.opcheck(chunked.topk_forward, args + (grads_in_forward, True, "cuda", torch.float32),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

@@ -101,9 +101,10 @@ def _set(tensor, index, value):
 
 @pytest.mark.parametrize("name,change,error,words", MORE_BAD, ids=[b[0] for b in MORE_BAD])
 def test_more_bad_input_is_rejected_before_any_kernel(name, change, error, words, monkeypatch):
-    from fastkd.backends import torch_backend
+    from fastkd.backends import chunked, torch_backend
 
     monkeypatch.setattr(torch_backend, "topk_kd_forward", lambda *a, **k: pytest.fail("a kernel ran"))
+    monkeypatch.setattr(chunked, "topk_forward", lambda *a, **k: pytest.fail("a kernel ran"))
     good = _good()
     with pytest.raises(error) as info:
         _topk({**good, **change(good)})

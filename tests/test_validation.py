@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.backends import torch_backend
+from fastkd.backends import chunked, torch_backend
 from conftest import make_problem
 
 N, D, V, K = 6, 4, 23, 3
@@ -85,6 +85,7 @@ def test_bad_input_is_rejected_before_any_kernel(name, change, error, words, goo
         raise AssertionError("a kernel ran before the input was rejected")
 
     monkeypatch.setattr(torch_backend, "topk_kd_forward", must_not_run)
+    monkeypatch.setattr(chunked, "topk_forward", must_not_run)
     args = {**good, **change(good)}
     with pytest.raises(error) as info:
         _call(args)
@@ -136,6 +137,8 @@ def test_kd_loss_bad_input(name, change, error, words, monkeypatch):
                 teacher_hidden=torch.randn(N, 5, generator=gen), teacher_weight=torch.randn(V, 5, generator=gen))
     for op in ("dense_kd_forward", "select_topk", "topk_kd_forward"):
         monkeypatch.setattr(torch_backend, op, lambda *a, **k: pytest.fail("a kernel ran"))
+    for op in ("dense_forward", "topk_forward"):
+        monkeypatch.setattr(chunked, op, lambda *a, **k: pytest.fail("a kernel ran"))
     args = {**good, **change(good)}
     with pytest.raises(error) as info:
         fastkd.kd_loss(args.pop("hidden"), args.pop("weight"), args.pop("teacher_hidden"),

@@ -289,7 +289,14 @@ class Trainer:
                     ce_weight=ce, kd_weight=cfg.kd_weight, impl=cfg.impl)
 
     def _loss_rows(self, model, batch: dict, on_policy: bool = False) -> tuple[Tensor, Optional[Tensor], Tensor]:
-        """Per-row loss ``(N,)``, per-row divergence ``(N,)`` (None for CE only), counted mask."""
+        """Per-row loss ``(N,)`` and per-row statistics (None for CE only), and the counted mask.
+
+        The KD losses return instead the *sum* of their rows (a summing reduction: the loss makes
+        its gradients in the forward, three GEMMs, no recomputation) and the statistics of the
+        rows trained on. With token selection (``token_fraction < 1``) every row is first scored
+        without gradients (the head's forward only), and the kept rows are gathered *before* the
+        loss, so its GEMMs run on them alone.
+        """
         cfg = self.config
         if cfg.mode == "cross_tokenizer":
             options = self._options(False)
@@ -297,29 +304,50 @@ class Trainer:
             return self._byte_rows(model, batch, options)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         labels = batch["labels"][:, 1:]
+        counted = labels.reshape(-1) != -100
         s = hidden_and_head(model, vocab_size=self.shared_vocab, **inputs)
         hidden = s["hidden"][:, :-1]
-        head = dict(bias=s["bias"], softcap=s["softcap"], labels=labels, reduction="none", return_stats=True)
         if cfg.mode == "sft":
             rows, stats = _fused_ce(hidden, s, labels, cfg.impl, ce_weight=cfg.ce_weight, reduction="none",
                                     return_stats=True)
-            return rows, stats, labels.reshape(-1) != -100
+            return rows, stats, counted
         options = self._options(on_policy)
         if self.server is not None:  # the teacher's top-k from the server, like a cache's
             with torch.no_grad():
                 batch["teacher_ids"], batch["teacher_logprobs"] = self.server.topk_logprobs(
                     batch["input_ids"], batch["attention_mask"])
+        n_rows = counted.shape[0]
+        rows_of = lambda x: x.reshape(n_rows, -1)  # noqa: E731  (flattened rows, then gathered)
         if "teacher_ids" in batch:
-            rows, stats = topk_kd_loss(hidden, s["weight"], batch["teacher_ids"][:, :-1],
-                                       batch["teacher_logprobs"][:, :-1], **options, **head)
+            teacher = (rows_of(batch["teacher_ids"][:, :-1]), rows_of(batch["teacher_logprobs"][:, :-1]))
+            loss_fn, extra = topk_kd_loss, {}
         else:
             with torch.no_grad():
                 t = hidden_and_head(self.teacher, vocab_size=self.shared_vocab, **inputs)
             topk, topk_from = cfg.resolved_topk
-            rows, stats = kd_loss(hidden, s["weight"], t["hidden"][:, :-1], t["weight"], topk=topk,
-                                  topk_from=topk_from, teacher_bias=t["bias"], teacher_softcap=t["softcap"],
-                                  **options, **head)
-        return rows, stats, labels.reshape(-1) != -100
+            teacher = (rows_of(t["hidden"][:, :-1]),)
+            loss_fn = lambda h, w, th, **kw: kd_loss(h, w, th, t["weight"], **kw)  # noqa: E731
+            extra = dict(topk=topk, topk_from=topk_from, teacher_bias=t["bias"], teacher_softcap=t["softcap"])
+
+        def call(index: Optional[Tensor], reduction: str):
+            picked = [rows_of(hidden), labels.reshape(-1), *teacher]
+            if index is not None:
+                picked = [x[index] for x in picked]
+            h, lab, *rest = picked
+            return loss_fn(h, s["weight"], *rest, labels=lab, bias=s["bias"], softcap=s["softcap"],
+                           reduction=reduction, return_stats=True, **options, **extra)
+
+        if cfg.token_fraction >= 1:
+            rows, stats = call(None, "sum")
+            return rows, stats, counted
+        with torch.no_grad():
+            _scores, score_stats = call(None, "none")
+        index = self._kept(score_stats, counted)
+        if index.numel() == 0:  # nothing counted: a zero loss that still has a graph
+            rows, stats = call(torch.zeros(1, dtype=torch.long, device=counted.device), "sum")
+            return rows * 0.0, None, counted
+        rows, stats = call(index, "sum")
+        return rows, stats, counted
 
     def _byte_rows(self, model, batch: dict, options: dict, student: Optional[dict] = None):
         from ..bytes import byte_kd_loss
@@ -341,18 +369,23 @@ class Trainer:
                             reduction="none", **teacher, **options)
         return rows, None, batch["labels"].reshape(-1) != -100
 
-    def _select(self, rows: Tensor, stats, counted: Tensor) -> Tensor:
-        """0/1 weights of the rows trained on: the counted ones, or the top ``token_fraction`` of
-        them by the student's entropy or by the divergence (ties broken arbitrarily)."""
+    def _kept(self, stats, counted: Tensor) -> Tensor:
+        """Flat indices of the top ``token_fraction`` of the counted rows by the student's entropy
+        or by the divergence (ties broken arbitrarily)."""
         cfg = self.config
-        keep = counted.to(rows.dtype)
-        if cfg.token_fraction >= 1:
-            return keep
         score = (stats.entropy if cfg.token_select == "entropy" else stats.kd).reshape(-1).float()
         score = score.masked_fill(~counted, float("-inf"))
         k = math.ceil(cfg.token_fraction * int(counted.sum()))
+        return score.topk(k, sorted=False).indices
+
+    def _select(self, rows: Tensor, stats, counted: Tensor) -> Tensor:
+        """0/1 weights of the rows trained on, for losses with per-row values (CE only, bytes):
+        the counted ones, or the top ``token_fraction`` of them (:meth:`_kept`)."""
+        keep = counted.to(rows.dtype)
+        if self.config.token_fraction >= 1:
+            return keep
         keep = torch.zeros_like(keep)
-        keep[score.topk(k, sorted=False).indices] = 1
+        keep[self._kept(stats, counted)] = 1
         return keep
 
     # ------------------------------------------------------------------------------------------
@@ -383,12 +416,15 @@ class Trainer:
                     with sync:
                         with acc.autocast():
                             rows, stats, counted = self._loss_rows(self.student, batch, on_policy)
-                        keep = self._select(rows, stats, counted)
-                        loss = (rows.float() * keep).sum() / denominator
+                        # the KD losses come summed over the rows trained on; others per row
+                        keep = self._select(rows, stats, counted) if rows.dim() else None
+                        loss = (rows.float() * keep).sum() if keep is not None else rows.float()
+                        loss = loss / denominator
                         acc.backward(loss)
                     sums[0] += loss.detach()
                     if stats is not None:
-                        sums[1] += (stats.kd.reshape(-1) * keep).sum() / denominator
+                        kd = stats.kd.reshape(-1)
+                        sums[1] += (kd * keep if keep is not None else kd).sum() / denominator
                         has_kd = True
                     rollouts += on_policy  # the same on every process (a shared coin)
                 # log the mean over processes, not the main one's share
