@@ -277,3 +277,34 @@ def test_through_topk_kd_loss(monkeypatch):
                             ("d weight", w.grad, ref[2], plain[2])):
         err, base = rel_error(out, r), rel_error(p, r)
         assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
+
+
+def test_grad_pass_in_place_over_the_tile():
+    """On CUDA ``dz`` overwrites the tile it is computed from (float16, or bfloat16 through a
+    view): the same values as into a float32 buffer, rounded once to the written dtype; ignored
+    rows (zero scales, zero values on S) exact zeros."""
+    gen = torch.Generator().manual_seed(8)
+    c, vocab, dim, k = 12, 101, 16, 4
+    h = torch.randn(c, dim, generator=gen).half()
+    w = (torch.randn(vocab, dim, generator=gen) * 0.7).half()
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
+    sorted_ids = ids.sort(dim=1).values.to(torch.int32)
+    labels = torch.randint(0, vocab, (c,), generator=gen)
+    values = torch.randn(c, k, generator=gen)
+    kd_lse, dense, lse_ce, ce = (torch.randn(c, generator=gen) for _ in range(4))
+    dense[3] = ce[3] = 0.0
+    values[3] = 0.0
+    args = (sorted_ids, values, kd_lse, dense, lse_ce, ce, labels, 1.7, 9.0, True, True)
+    outs = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        chunk = fh.head_stats(h, w, None, sorted_ids, labels, 1 / 1.7, 9.0, True, True, True, False)
+        out = (torch.empty(c, vocab) if dtype == torch.float32
+               else chunk.tile if dtype == torch.float16 else chunk.tile.view(torch.bfloat16))
+        outs[dtype] = fh.head_grad(chunk, *args, out).clone()
+    ref = outs[torch.float32]
+    assert torch.equal(outs[torch.float16], ref.half()), "float16 in place"
+    # The interpreter rounds float32 to bfloat16 toward zero (no numpy bfloat16), the GPU to nearest:
+    # within one bfloat16 ulp of the float32 values.
+    err = (outs[torch.bfloat16].float() - ref).abs()
+    assert (err <= ref.abs() * 2.0**-7).all(), f"bfloat16 in place: {err.max():.2e}"
+    assert (outs[torch.float32][3] == 0).all(), "ignored row not exactly zero"

@@ -66,10 +66,6 @@ _Y_FLOOR = tl.constexpr(-60000.0)
 N_PARTIALS = 6
 _M, _SUM, _TAIL, _ENT, _MCE, _SCE = range(N_PARTIALS)
 _PM, _PSUM, _PTAIL, _PENT, _PMCE, _PSCE = (tl.constexpr(i) for i in range(N_PARTIALS))
-# Bytes per element of C×V moved outside the GEMM main loops by the fused plan (16-bit operands),
-# beyond what the floor's three bare GEMMs move: the tile read + dz write of the grad pass and the
-# partials (6 float32 per 128 columns, written once and read once).
-EXCESS_BYTES_PER_ELEMENT = 2 + 2 + 2 * N_PARTIALS * 4 / 128
 
 
 @triton.jit
@@ -529,7 +525,8 @@ class _FusedPass:
         self.head = chunked._Head(weight, bias, operand)
         self.operand = operand
         # the kernel's operands in the operand dtype (on CUDA the head's own copy)
-        self.weight_k = self.head.weight if self.head.tensor_cores else weight.detach().to(operand)
+        weight_k = self.head.weight if self.head.tensor_cores else weight.detach().to(operand)
+        self.weight_k = weight_k.contiguous()
         self.bias_k = None if bias is None else self.head.bias.to(torch.float32)
         self.counted = counted_rows(labels, self.n_rows, ignore_index, hidden.device)
         self.safe_labels = None if labels is None else torch.where(self.counted, labels, 0).long().contiguous()
@@ -549,7 +546,7 @@ class _FusedPass:
         return None if self.safe_labels is None else self.safe_labels[rows]
 
     def stats(self, hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats):
-        h_k = hidden[rows].detach().to(self.operand)
+        h_k = hidden[rows].detach().to(self.operand).contiguous()
         return head_stats(h_k, self.weight_k, self.bias_k, sorted_ids, self.labels(rows),
                           1.0 / temperature, softcap or 0.0, with_tail, use_ce,
                           use_ce and temperature != 1.0, with_stats, tile=self.tile)
