@@ -8,7 +8,7 @@ writes the tile once in 16 bits, so per chunk:
 
     1. head_stats_kernel   tiles of z = softcap(h_c·Wᵀ + b)/τ with ``tl.dot`` (float32
                            accumulation, grouped program order for L2 reuse); per (row, tile of
-                           BLOCK_N columns) it writes, from the unrounded accumulator:
+                           128 columns) it writes, from the unrounded accumulator:
                              m_t    = max_tile z
                              sum_t  = Σ_tile e^{z−m_t}
                              tail_t = Σ_{tile∖S} e^{z−m_t}          (membership, not subtraction)
@@ -27,18 +27,41 @@ writes the tile once in 16 bits, so per chunk:
                            part off S, CE, the softcap derivative, ignored rows exact zeros.
     5. dh = dz·W, dW += dzᵀ·h  as the plan (``chunked._Grads``), on tensor cores.
 
-**Bytes and FLOPs per element of C×V outside the GEMM main loops** (16-bit operands):
-GEMM 1 writes the 16-bit tile (2 B; the bare GEMM of the floor writes 16-bit logits too); the
-partials are 6 float32 per row per tile of BLOCK_N = 128 columns (24/128 ≈ 0.19 B per element
-written, read once by the combine); the grad pass reads 2 B and writes 2 B; GEMMs 2 and 3 read dz
-(2 B each, as the floor's GEMMs do). So the excess over the three bare GEMMs is ≈ 4.2 B per element
-(the unfused plan: 4 B fp32 write − 2 + 4 + 4 + 2 ≈ 12 B), and ≈ 25 scalar FLOPs per element on the
-CUDA cores (2 exp, tanh with a softcap) hidden behind the GEMM. ``bench`` of the lead's tree turns
-this into time; see the report in the module ``cost`` figures below (``excess_bytes_per_element``).
+**Bytes and FLOPs per element of C×V outside the GEMM main loops** (16-bit operands; the floor's
+three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
 
-Scope: the offline top-k teacher (``kd_loss`` with teacher ids and log-probs, every divergence and
-tail mode, CE, softcap, τ, ``reduction`` summing (gradients in the forward) or ``"none"`` (one
-recomputation in the backward)). The online teachers run the Triton epilogues of the unfused plan.
+    unfused plan   GEMM 1 writes float32 (+2 B over the floor), stats epilogue reads 4 B, grad
+                   epilogue reads 4 B and writes 2 B                            ≈ 12 B excess
+    fused plan     GEMM 1 writes the 16-bit tile (as the floor) + partials and tile bounds
+                   (7 × 4 B per row per 128 columns ≈ 0.22 B), combine reads ≈ 0.19 B, grad pass
+                   reads 2 B (+ m_t and bounds ≈ 0.06 B) and writes 2 B        ≈ 4.5 B excess
+    FLOPs          2 exp per element (statistics, gradient), + 2 tanh with a softcap, ≈ 20 fp32
+                   operations: on the CUDA cores, next to the 2·D tensor FLOPs per element of
+                   each GEMM (a few % of the SM's issue slots at D ≥ 1536)
+
+With the bench helper's cost model (``bench/model.py``: 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s,
+L2 12 TB/s assumed; ``scripts/cost_fused_head.py``), N = 8192, top-k reverse KL, the bound over the
+three bare GEMMs (unfused plan → fused plan; in brackets the fused plan if its GEMM moved as few
+L2 bytes as cuBLAS's 256-wide tiles):
+
+                   Llama-3-8B             Qwen2.5-1.5B           Gemma-2-2B
+    H100           1.19 → 1.15 [1.05]     1.51 → 1.24 [1.14]     1.67 → 1.27 [1.17]
+    H200           1.08 → 1.13 [1.04]     1.27 → 1.19 [1.10]     1.37 → 1.16 [1.06]
+
+≤ 1.10 is met only in the bracketed what-if for Llama-3 (both GPUs) and Qwen/Gemma on the H200.
+What is left: (1) the fused GEMM's 128×128 program tiles read operands from L2 twice as often as
+256-wide tiles, which under the model's 12 TB/s L2 makes GEMM 1 L2-bound (11.2 ms against 8.7 ms
+of tensor work at Llama's shape); a 128×256 tile with the epilogue on two halves (``SPLIT=2``) is
+implemented but spills on sm_90 today; (2) the grad pass's 2 + 2 B per element is inherent to any
+plan that materialises dz (1.3–2.5 ms on the H100), heavy next to Qwen's thin GEMMs (D = 1536);
+(3) Gemma's float32 dW accumulator (V×D read and written per chunk) is HBM-bound at 1024-row
+chunks: a larger ``chunk_bytes`` helps.
+
+Scope: the offline top-k teacher (``topk_kd_loss``: every divergence and tail mode, CE, softcap, τ,
+``reduction`` summing (gradients in the forward) or ``"none"`` (one recomputation in the
+backward)), and the recomputing backward of the online top-k teacher (which needs only S and the
+saved state). The online teachers' forwards (top-k and dense) still run cuBLAS into float32 and the
+Triton epilogues of the unfused plan: the teacher's GEMM with its own partials is not built yet.
 
 Launch configurations come from ``head_config(target, dtype)`` — chosen from the compile target
 (sm_80, sm_86–89 with 99 KB of shared memory per block, sm_90), never by querying a GPU at import;
