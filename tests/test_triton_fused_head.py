@@ -308,3 +308,49 @@ def test_grad_pass_in_place_over_the_tile():
     err = (outs[torch.bfloat16].float() - ref).abs()
     assert (err <= ref.abs() * 2.0**-7).all(), f"bfloat16 in place: {err.max():.2e}"
     assert (outs[torch.float32][3] == 0).all(), "ignored row not exactly zero"
+
+
+@pytest.mark.parametrize("divergence, reduction", [("jsd", "mean"), ("forward_kl", "none")])
+def test_online_dense_teacher_float16(divergence, reduction, monkeypatch):
+    """``fastkd.kd_loss(topk=None)`` with both heads fused (float16 operands, student and teacher
+    softcaps, τ ≠ 1, CE, ignored rows): loss and gradients against float64, within FACTOR × the
+    error of plain PyTorch (16-bit logits from both heads, the loss in float32)."""
+    import fastkd
+    from fastkd import api, config
+    from fastkd.reference import kd_loss_reference
+    monkeypatch.setitem(api._EPILOGUE, "torch", "fused")
+    monkeypatch.setattr(config, "chunk_bytes", 2 * CHUNK_ROWS * VOCAB * 6)
+    launched = []
+    pair = fh.dense_pair
+    monkeypatch.setattr(fh, "dense_pair", lambda *a, **kw: launched.append(1) or pair(*a, **kw))
+    gen = torch.Generator().manual_seed(13)
+    hidden, weight, _b, _ids, _lp, labels, grad_rows = _problem("peaked", torch.float16, gen)
+    teacher_hidden = torch.randn(ROWS, 20, generator=gen).half()
+    teacher_weight = (torch.randn(VOCAB, 20, generator=gen) * 0.6).half()
+    options = dict(divergence=divergence, beta=0.4, temperature=1.4, softcap=8.0,
+                   teacher_softcap=10.0, labels=labels, ce_weight=0.3, reduction=reduction)
+
+    def run(h, w, th, tw, reference=None):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if reference is None:
+            loss = fastkd.kd_loss(h, w, th, tw, impl="torch", **options)
+        elif reference == torch.float64:
+            loss = kd_loss_reference(h, w, th.double(), tw.double(), **options)
+        else:  # plain PyTorch: 16-bit logits of both heads, the loss in float32 on them
+            logits = torch.nn.functional.linear(h, w).float()
+            teacher_logits = torch.nn.functional.linear(th, tw).float()
+            eye = torch.eye(VOCAB)
+            loss = kd_loss_reference(logits, eye, teacher_logits, eye, compute_dtype=torch.float32,
+                                     **options)
+        total = (loss * grad_rows.to(loss.dtype)).sum() if reduction == "none" else loss
+        total.backward()
+        return total.detach(), h.grad, w.grad
+
+    fused = run(hidden, weight, teacher_hidden, teacher_weight)
+    assert launched, "the fused dense passes did not run"
+    ref = run(hidden.double(), weight.double(), teacher_hidden, teacher_weight, torch.float64)
+    plain = run(hidden, weight, teacher_hidden, teacher_weight, torch.float16)
+    for what, out, r, p in zip(("loss", "d hidden", "d weight"), fused, ref, plain):
+        err, base = rel_error(out, r), rel_error(p, r)
+        assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
+    assert (fused[1][list(IGNORED)] == 0).all(), "ignored rows' d hidden not exactly zero"

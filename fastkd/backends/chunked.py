@@ -566,6 +566,13 @@ def dense_forward(
     """Returns ``(loss_rows (N,), kd_rows (N,), state (N, 4): lse, teacher lse,
     W = Σ w, CE lse, stats (N|0, 2): entropy, lse, grad_hidden, grad_weight, grad_bias)``; the
     gradients as in :func:`topk_forward`. Both heads' logits are computed once per chunk."""
+    if _fused(epilogue, operand_dtype):
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.dense_forward(
+                hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                divergence, beta, temperature, softcap, teacher_softcap, ignore_index, ce_weight,
+                kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2)
         n_rows, counted, acc = ps.n_rows, ps.counted, ps.head.acc
@@ -626,6 +633,13 @@ def dense_backward(
     operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight or empty, d bias or empty)``; both heads recomputed once."""
+    if _fused(epilogue, operand_dtype):
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.dense_backward(
+                grad_rows, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, state, divergence, beta, temperature, softcap, teacher_softcap,
+                ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2)
         acc = ps.head.acc

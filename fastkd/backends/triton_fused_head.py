@@ -80,6 +80,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from .triton_epilogue import _dense_terms
 from .triton_kernels import _tanh
 
 _MASKED = tl.constexpr(-1e30)
@@ -264,6 +265,63 @@ def head_grad_kernel(
         g = g * (1.0 - r * r)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
              g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dense_pair_kernel(
+    # pointers
+    student_ptr, student_part_ptr, teacher_ptr, teacher_part_ptr, row_ptr, labels_ptr, out_ptr,
+    # shapes
+    C, V, n_tiles,
+    # strides
+    stride_student, stride_teacher, stride_part, stride_out,
+    # meta
+    temp, inv_temp, cap, beta, log_beta, log_1m_beta,
+    HAS_CAP: tl.constexpr, KIND: tl.constexpr, WITH_CE: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The online dense teacher over two 16-bit tiles (student z − m_t, teacher t − m'_t).
+    ``GRAD=False``: per (row, tile) Σ term and Σ w into ``out (2, C, n_tiles)``; ``GRAD=True``:
+    dz = kd_scale·(w − p·W) + CE, × softcap', into ``out (C, V)``. ``row_ptr``: float32 planes of
+    C — lse, teacher lse, W, kd scale, CE lse, CE scale."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    part = rows64 * stride_part + pid_n
+    y = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :], mask=mask, other=0.0)
+    z = y.to(tl.float32) + tl.load(student_part_ptr + part, mask=row_mask, other=0.0)[:, None]
+    u = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :], mask=mask, other=0.0)
+    t = u.to(tl.float32) + tl.load(teacher_part_ptr + part, mask=row_mask, other=0.0)[:, None]
+    lse = tl.load(row_ptr + rows64, mask=row_mask, other=0.0)
+    teacher_lse = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
+    term, w, p = _dense_terms(z, t, lse[:, None], teacher_lse[:, None], log_beta, log_1m_beta,
+                              beta, KIND)
+    if GRAD:
+        wsum = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
+        kd_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
+        g = tl.where(kd_scale[:, None] != 0.0, kd_scale[:, None] * (w - p * wsum[:, None]), 0.0)
+        s = z * temp
+        if WITH_CE:
+            lse_ce = tl.load(row_ptr + 4 * C + rows64, mask=row_mask, other=0.0)
+            ce_scale = tl.load(row_ptr + 5 * C + rows64, mask=row_mask, other=0.0)
+            label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+            onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+            g += tl.where(ce_scale[:, None] != 0.0,
+                          ce_scale[:, None] * (tl.exp(s - lse_ce[:, None]) - onehot), 0.0)
+        if HAS_CAP:
+            r = s / cap
+            g = g * (1.0 - r * r)
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                 g.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        out = out_ptr + part
+        tl.store(out, tl.sum(tl.where(mask, term, 0.0), axis=1), mask=row_mask)
+        tl.store(out + C * stride_part, tl.sum(tl.where(mask, w, 0.0), axis=1), mask=row_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -574,18 +632,18 @@ class _FusedPass:
                           1.0 / temperature, softcap or 0.0, with_tail, use_ce,
                           use_ce and temperature != 1.0, with_stats, tile=self.tile)
 
+    def dz_buffer(self, chunk, rows):
+        """Where a chunk's dz goes: over its tile (bfloat16 through a view) or a float32 block."""
+        if self.out is not None:
+            return self.out[: rows.stop - rows.start]
+        return chunk.tile.view(torch.bfloat16) if self.operand == torch.bfloat16 else chunk.tile
+
     def grad(self, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid, kd_lse, dense,
              topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail, use_ce):
         on_topk = kd_scale.unsqueeze(1) * (
             topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
         on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(torch.float32)
-        c = rows.stop - rows.start
-        if self.out is not None:
-            out = self.out[:c]
-        elif self.operand == torch.bfloat16:
-            out = chunk.tile.view(torch.bfloat16)
-        else:
-            out = chunk.tile
+        out = self.dz_buffer(chunk, rows)
         return head_grad(chunk, sorted_ids, on_topk, kd_lse.to(torch.float32),
                          (kd_scale * dense).to(torch.float32) if with_tail else None,
                          lse_ce.to(torch.float32) if use_ce else None,
@@ -680,5 +738,134 @@ def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, t
                      state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF],
                      state[rows, chunked._TOPK_COEF], kd_scale[rows], state[rows, chunked._LSE_CE],
                      ce_scale[rows], temperature, softcap, with_tail, use_ce)
+        grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    return grads.result()
+
+
+# ------------------------------------------------------------------------------------------------
+# the online dense teacher: both heads' GEMMs with their partials, then two passes over 16-bit tiles
+# ------------------------------------------------------------------------------------------------
+
+def dense_pair(student: HeadChunk, teacher: HeadChunk, rows_state: Tensor, labels: Optional[Tensor],
+               kind: int, beta: float, temperature: float, cap: float, with_ce: bool,
+               out: Optional[Tensor] = None) -> Tensor:
+    """``out=None``: per row ``(kd, W)`` (2, C) summed from per-tile partials; else ``dz`` into
+    ``out (C, V)`` (the student's tile, a bfloat16 view of it, or a float32 block).
+    ``rows_state (6, C)`` float32: lse, teacher lse, W, kd scale, CE lse, CE scale."""
+    from .triton_epilogue import _kind
+    kind, beta, log_beta, log_1m_beta = _kind(kind, beta)
+    c, vocab = student.tile.shape
+    device = student.tile.device
+    n_tiles = student.partials.shape[2]
+    grad = out is not None
+    partial = None if grad else torch.empty((2, c, n_tiles), dtype=torch.float32, device=device)
+    target = out if grad else partial
+    if c == 0:
+        return target if grad else partial.sum(dim=2)
+    cfg = grad_config(student.block_n, _interpreted(device) and _RECORDED is None)
+    args = (student.tile, student.partials, teacher.tile, teacher.partials, rows_state,
+            labels if with_ce else rows_state, target,
+            c, vocab, n_tiles,
+            student.tile.stride(0), teacher.tile.stride(0), n_tiles,
+            target.stride(0) if grad else n_tiles,
+            float(temperature), 1.0 / float(temperature), float(cap) if cap else 1.0, float(beta),
+            float(log_beta), float(log_1m_beta))
+    meta = dict(HAS_CAP=bool(cap), KIND=kind, WITH_CE=bool(with_ce), GRAD=grad, **cfg)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]), n_tiles)
+    _launch(dense_pair_kernel, grid, device, args, meta)
+    return out if grad else partial.sum(dim=2)
+
+
+def _dense_chunk(ps, teacher_head, teacher_hidden, hidden, rows, temperature, softcap,
+                 teacher_softcap, use_ce, with_stats, teacher_tile):
+    """Both heads' GEMMs for one chunk: the student's and the teacher's tiles and partials."""
+    student = ps.stats(hidden, rows, None, temperature, softcap, False, use_ce, with_stats)
+    t_k = teacher_hidden[rows].detach().to(ps.operand).contiguous()
+    teacher = head_stats(t_k, teacher_head[0], teacher_head[1], None, None, 1.0 / temperature,
+                         teacher_softcap or 0.0, False, False, False, False, tile=teacher_tile)
+    return student, teacher
+
+
+def _teacher_operands(teacher_weight, teacher_bias, operand):
+    w = teacher_weight.detach().to(operand).contiguous()
+    b = None if teacher_bias is None else teacher_bias.detach().to(torch.float32)
+    return w, b
+
+
+def dense_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  divergence, beta, temperature, softcap, teacher_softcap, ignore_index, ce_weight,
+                  kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype):
+    """``chunked.dense_forward`` with both heads fused: same outputs."""
+    from . import chunked
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes // 2, operand_dtype)
+    n_rows, counted, acc = ps.n_rows, ps.counted, torch.float32
+    teacher_head = _teacher_operands(teacher_weight, teacher_bias, operand_dtype)
+    teacher_tile = torch.empty_like(ps.tile)
+    use_ce = ce_weight != 0.0
+    separate = use_ce and temperature != 1.0
+    kind = chunked._kind(divergence, beta)
+    f = dict(dtype=acc, device=hidden.device)
+    state = torch.zeros((4, n_rows), **f)
+    mean_z, target, kd_rows = (torch.zeros(n_rows, **f) for _ in range(3))
+    kd_scale = counted.to(acc) * (kd_weight * temperature)
+    ce_scale = counted.to(acc) * ce_weight
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad) if grads_in_forward else None
+    for rows in ps.chunks():
+        student, teacher = _dense_chunk(ps, teacher_head, teacher_hidden, hidden, rows, temperature,
+                                        softcap, teacher_softcap, use_ce, with_stats, teacher_tile)
+        lse, _tail, lse_ce, mz = combine(student, False, use_ce, separate, with_stats)
+        teacher_lse = combine(teacher, False, False, False, False)[0]
+        zero = torch.zeros_like(lse)
+        rows_state = torch.stack([lse, teacher_lse, zero, kd_scale[rows], lse_ce if use_ce else zero,
+                                  ce_scale[rows]]).contiguous()
+        kd, wsum = dense_pair(student, teacher, rows_state, ps.labels(rows), kind, beta,
+                              temperature, softcap, use_ce)
+        kd_rows[rows] = kd
+        state[0, rows], state[1, rows], state[2, rows] = lse, teacher_lse, wsum
+        if use_ce:
+            state[3, rows], target[rows] = lse_ce, student.target
+        if with_stats:
+            mean_z[rows] = mz
+        if grads is not None:
+            rows_state[2] = wsum
+            dz = dense_pair(student, teacher, rows_state, ps.labels(rows), kind, beta, temperature,
+                            softcap, use_ce, out=ps.dz_buffer(student, rows))
+            grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    state = state.t().contiguous()
+    zero = torch.zeros((), **f)
+    kd_rows = torch.where(counted, kd_rows, zero)
+    loss_rows = kd_weight * temperature**2 * kd_rows
+    if use_ce:
+        loss_rows = loss_rows + torch.where(counted, ce_weight * (state[:, 3] - target), zero)
+    if with_stats:
+        stats = torch.stack([state[:, 0] - mean_z, state[:, 0]], dim=1)
+    else:
+        stats = torch.zeros((0, 2), **f)
+    grad_outputs = grads.result() if grads is not None else chunked._no_grads(hidden)
+    return (loss_rows, kd_rows, state, stats) + grad_outputs
+
+
+def dense_backward(grad_rows, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                   labels, state, divergence, beta, temperature, softcap, teacher_softcap,
+                   ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype):
+    """``chunked.dense_backward`` with both heads fused: each chunk's two GEMMs recomputed once."""
+    from . import chunked
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes // 2, operand_dtype)
+    acc = torch.float32
+    teacher_head = _teacher_operands(teacher_weight, teacher_bias, operand_dtype)
+    teacher_tile = torch.empty_like(ps.tile)
+    g = torch.where(ps.counted, grad_rows.to(acc), 0.0)
+    kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
+    use_ce = ce_weight != 0.0
+    kind = chunked._kind(divergence, beta)
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad)
+    state = state.to(acc)
+    for rows in ps.chunks():
+        student, teacher = _dense_chunk(ps, teacher_head, teacher_hidden, hidden, rows, temperature,
+                                        softcap, teacher_softcap, False, False, teacher_tile)
+        rows_state = torch.stack([state[rows, 0], state[rows, 1], state[rows, 2], kd_scale[rows],
+                                  state[rows, 3], ce_scale[rows]]).contiguous()
+        dz = dense_pair(student, teacher, rows_state, ps.labels(rows), kind, beta, temperature,
+                        softcap, use_ce, out=ps.dz_buffer(student, rows))
         grads.add(rows, dz, ps.head.cast(hidden[rows]))
     return grads.result()
