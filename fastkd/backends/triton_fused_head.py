@@ -569,8 +569,9 @@ def recording(cc: int = 90):
 
 def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """The two launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats;
-    dz written as ``dtype`` when 16-bit), configured for ``cc``, as the dicts
+    """The launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats; dz
+    written as ``dtype`` when 16-bit; the dense pair's divergence and gradient modes for JSD),
+    configured for ``cc``, as the dicts
     ``triton_epilogue.compile_specs`` gives. Recorded on CPU tensors: nothing runs."""
     from .triton_epilogue import _compile_spec
     rows = 2
@@ -585,6 +586,9 @@ def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 6
         out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
         head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
                   True, True, out)
+        state = torch.zeros((6, rows), dtype=torch.float32)
+        dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True)  # JSD: every term
+        dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True, out=out)
     return [_compile_spec(*launch) for launch in launches]
 
 
