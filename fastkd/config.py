@@ -24,10 +24,10 @@ class Config:
         chunked_epilogue: the epilogues of the default CUDA path (the chunked plan). ``"fused"``:
             the logits GEMM is a Triton kernel that finishes the row statistics in its epilogue
             and stores the logits as 16-bit tiles, which the gradient pass reads
-            (``fastkd.backends.triton_fused_head``; top-k losses; the online dense teacher runs
-            the Triton epilogues); ``"triton"``: cuBLAS writes float32 logits and the Triton
-            epilogues read them; ``"auto"`` (default): ``"fused"`` for 16-bit operands, else
-            ``"triton"``.
+            (``fastkd.backends.triton_fused_head``; offline top-k and online dense teachers; the
+            online top-k teacher's forward runs the Triton epilogues); ``"triton"``: cuBLAS
+            writes float32 logits and the Triton epilogues read them; ``"auto"`` (default):
+            ``"fused"`` for 16-bit operands, else ``"triton"``.
         deterministic: bit-identical gradients run to run. The ``triton`` backend then runs its
             backward without atomics (one kernel owns each row block of the hidden-state
             gradient, another each vocabulary tile of the weight gradient), at the cost of one more

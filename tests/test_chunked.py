@@ -2,9 +2,9 @@
 
 ``torch`` is the torch epilogue (the CPU path); ``triton`` is the same plan with the Triton epilogue
 kernels, run in Triton's CPU interpreter (fp32 buffers; the GEMMs are torch's); ``fused`` is the
-fused head (``triton_fused_head``: the logits GEMM is a Triton kernel with the statistics in its
-epilogue, here with float32 operands and tiles) for top-k, the Triton epilogues for the dense
-online teacher. The csrc provider
+fused head (``triton_fused_head``: the logits GEMMs are Triton kernels with the statistics in
+their epilogues, here with float32 operands and tiles; the online top-k teacher's forward runs the
+Triton epilogues). The csrc provider
 runs through the same plan in tests/test_cuda_backend.py (host harness). Every case against the
 float64 reference: chunk boundaries that split the rows unevenly (a budget of a few rows), random
 ``grad_output``, ``reduction="none"`` (the recomputing backward) and the summing reductions
