@@ -9,6 +9,7 @@ than a block can have, takes longer than 60 s to compile, or — the statistics 
 operands — has no HGMMA (sm_90) / HMMA (sm_80/89) instruction.
 
     python scripts/compile_fused_head.py                  # bf16 and fp16 operands, 3 targets
+    python scripts/compile_fused_head.py --dtypes fp32    # float32 operands (chunked_epilogue="fused")
     python scripts/compile_fused_head.py --dtypes bf16 --targets 90 --vocab 151936 --dim 1536
 
 Each run compiles into a fresh temporary Triton cache, so the seconds are real compile times.

@@ -348,15 +348,15 @@ def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dic
 
     16-bit operands: 128×128 program tiles, BLOCK_D 64, 8 warps, grouped by 8 row tiles; 4 stages
     on sm_90 (wgmma; 4 × 32 KB of 227 KB), 3 on sm_80 (163 KB) and sm_86/89 (99 KB per block).
-    float32 operands (IEEE dot, CUDA cores): BLOCK_D 32, 2 stages. ``SPLIT=2`` (the epilogue on two
-    column halves, partials per half) lets a 256-wide tile keep a 128-wide epilogue: with
-    ``BLOCK_N=256`` it would halve the GEMM's L2 traffic on sm_90, but it spills there today
-    (376 B at 128×256, 255 registers; ``scripts/compile_fused_head.py``), so no target uses it
-    yet; the interpreter tests run it."""
+    float32 operands (IEEE dot, CUDA cores; 128 rows spill on sm_90): 64×128, BLOCK_D 32, 2 stages.
+    ``SPLIT=2`` (the epilogue on two column halves, partials per half) lets a 256-wide tile keep a
+    128-wide epilogue: with ``BLOCK_N=256`` it would halve the GEMM's L2 traffic on sm_90, but it
+    spills there today (376 B at 128×256, 255 registers; ``scripts/compile_fused_head.py``), so no
+    target uses it yet; the interpreter tests run it."""
     if interpreter:
         return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
     if operand == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, GROUP_M=8, SPLIT=1, num_warps=8,
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, GROUP_M=8, SPLIT=1, num_warps=8,
                     num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, SPLIT=1, num_warps=8,
                 num_stages=4 if cc >= 90 else 3)
