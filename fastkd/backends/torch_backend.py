@@ -1,4 +1,11 @@
-"""Row-chunked PyTorch backend (``impl="torch"``): runs anywhere torch runs.
+"""Row-chunked PyTorch ops: the gathered top-k path and the helpers the chunked plan shares.
+
+What ``fastkd.api`` runs from here: ``topk_kd_forward`` for a top-k loss that needs no pass over
+the vocabulary (``tail="renormalize"`` without CE and stats: O(N·K·D) from the K gathered logits),
+``select_topk`` before it for an online teacher, and the shared helpers (``_topk_epilogue``,
+``counted_rows``, ``sorted_topk_ids``, ``_logsumexps_``). The full-vocabulary losses of
+``impl="torch"`` run in ``fastkd.backends.chunked`` with the torch epilogues; the ops below also
+still compute them (a second, independent PyTorch implementation of the same §1 formulas).
 
 Per chunk of rows it materialises at most a few ``chunk x V`` blocks in the compute dtype
 (float32, or float64 for float64 inputs), never ``N x V``. The chunk height comes from a byte
