@@ -355,3 +355,20 @@ def test_online_dense_teacher_float16(divergence, reduction, monkeypatch):
         err, base = rel_error(out, r), rel_error(p, r)
         assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
     assert (fused[1][list(IGNORED)] == 0).all(), "ignored rows' d hidden not exactly zero"
+
+
+def test_fused_ops_pass_opcheck():
+    """The chunked custom ops with ``epilogue="fused"`` (float16 operands): fake implementations,
+    schemas and autograd registrations agree with what the fused path returns."""
+    gen = torch.Generator().manual_seed(21)
+    hidden, weight, bias, ids, logprobs, labels, _g = _problem("flat", torch.float16, gen)
+    ids = torch.where((labels != IGNORE_INDEX).unsqueeze(1), ids, -1)
+    budget = CHUNK_ROWS * VOCAB * 6
+    topk_args = (hidden, weight, bias, ids, logprobs, None, None, None, labels, "jsd", 0.5,
+                 "bucket", 1.3, 5.0, None, 0, "teacher", IGNORE_INDEX, 0.2, 1.0, budget, True)
+    torch.library.opcheck(chunked.topk_forward, topk_args + (True, True, "fused", torch.float16))
+    teacher_hidden = torch.randn(ROWS, 5, generator=gen).half()
+    teacher_weight = torch.randn(VOCAB, 5, generator=gen).half()
+    dense_args = (hidden, weight, None, teacher_hidden, teacher_weight, None, labels, "reverse_kl",
+                  0.5, 1.0, None, None, IGNORE_INDEX, 0.0, 1.0, 2 * budget, False)
+    torch.library.opcheck(chunked.dense_forward, dense_args + (True, True, "fused", torch.float16))
