@@ -20,6 +20,10 @@ Providers (``epilogue=``): ``"torch"`` (``torch_epilogue.TorchEpilogue``: torch 
 path), ``"triton"`` (``triton_epilogue``: Triton kernels, the default on CUDA) and ``"cuda"``
 (``cuda_backend.CsrcEpilogue``: the csrc kernels). They share one interface, the csrc extension's
 argument order with tensors for pointers; the plan and the numerics are the same for all three.
+``"fused"`` (``triton_fused_head``, the CUDA default for 16-bit operands through
+``fastkd.config.chunked_epilogue``) replaces steps 1, 3 and 5: the logits GEMM is a Triton kernel
+whose epilogue writes per-tile partial statistics and a 16-bit tile, which the gradient pass reads
+(offline top-k and the online dense teacher; elsewhere it is ``"triton"``).
 
 **Gradients in the forward.** The loss rows depend on ``grad_output`` only through a per-row
 factor ``g_n``; for ``reduction="mean"``/``"sum"`` every ``g_n`` is the same number, so the forward
