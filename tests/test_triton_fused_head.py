@@ -372,3 +372,40 @@ def test_fused_ops_pass_opcheck():
     dense_args = (hidden, weight, None, teacher_hidden, teacher_weight, None, labels, "reverse_kl",
                   0.5, 1.0, None, None, IGNORE_INDEX, 0.0, 1.0, 2 * budget, False)
     torch.library.opcheck(chunked.dense_forward, dense_args + (True, True, "fused", torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_plan_on_gpu_at_llama_vocab(dtype, monkeypatch):
+    """On a GPU, at Llama-3's vocabulary with the real launch configuration (128×128 tiles, 1002
+    partial tiles per row, bfloat16 dz in place through a view): the default path for 16-bit
+    operands against float64, within FACTOR × the unfused plan's error (cuBLAS into float32, the
+    Triton epilogues) or the dtype's floor."""
+    import fastkd
+    rows, vocab, dim, k = 256, 128256, 512, 64
+    gen = torch.Generator().manual_seed(31)
+    hidden = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) * (2.0 / dim**0.5)
+    noise = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    teacher_lp = torch.log_softmax(hidden @ weight.T + noise, dim=-1)
+    ids = teacher_lp.topk(k, dim=-1).indices
+    logprobs = teacher_lp.gather(1, ids).float()
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::7] = IGNORE_INDEX
+    options = dict(ce_weight=0.3, temperature=1.2, softcap=30.0)
+    monkeypatch.setattr(fastkd.config, "chunk_bytes", 96 * vocab * 4)  # several chunks
+    results = {}
+    for provider in ("fused", "triton"):
+        monkeypatch.setattr(fastkd.config, "chunked_epilogue", provider)
+        h = hidden.to("cuda", dtype).requires_grad_()
+        w = weight.to("cuda", dtype).requires_grad_()
+        loss = fastkd.topk_kd_loss(h, w, ids.cuda(), logprobs.cuda(), labels=labels.cuda(), **options)
+        loss.backward()
+        results[provider] = (loss.cpu(), h.grad.cpu(), w.grad.cpu())
+    ref_h, ref_w = hidden.to(dtype).double().requires_grad_(), weight.to(dtype).double().requires_grad_()
+    ref = topk_kd_loss_reference(ref_h, ref_w, ids, logprobs, labels=labels, **options)
+    ref.backward()
+    floor = 8e-3 if dtype == torch.bfloat16 else 2e-3
+    for i, (what, r) in enumerate((("loss", ref), ("d hidden", ref_h.grad), ("d weight", ref_w.grad))):
+        err, base = rel_error(results["fused"][i], r), rel_error(results["triton"][i], r)
+        assert err <= max(FACTOR * base, floor), f"{what}: {err:.2e} (unfused plan {base:.2e})"

@@ -243,7 +243,6 @@ def head_grad_kernel(
     row_mask = rows < C
     col_mask = cols < V
     rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
     mask = row_mask[:, None] & col_mask[None, :]
     y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols[None, :], mask=mask, other=0.0)
     m = tl.load(part_ptr + rows64 * stride_part + pid_n, mask=row_mask, other=0.0)
