@@ -248,7 +248,7 @@ class _Pass:
 
 def _fused(epilogue: str, operand: torch.dtype) -> bool:
     """Whether the fused head (``triton_fused_head``: GEMM 1 with the stats in its epilogue, 16-bit
-    tiles) runs this top-k call; float64 runs the Triton epilogues unfused."""
+    tiles) runs this call; float64 runs the Triton epilogues unfused."""
     return epilogue == "fused" and operand in (torch.float16, torch.bfloat16, torch.float32)
 
 
