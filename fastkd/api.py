@@ -125,6 +125,21 @@ def _path(backend: str, vocab: int, buffers: int) -> str:
 
 
 _EPILOGUE = {"torch": "torch", "chunked": "triton", "cuda": "cuda"}
+_CHUNKED_EPILOGUES = ("auto", "triton", "fused")
+
+
+def _epilogue(backend: str, op_dtype: torch.dtype) -> str:
+    """The chunked plan's epilogue provider for ``backend``; for the default CUDA path
+    ``config.chunked_epilogue`` (``"auto"``: the fused head for 16-bit operands, else Triton)."""
+    if backend != "chunked":
+        return _EPILOGUE[backend]
+    choice = config.chunked_epilogue
+    if choice not in _CHUNKED_EPILOGUES:
+        raise ValueError(f"fastkd.config.chunked_epilogue must be one of {_CHUNKED_EPILOGUES}, "
+                         f"got {choice!r}")
+    if choice == "auto":
+        return "fused" if op_dtype in (torch.float16, torch.bfloat16) else "triton"
+    return choice
 
 
 def _streaming_operands(op_dtype: torch.dtype, *tensors: Optional[Tensor]):
@@ -234,7 +249,7 @@ def topk_kd_loss(
                 opts["beta"], opts["tail"], opts["temperature"], opts["softcap"], None, 0, "teacher",
                 opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], config.chunk_bytes,
                 return_stats, _grads_in_forward(opts["reduction"], hidden, weight, bias),
-                weight.requires_grad, _EPILOGUE[backend], op_dtype)
+                weight.requires_grad, _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[4]
     loss = _reduce(loss_rows, counted, opts["reduction"])
     if not return_stats:
@@ -361,7 +376,7 @@ def kd_loss(
                 labels1, opts["divergence"], opts["beta"], opts["tail"], opts["temperature"],
                 opts["softcap"], teacher_softcap, topk, topk_from, opts["ignore_index"],
                 opts["ce_weight"], opts["kd_weight"], config.chunk_bytes, return_stats,
-                grads_in_forward, weight.requires_grad, _EPILOGUE[backend], op_dtype)
+                grads_in_forward, weight.requires_grad, _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[4]
             topk_mass = stats[:, 2].detach() if return_stats else None
         else:
@@ -370,7 +385,7 @@ def kd_loss(
                 opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
                 teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
                 config.chunk_bytes, return_stats, grads_in_forward, weight.requires_grad,
-                _EPILOGUE[backend], op_dtype)
+                _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[3]
             topk_mass = None
     loss = _reduce(loss_rows, counted, opts["reduction"])

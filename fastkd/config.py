@@ -28,6 +28,15 @@ class Config:
             blocks for the torch epilogues), rounded down to a multiple of 64 rows. Default
             512 MiB: 1024 rows of Llama-3's 128k vocabulary in float32 (tall enough for the GEMMs
             to run near peak), small next to the activations of a 24 GB card.
+        chunked_epilogue: the epilogues of the default CUDA path (the chunked plan). ``"fused"``:
+            the logits GEMM is a Triton kernel that finishes the row statistics in its epilogue
+            and stores the logits as 16-bit tiles, which the gradient pass reads
+            (``fastkd.backends.triton_fused_head``; offline top-k and online dense teachers; the
+            online top-k teacher's forward runs the Triton epilogues); ``"triton"``: cuBLAS
+            writes float32 logits and the Triton epilogues read them; ``"auto"`` (default):
+            ``"fused"`` for 16-bit operands, else ``"triton"``. The fused blocks are 16-bit (2 B
+            per element: twice the rows of float32 buffers for the same ``chunk_bytes``), plus
+            per-tile partials outside the budget (≈ 0.2 B per element).
         deterministic: bit-identical gradients run to run. The ``triton`` backend then runs its
             backward without atomics (one kernel owns each row block of the hidden-state
             gradient, another each vocabulary tile of the weight gradient), at the cost of one more
@@ -41,6 +50,7 @@ class Config:
     check_values: bool = True
     check_finite: bool = False
     chunk_bytes: int = 512 * 2**20
+    chunked_epilogue: str = "auto"
     deterministic: bool = False
 
 

@@ -1,7 +1,10 @@
 """The chunked plan (fastkd.backends.chunked) end to end on the CPU, per epilogue provider.
 
 ``torch`` is the torch epilogue (the CPU path); ``triton`` is the same plan with the Triton epilogue
-kernels, run in Triton's CPU interpreter (fp32 buffers; the GEMMs are torch's). The csrc provider
+kernels, run in Triton's CPU interpreter (fp32 buffers; the GEMMs are torch's); ``fused`` is the
+fused head (``triton_fused_head``: the logits GEMMs are Triton kernels with the statistics in
+their epilogues, here with float32 operands and tiles; the online top-k teacher's forward runs the
+Triton epilogues). The csrc provider
 runs through the same plan in tests/test_cuda_backend.py (host harness). Every case against the
 float64 reference: chunk boundaries that split the rows unevenly (a budget of a few rows), random
 ``grad_output``, ``reduction="none"`` (the recomputing backward) and the summing reductions
@@ -20,11 +23,11 @@ from fastkd.reference import kd_loss_reference, topk_kd_loss_reference
 from conftest import assert_rel_close, make_problem
 
 # Relative error vs float64 (loss, gradients): both providers compute in float32 buffers.
-TOL = {"torch": (2e-6, 2e-5), "triton": (2e-6, 2e-5)}
+TOL = {"torch": (2e-6, 2e-5), "triton": (2e-6, 2e-5), "fused": (2e-6, 2e-5)}
 V = 203  # odd: rows start at every alignment; not a multiple of any tile
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "fused"])
 def epilogue(request, monkeypatch):
     """impl='torch' runs the chunked plan with the chosen provider, in chunks of 7 rows."""
     monkeypatch.setitem(api._EPILOGUE, "torch", request.param)

@@ -20,6 +20,10 @@ Providers (``epilogue=``): ``"torch"`` (``torch_epilogue.TorchEpilogue``: torch 
 path), ``"triton"`` (``triton_epilogue``: Triton kernels, the default on CUDA) and ``"cuda"``
 (``cuda_backend.CsrcEpilogue``: the csrc kernels). They share one interface, the csrc extension's
 argument order with tensors for pointers; the plan and the numerics are the same for all three.
+``"fused"`` (``triton_fused_head``, the CUDA default for 16-bit operands through
+``fastkd.config.chunked_epilogue``) replaces steps 1, 3 and 5: the logits GEMM is a Triton kernel
+whose epilogue writes per-tile partial statistics and a 16-bit tile, which the gradient pass reads
+(offline top-k and the online dense teacher; elsewhere it is ``"triton"``).
 
 **Gradients in the forward.** The loss rows depend on ``grad_output`` only through a per-row
 factor ``g_n``; for ``reduction="mean"``/``"sum"`` every ``g_n`` is the same number, so the forward
@@ -55,7 +59,7 @@ _LSE, _TEACHER_LSE, _WSUM = range(3)
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 # Chunk heights are rounded down to a multiple of this (whole GEMM tiles) when at least one fits.
 ROW_ALIGN = 64
-EPILOGUES = ("torch", "triton", "cuda")
+EPILOGUES = ("torch", "triton", "cuda", "fused")
 # Below this many elements a GEMM output goes through the allocator instead of out= (see _Head).
 _OUT_MIN_NUMEL = 1 << 16
 
@@ -84,7 +88,7 @@ def provider(name: str):
     if name == "torch":
         from .torch_epilogue import TorchEpilogue
         return TorchEpilogue()
-    if name == "triton":
+    if name in ("triton", "fused"):  # "fused": the Triton epilogues wherever the head is not fused
         from . import triton_epilogue
         return FunctionEpilogue("triton", triton_epilogue)
     if name == "cuda":
@@ -242,6 +246,12 @@ class _Pass:
         return None if self.safe_labels is None else self.safe_labels[rows]
 
 
+def _fused(epilogue: str, operand: torch.dtype) -> bool:
+    """Whether the fused head (``triton_fused_head``: GEMM 1 with the stats in its epilogue, 16-bit
+    tiles) runs this call; float64 runs the Triton epilogues unfused."""
+    return epilogue == "fused" and operand in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def no_autocast(device: torch.device):
     """Autocast off inside the ops: their GEMMs take the operand dtype they are given."""
     if device.type in ("cuda", "cpu"):
@@ -349,6 +359,13 @@ def topk_forward(
     empty without a bias); else all three are empty.
     """
     online = teacher_hidden is not None
+    if _fused(epilogue, operand_dtype) and not online:
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.topk_forward(
+                hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta, tail,
+                temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, with_stats,
+                grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype,
                    buffers=2 if online else 1)
@@ -435,6 +452,13 @@ def topk_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight or empty, d bias or empty)`` of ``Σ_n grad_rows[n] ·
     loss_rows[n]``, recomputing each chunk's logits once (the path for a per-row ``grad_rows``)."""
+    if _fused(epilogue, operand_dtype):  # offline or online: the gradient needs only S and state
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.topk_backward(
+                grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, tail,
+                temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad,
+                operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 1)
         acc, vocab, k = ps.head.acc, ps.vocab, teacher_ids.shape[1]
@@ -546,6 +570,13 @@ def dense_forward(
     """Returns ``(loss_rows (N,), kd_rows (N,), state (N, 4): lse, teacher lse,
     W = Σ w, CE lse, stats (N|0, 2): entropy, lse, grad_hidden, grad_weight, grad_bias)``; the
     gradients as in :func:`topk_forward`. Both heads' logits are computed once per chunk."""
+    if _fused(epilogue, operand_dtype):
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.dense_forward(
+                hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                divergence, beta, temperature, softcap, teacher_softcap, ignore_index, ce_weight,
+                kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2)
         n_rows, counted, acc = ps.n_rows, ps.counted, ps.head.acc
@@ -606,6 +637,13 @@ def dense_backward(
     operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight or empty, d bias or empty)``; both heads recomputed once."""
+    if _fused(epilogue, operand_dtype):
+        from . import triton_fused_head
+        with no_autocast(hidden.device):
+            return triton_fused_head.dense_backward(
+                grad_rows, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, state, divergence, beta, temperature, softcap, teacher_softcap,
+                ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2)
         acc = ps.head.acc

@@ -1,0 +1,883 @@
+"""The fused head of the chunked plan: the logits GEMM with the row statistics in its epilogue,
+and a gradient pass over 16-bit tiles (``epilogue="fused"``; DESIGN.md §3 "chunked").
+
+The unfused plan writes each chunk's logits ``x = h_c·Wᵀ`` as float32 (4 B per element of C×V),
+reads them in the stats epilogue (4 B), again in the gradient epilogue (4 B) and writes ``dz``
+(2 B). Here the GEMM itself finishes the statistics from its unrounded float32 accumulator and
+writes the tile once in 16 bits, so per chunk:
+
+    1. head_stats_kernel   tiles of z = softcap(h_c·Wᵀ + b)/τ with ``tl.dot`` (float32
+                           accumulation, grouped program order for L2 reuse); per (row, tile of
+                           128 columns) it writes, from the unrounded accumulator:
+                             m_t    = max_tile z
+                             sum_t  = Σ_tile e^{z−m_t}
+                             tail_t = Σ_{tile∖S} e^{z−m_t}          (membership, not subtraction)
+                             ent_t  = Σ_tile e^{z−m_t}·(z − m_t)    (for E_p[z], the entropy)
+                             mce_t, sce_t: the same max/sum on s = softcap(x) (CE at τ ≠ 1)
+                           the values z at S (in the sorted order of S), the CE target s[label],
+                           and the tile as ``y = z − m_t`` in float16 (float32 for float32
+                           operands). y ≤ 0 and its rounding error |y|·2⁻¹¹ is smallest for the
+                           entries that carry probability (y near 0), so the softmax is not hurt.
+    2. combine (torch)     lse = M + log Σ_t sum_t·e^{m_t−M}, the tail lse the same way, CE lse,
+                           E_p[z] = M + Σ_t e^{m_t−lse}·(ent_t + (m_t − M)·sum_t)
+    3. (C, K) epilogue     torch, as the unfused plan (``torch_backend._topk_epilogue``)
+    4. head_grad_kernel    reads y (2 B) and m_t, writes dz (2 B) in the operand dtype — in place
+                           over the tile when the operand is 16-bit (bfloat16 dz through a view) —
+                           with ``triton_epilogue.topk_grad``'s semantics: values set on S, the dense
+                           part off S, CE, the softcap derivative, ignored rows exact zeros.
+    5. dh = dz·W, dW += dzᵀ·h  as the plan (``chunked._Grads``), on tensor cores.
+
+**Bytes and FLOPs per element of C×V outside the GEMM main loops** (16-bit operands; the floor's
+three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
+
+    unfused plan   GEMM 1 writes float32 (+2 B over the floor), stats epilogue reads 4 B, grad
+                   epilogue reads 4 B and writes 2 B                            ≈ 12 B excess
+    fused plan     GEMM 1 writes the 16-bit tile (as the floor) + partials and tile bounds
+                   (7 × 4 B per row per 128 columns ≈ 0.22 B), combine reads ≈ 0.19 B, grad pass
+                   reads 2 B (+ m_t and bounds ≈ 0.06 B) and writes 2 B        ≈ 4.5 B excess
+    FLOPs          2 exp per element (statistics, gradient), + 2 tanh with a softcap, ≈ 20 fp32
+                   operations: on the CUDA cores, next to the 2·D tensor FLOPs per element of
+                   each GEMM (a few % of the SM's issue slots at D ≥ 1536)
+
+With the bench helper's cost model (``bench/model.py``: 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s,
+L2 12 TB/s assumed; ``scripts/cost_fused_head.py``), N = 8192, top-k reverse KL, the bound over the
+three bare GEMMs (unfused plan → fused plan; in brackets the fused plan if its GEMM moved as few
+L2 bytes as cuBLAS's 256-wide tiles):
+
+                   Llama-3-8B             Qwen2.5-1.5B           Gemma-2-2B
+    H100           1.19 → 1.15 [1.05]     1.51 → 1.24 [1.14]     1.67 → 1.27 [1.17]
+    H200           1.08 → 1.13 [1.04]     1.27 → 1.19 [1.10]     1.37 → 1.16 [1.06]
+
+≤ 1.10 is met only in the bracketed what-if for Llama-3 (both GPUs) and Qwen/Gemma on the H200.
+What is left: (1) the fused GEMM's 128×128 program tiles read operands from L2 twice as often as
+256-wide tiles, which under the model's 12 TB/s L2 makes GEMM 1 L2-bound (11.2 ms against 8.7 ms
+of tensor work at Llama's shape); a 128×256 tile with the epilogue on two halves (``SPLIT=2``) is
+implemented but spills on sm_90 today; (2) the grad pass's 2 + 2 B per element is inherent to any
+plan that materialises dz (1.3–2.5 ms on the H100), heavy next to Qwen's thin GEMMs (D = 1536);
+(3) Gemma's float32 dW accumulator (V×D read and written per chunk) is HBM-bound at 1024-row
+chunks: a larger ``chunk_bytes`` helps.
+
+Scope: the offline top-k teacher (``topk_kd_loss``: every divergence and tail mode, CE, softcap, τ,
+``reduction`` summing (gradients in the forward) or ``"none"`` (one recomputation in the
+backward)); the recomputing backward of the online top-k teacher (it needs only S and the saved
+state); and the online dense teacher (``kd_loss(topk=None)``): both heads' GEMMs run
+``head_stats_kernel`` (the teacher's with its own softcap, no set, no CE), then
+``dense_pair_kernel`` reads the two 16-bit tiles twice — per-tile sums of the divergence terms and
+of ``w`` (so ``kd`` and ``W``), then ``dz = kd_scale·(w − p·W) + CE``, × softcap' — over the formulas
+of ``triton_epilogue._dense_terms``. The divergence itself is then computed from the 16-bit tiles
+(error ≈ |z − m_t|·2⁻¹¹ per logit, far inside what 16-bit logits give plain PyTorch). At Liger's
+dense JSD shape (student D 2048, teacher D 4096, V 128256, N 8192) the model gives 33.4 → 29.8 ms on
+the H100 (the ≤ 30 ms goal, barely; 1.37× that case's floor, not ≈ 1.1×: the teacher's GEMM is
+L2-bound at 128×128 tiles and the two passes move 4 + 6 B per logit). Not fused: the online top-k
+teacher's forward (S is chosen with ``torch.topk`` over the teacher's full float32 logits; a
+selection kernel over 16-bit tiles is not built), which runs cuBLAS and the Triton epilogues.
+
+Launch configurations come from ``head_config(target, dtype)`` — chosen from the compile target
+(sm_80, sm_86–89 with 99 KB of shared memory per block, sm_90), never by querying a GPU at import;
+on a GPU the target is read from the tensor's device when the kernel is launched. ``recording()``
+and ``compile_specs()`` expose the launches to the offline compile lane
+(``scripts/compile_fused_head.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .triton_epilogue import _dense_terms
+from .triton_kernels import _tanh
+
+_MASKED = tl.constexpr(-1e30)
+# y = z − m_t is stored in float16; below this it is clamped (e^y is 0 in float32 long before).
+_Y_FLOOR = tl.constexpr(-60000.0)
+# Partials per (row, tile): m, sum, tail, ent, CE max, CE sum.
+N_PARTIALS = 6
+_M, _SUM, _TAIL, _ENT, _MCE, _SCE = range(N_PARTIALS)
+_PM, _PSUM, _PTAIL, _PENT, _PMCE, _PSCE = (tl.constexpr(i) for i in range(N_PARTIALS))
+
+
+@triton.jit
+def _softcap(x, cap, HAS_CAP: tl.constexpr):
+    if HAS_CAP:
+        x = cap * _tanh(x / cap)
+    return x
+
+
+@triton.jit
+def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
+                   b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+                   stride_ids, stride_bounds, stride_tile, stride_part, stride_zs, inv_temp, cap,
+                   HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
+                   WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
+                   WITH_STATS: tl.constexpr, SUB_N: tl.constexpr):
+    """Partial-statistics tile ``t`` (columns ``v0 + [0, SUB_N)``) of the float32 accumulator
+    ``acc (BLOCK_M, SUB_N)``, ordered so that at most two tile-sized values are live."""
+    cols = v0 + tl.arange(0, SUB_N)
+    col_mask = cols < V
+    row_mask = row_mask & ((rows64 * 0 + t) < n_tiles)  # a split's second half may lie past V
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    s = _softcap(acc, cap, HAS_CAP)
+    part_row = part_ptr + rows64 * stride_part + t
+    part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
+    if WITH_CE:
+        label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+        here = row_mask & (label >= v0) & (label < v0 + SUB_N)
+        target = tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        tl.store(target_ptr + rows64, target, mask=here)
+        if SEPARATE_CE:
+            s_m = tl.where(col_mask[None, :], s, _MASKED)
+            m_ce = tl.max(s_m, axis=1)
+            tl.store(part_row + _PMCE * part_stride, m_ce, mask=row_mask)
+            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
+                     mask=row_mask)
+    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
+    m = tl.max(z, axis=1)
+    y = z - m[:, None]
+    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols[None, :],
+             tl.maximum(y, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    e = tl.exp(y)
+    tl.store(part_row + _PM * part_stride, m, mask=row_mask)
+    tl.store(part_row + _PSUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
+    if WITH_STATS:
+        tl.store(part_row + _PENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
+    if HAS_SET:
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
+        for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·SUB_N/V ids per row per tile: 0 or 1
+            has = (lo + j) < hi
+            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
+            zj = tl.sum(tl.where(hit, y, 0.0), axis=1) + m
+            tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
+            if WITH_TAIL:
+                e = tl.where(hit, 0.0, e)  # S leaves the tail by membership, not by subtraction
+    if WITH_TAIL:
+        tl.store(part_row + _PTAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
+
+
+@triton.jit
+def head_stats_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+    # shapes (n_tiles: partial-statistics tiles of BLOCK_N // SPLIT columns)
+    C, V, D, n_tiles,
+    # strides (unit column strides everywhere)
+    stride_h, stride_w, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs,
+    # meta
+    inv_temp, cap,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
+    WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    WITH_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of z = softcap(h·Wᵀ + b)/τ; its epilogue runs on SPLIT column
+    halves (partial statistics per BLOCK_N // SPLIT columns) to bound the live registers."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(C, BLOCK_M)
+    in_group = GROUP_M * tl.cdiv(V, BLOCK_N)
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v0 = pid_n * BLOCK_N
+    cols = v0 + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rows64[:, None] * stride_h + dd[None, :]
+    w_ptrs = w_ptr + cols64[:, None] * stride_w + dd[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = (d0 + dd) < D
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+
+    args = (C, V, n_tiles, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr,
+            target_ptr, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs, inv_temp, cap,
+            HAS_BIAS, HAS_CAP, HAS_SET, WITH_TAIL, WITH_CE, SEPARATE_CE, WITH_STATS)
+    if SPLIT == 1:
+        _tile_epilogue(acc, rows64, row_mask, v0, pid_n, *args, BLOCK_N)
+    else:  # SPLIT 2: the two column halves one after the other
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _tile_epilogue(left, rows64, row_mask, v0, 2 * pid_n, *args, BLOCK_N // 2)
+        _tile_epilogue(right, rows64, row_mask, v0 + BLOCK_N // 2, 2 * pid_n + 1, *args,
+                       BLOCK_N // 2)
+
+
+@triton.jit
+def head_grad_kernel(
+    # pointers
+    tile_ptr, part_ptr, out_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V,
+    # strides
+    stride_tile, stride_part, stride_out, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dz over one (BLOCK_M, BLOCK_N) tile from y = z − m_t: values set on S, the dense part off
+    S, the CE term, × softcap'. ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale,
+    CE lse, CE scale."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v0 = pid_n * BLOCK_N
+    cols = v0 + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols[None, :], mask=mask, other=0.0)
+    m = tl.load(part_ptr + rows64 * stride_part + pid_n, mask=row_mask, other=0.0)
+    z = y.to(tl.float32) + m[:, None]
+    s = z * temp
+    kd_lse = tl.load(row_ptr + rows64, mask=row_mask, other=0.0)
+    g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if WITH_TAIL:
+        dense = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
+        g = tl.where(dense[:, None] != 0.0, dense[:, None] * tl.exp(z - kd_lse[:, None]), 0.0)
+    if HAS_SET:
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n + 1, mask=row_mask, other=0)
+        for j in range(0, tl.max(hi - lo, axis=0)):  # set, not add: a huge G_T cannot cancel on S
+            has = (lo + j) < hi
+            idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            val = tl.load(values_ptr + rows64 * stride_values + lo + j, mask=has, other=0.0)
+            g = tl.where(cols[None, :] == idj[:, None], val[:, None], g)
+    if WITH_CE:
+        lse_ce = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
+        ce_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
+        label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+        onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        g += tl.where(ce_scale[:, None] != 0.0,
+                      ce_scale[:, None] * (tl.exp(s - lse_ce[:, None]) - onehot), 0.0)
+    if HAS_CAP:
+        r = s / cap
+        g = g * (1.0 - r * r)
+    tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+             g.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dense_pair_kernel(
+    # pointers
+    student_ptr, student_part_ptr, teacher_ptr, teacher_part_ptr, row_ptr, labels_ptr, out_ptr,
+    # shapes
+    C, V, n_tiles,
+    # strides
+    stride_student, stride_teacher, stride_part, stride_out,
+    # meta
+    temp, inv_temp, cap, beta, log_beta, log_1m_beta,
+    HAS_CAP: tl.constexpr, KIND: tl.constexpr, WITH_CE: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The online dense teacher over two 16-bit tiles (student z − m_t, teacher t − m'_t).
+    ``GRAD=False``: per (row, tile) Σ term and Σ w into ``out (2, C, n_tiles)``; ``GRAD=True``:
+    dz = kd_scale·(w − p·W) + CE, × softcap', into ``out (C, V)``. ``row_ptr``: float32 planes of
+    C — lse, teacher lse, W, kd scale, CE lse, CE scale."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    mask = row_mask[:, None] & col_mask[None, :]
+    part = rows64 * stride_part + pid_n
+    y = tl.load(student_ptr + rows64[:, None] * stride_student + cols[None, :], mask=mask, other=0.0)
+    z = y.to(tl.float32) + tl.load(student_part_ptr + part, mask=row_mask, other=0.0)[:, None]
+    u = tl.load(teacher_ptr + rows64[:, None] * stride_teacher + cols[None, :], mask=mask, other=0.0)
+    t = u.to(tl.float32) + tl.load(teacher_part_ptr + part, mask=row_mask, other=0.0)[:, None]
+    lse = tl.load(row_ptr + rows64, mask=row_mask, other=0.0)
+    teacher_lse = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
+    term, w, p = _dense_terms(z, t, lse[:, None], teacher_lse[:, None], log_beta, log_1m_beta,
+                              beta, KIND)
+    if GRAD:
+        wsum = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
+        kd_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
+        g = tl.where(kd_scale[:, None] != 0.0, kd_scale[:, None] * (w - p * wsum[:, None]), 0.0)
+        s = z * temp
+        if WITH_CE:
+            lse_ce = tl.load(row_ptr + 4 * C + rows64, mask=row_mask, other=0.0)
+            ce_scale = tl.load(row_ptr + 5 * C + rows64, mask=row_mask, other=0.0)
+            label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
+            onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+            g += tl.where(ce_scale[:, None] != 0.0,
+                          ce_scale[:, None] * (tl.exp(s - lse_ce[:, None]) - onehot), 0.0)
+        if HAS_CAP:
+            r = s / cap
+            g = g * (1.0 - r * r)
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                 g.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        out = out_ptr + part
+        tl.store(out, tl.sum(tl.where(mask, term, 0.0), axis=1), mask=row_mask)
+        tl.store(out + C * stride_part, tl.sum(tl.where(mask, w, 0.0), axis=1), mask=row_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configurations, per compile target (never a GPU query at import)
+# ------------------------------------------------------------------------------------------------
+
+# Interpreter (tests): small tiles so a tiny problem still spans many tiles and both loops.
+INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=16, SPLIT=2)
+_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dict:
+    """Launch configuration of ``head_stats_kernel`` for compute capability ``cc`` (e.g. 90, 89,
+    80) and the operand dtype, from the target alone (no GPU query).
+
+    16-bit operands: 128×128 program tiles, BLOCK_D 64, 8 warps, grouped by 8 row tiles; 4 stages
+    on sm_90 (wgmma; 4 × 32 KB of 227 KB), 3 on sm_80 (163 KB) and sm_86/89 (99 KB per block).
+    float32 operands (IEEE dot, CUDA cores; 128 rows spill on sm_90): 64×128, BLOCK_D 32, 2 stages.
+    ``SPLIT=2`` (the epilogue on two column halves, partials per half) lets a 256-wide tile keep a
+    128-wide epilogue: with ``BLOCK_N=256`` it would halve the GEMM's L2 traffic on sm_90, but it
+    spills there today (376 B at 128×256, 255 registers; ``scripts/compile_fused_head.py``), so no
+    target uses it yet; the interpreter tests run it."""
+    if interpreter:
+        return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
+    if operand == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, GROUP_M=8, SPLIT=1, num_warps=8,
+                    num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, SPLIT=1, num_warps=8,
+                num_stages=4 if cc >= 90 else 3)
+
+
+def grad_config(block_n: int, interpreter: bool = False) -> dict:
+    """``head_grad_kernel``: the stats kernel's BLOCK_N (one m_t per row per tile), 16 rows."""
+    if interpreter:
+        return dict(BLOCK_M=8, BLOCK_N=block_n, num_warps=4)
+    return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4)
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _cc(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+# While `recording()` is active the launchers append (kernel, grid, args, meta) instead of launching.
+_RECORDED: Optional[list] = None
+# The target the recorded launches are configured for (compile_specs sets it).
+_RECORD_CC: Optional[int] = None
+
+
+def _launch(kernel, grid, device, args, meta) -> None:
+    if _RECORDED is not None:
+        _RECORDED.append((kernel, args, meta))
+        return
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **meta)
+
+
+def _config(device: torch.device, operand: torch.dtype) -> dict:
+    if _RECORDED is not None and _RECORD_CC is not None:
+        return head_config(_RECORD_CC, operand)
+    if _interpreted(device):
+        return head_config(0, operand, interpreter=True)
+    return head_config(_cc(device), operand)
+
+
+def tile_bounds(sorted_ids: Tensor, n_tiles: int, block_n: int) -> Tensor:
+    """``(C, n_tiles + 1)`` int32: row n's ids in vocabulary tile t are its sorted slots
+    ``[b[n, t], b[n, t + 1])`` (one ``searchsorted`` per chunk; no per-tile scan over K)."""
+    edges = torch.arange(n_tiles + 1, device=sorted_ids.device, dtype=sorted_ids.dtype) * block_n
+    return torch.searchsorted(sorted_ids, edges.expand(sorted_ids.shape[0], -1).contiguous(),
+                              out_int32=True)
+
+
+class HeadChunk:
+    """The outputs of ``head_stats`` for one chunk: the 16-bit (float32) tile, the partials
+    ``(6, C, n_tiles)``, the values z at S in sorted order ``(C, K)``, the CE target ``(C,)``, and
+    the tile bounds of S (``tile_bounds``, or None without a set)."""
+
+    def __init__(self, tile, partials, zs, target, block_n, bounds):
+        self.tile, self.partials, self.zs, self.target = tile, partials, zs, target
+        self.block_n, self.bounds = block_n, bounds
+
+
+def tile_dtype(operand: torch.dtype) -> torch.dtype:
+    """float16 tiles for 16-bit operands, float32 for float32 operands."""
+    return torch.float16 if operand in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_ids: Optional[Tensor],
+               labels: Optional[Tensor], inv_temp: float, cap: float, with_tail: bool,
+               with_ce: bool, separate_ce: bool, with_stats: bool,
+               tile: Optional[Tensor] = None) -> HeadChunk:
+    """GEMM 1 of a chunk with its statistics: ``hidden (C, D)`` and ``weight (V, D)`` in the operand
+    dtype (float16, bfloat16 or float32), ``bias (V,)`` float32 or None, ``sorted_ids (C, K)`` int32
+    ascending (unused slots ``>= V`` or ``< 0``) or None, ``labels (C,)`` in range (with
+    ``with_ce``). ``tile`` an optional reused ``(≥C, V)`` buffer of ``tile_dtype``."""
+    _check_operands(hidden, weight, bias)
+    c, d = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    k = 0 if sorted_ids is None else sorted_ids.shape[1]
+    if sorted_ids is not None:
+        _check_2d("sorted_ids", sorted_ids, (c, k), (torch.int32,), device)
+    if with_ce:
+        _check_2d("labels", labels, (c,), (torch.int32, torch.int64), device)
+    cfg = _config(device, hidden.dtype)
+    bn = cfg["BLOCK_N"] // cfg["SPLIT"]  # columns per partial-statistics tile
+    n_tiles = triton.cdiv(vocab, bn)
+    if tile is None:
+        tile = torch.empty((c, vocab), dtype=tile_dtype(hidden.dtype), device=device)
+    else:
+        tile = tile[:c]
+    partials = torch.empty((N_PARTIALS, c, n_tiles), dtype=torch.float32, device=device)
+    zs = torch.zeros((c, max(k, 1)), dtype=torch.float32, device=device)
+    target = torch.zeros(c, dtype=torch.float32, device=device)
+    has_set = k > 0
+    bounds = tile_bounds(sorted_ids, n_tiles, bn) if has_set else None
+    if c == 0:
+        return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
+    ids = sorted_ids if has_set else zs
+    bnd = bounds if has_set else zs
+    args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else zs, tile,
+            partials, zs, target,
+            c, vocab, d, n_tiles,
+            hidden.stride(0), weight.stride(0), ids.stride(0), bnd.stride(0), tile.stride(0),
+            n_tiles, zs.stride(0),
+            float(inv_temp), float(cap) if cap else 1.0)
+    meta = dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), HAS_SET=has_set,
+                WITH_TAIL=bool(with_tail), WITH_CE=bool(with_ce),
+                SEPARATE_CE=bool(with_ce) and bool(separate_ce), WITH_STATS=bool(with_stats),
+                PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
+    _launch(head_stats_kernel, grid, device, args, meta)
+    return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
+
+
+def _lse_of(m: Tensor, sums: Tensor) -> Tensor:
+    """``log Σ_t sums_t·e^{m_t}`` per row, against the row's largest ``m_t``; −inf for a zero sum."""
+    top = m.amax(dim=1, keepdim=True)
+    return top.squeeze(1) + torch.log((sums * torch.exp(m - top)).sum(dim=1))
+
+
+def combine(chunk: HeadChunk, with_tail: bool, with_ce: bool, separate_ce: bool,
+            with_stats: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(lse, tail_lse, lse_ce, mean_z)`` per row from the partials (float32; None when not asked)."""
+    p = chunk.partials
+    m, sums = p[_M], p[_SUM]
+    lse = _lse_of(m, sums)
+    tail_lse = _lse_of(m, p[_TAIL]) if with_tail else None
+    lse_ce = None
+    if with_ce:
+        lse_ce = _lse_of(p[_MCE], p[_SCE]) if separate_ce else lse
+    mean_z = None
+    if with_stats:
+        top = m.amax(dim=1, keepdim=True)
+        weight = torch.exp(m - lse.unsqueeze(1))
+        mean_z = top.squeeze(1) + (weight * (p[_ENT] + (m - top) * sums)).sum(dim=1)
+    return lse, tail_lse, lse_ce, mean_z
+
+
+def head_grad(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Optional[Tensor],
+              kd_lse: Tensor, dense_scale: Optional[Tensor], lse_ce: Optional[Tensor],
+              ce_scale: Optional[Tensor], labels: Optional[Tensor], temperature: float, cap: float,
+              with_tail: bool, with_ce: bool, out: Tensor) -> Tensor:
+    """``dz`` of a chunk from its tile into ``out`` (C, V) — the tile itself, or a view of it as
+    bfloat16, for in place. Per-row vectors float32 ``(C,)``; ``sorted_values (C, K)`` float32."""
+    tile = chunk.tile
+    c, vocab = tile.shape
+    device = tile.device
+    k = 0 if sorted_ids is None else sorted_ids.shape[1]
+    _check_2d("out", out, (c, vocab), (torch.float16, torch.bfloat16, torch.float32), device)
+    if c == 0:
+        return out
+    zero = kd_lse.new_zeros(c)
+    rows = torch.stack([kd_lse, dense_scale if with_tail else zero, lse_ce if with_ce else zero,
+                        ce_scale if with_ce else zero]).to(torch.float32).contiguous()
+    has_set = k > 0
+    ids = sorted_ids if has_set else rows
+    bnd = chunk.bounds if has_set else rows
+    values = sorted_values.to(torch.float32).contiguous() if has_set else rows
+    n_tiles = chunk.partials.shape[2]
+    cfg = grad_config(chunk.block_n, _interpreted(device) and _RECORDED is None)
+    args = (tile, chunk.partials, out, ids, bnd, values, rows, labels if with_ce else rows,
+            c, vocab,
+            tile.stride(0), n_tiles, out.stride(0), ids.stride(0), bnd.stride(0), values.stride(0),
+            float(temperature), float(cap) if cap else 1.0)
+    meta = dict(HAS_CAP=bool(cap), WITH_TAIL=bool(with_tail), HAS_SET=has_set,
+                WITH_CE=bool(with_ce), **cfg)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]), n_tiles)
+    _launch(head_grad_kernel, grid, device, args, meta)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# argument checks (before any kernel runs)
+# ------------------------------------------------------------------------------------------------
+
+def _check_2d(name, x, shape, dtypes, device) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must be one of {dtypes}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+    if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have unit column stride, got strides {tuple(x.stride())}")
+
+
+def _check_operands(hidden, weight, bias) -> None:
+    ok = (torch.float16, torch.bfloat16, torch.float32)
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        raise ValueError("hidden must be a 2-D tensor (rows, D)")
+    if hidden.dtype not in ok:
+        raise TypeError(f"hidden must be float16, bfloat16 or float32, got {hidden.dtype}")
+    _check_2d("weight", weight, (weight.shape[0], hidden.shape[1]), (hidden.dtype,), hidden.device)
+    if hidden.shape[1] > 1 and hidden.stride(1) != 1:
+        raise ValueError(f"hidden must have unit column stride, got strides {tuple(hidden.stride())}")
+    if bias is not None:
+        _check_2d("bias", bias, (weight.shape[0],), (torch.float32,), hidden.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the offline compile lane compiles
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def recording(cc: int = 90):
+    """Within the block the launchers record ``(kernel, args, meta)`` for target ``cc`` instead of
+    launching (argument checks still run)."""
+    global _RECORDED, _RECORD_CC
+    previous = (_RECORDED, _RECORD_CC)
+    _RECORDED, _RECORD_CC = [], cc
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED, _RECORD_CC = previous
+
+
+def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
+                  dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """The launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats; dz
+    written as ``dtype`` when 16-bit; the dense pair's divergence and gradient modes for JSD),
+    configured for ``cc``, as the dicts
+    ``triton_epilogue.compile_specs`` gives. Recorded on CPU tensors: nothing runs."""
+    from .triton_epilogue import _compile_spec
+    rows = 2
+    hidden = torch.zeros((rows, dim), dtype=dtype)
+    weight = torch.zeros((vocab, dim), dtype=dtype)
+    bias = torch.zeros(vocab, dtype=torch.float32)
+    ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
+    labels = torch.zeros(rows, dtype=torch.int64)
+    vec = torch.zeros(rows, dtype=torch.float32)
+    with recording(cc) as launches:
+        chunk = head_stats(hidden, weight, bias, ids, labels, 0.5, 30.0, True, True, True, True)
+        out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
+        head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
+                  True, True, out)
+        state = torch.zeros((6, rows), dtype=torch.float32)
+        dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True)  # JSD: every term
+        dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True, out=out)
+    return [_compile_spec(*launch) for launch in launches]
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan with the fused head: offline top-k (chunked.topk_forward / topk_backward dispatch here)
+# ------------------------------------------------------------------------------------------------
+
+class _FusedPass:
+    """Set-up shared by the forward and the recomputing backward: the student's head, counted rows,
+    the chunk height (a 16-bit tile per element, plus a float32 dz block where dz cannot go in
+    place: the CPU, float32 operands keep dz in the tile itself) and the reused buffers."""
+
+    def __init__(self, hidden, weight, bias, labels, ignore_index, chunk_bytes, operand):
+        from . import chunked
+        from .torch_backend import counted_rows
+        if operand not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"epilogue='fused' takes float16, bfloat16 or float32 operands, got {operand}")
+        self.n_rows, self.vocab = hidden.shape[0], weight.shape[0]
+        self.head = chunked._Head(weight, bias, operand)
+        self.operand = operand
+        # the kernel's operands in the operand dtype (on CUDA the head's own copy)
+        weight_k = self.head.weight if self.head.tensor_cores else weight.detach().to(operand)
+        self.weight_k = weight_k.contiguous()
+        self.bias_k = None if bias is None else self.head.bias.to(torch.float32)
+        self.counted = counted_rows(labels, self.n_rows, ignore_index, hidden.device)
+        self.safe_labels = None if labels is None else torch.where(self.counted, labels, 0).long().contiguous()
+        tdtype = tile_dtype(operand)
+        self.in_place = self.head.tensor_cores or tdtype == torch.float32
+        per_element = torch.finfo(tdtype).bits // 8 + (0 if self.in_place else 4)
+        self.step = chunked.chunk_rows(self.n_rows, self.vocab, per_element, chunk_bytes)
+        shape = (min(self.step, self.n_rows), self.vocab)
+        self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
+        self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
+
+    def chunks(self):
+        for start in range(0, self.n_rows, self.step):
+            yield slice(start, min(self.n_rows, start + self.step))
+
+    def labels(self, rows):
+        return None if self.safe_labels is None else self.safe_labels[rows]
+
+    def stats(self, hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats):
+        h_k = hidden[rows].detach().to(self.operand).contiguous()
+        return head_stats(h_k, self.weight_k, self.bias_k, sorted_ids, self.labels(rows),
+                          1.0 / temperature, softcap or 0.0, with_tail, use_ce,
+                          use_ce and temperature != 1.0, with_stats, tile=self.tile)
+
+    def dz_buffer(self, chunk, rows):
+        """Where a chunk's dz goes: over its tile (bfloat16 through a view) or a float32 block."""
+        if self.out is not None:
+            return self.out[: rows.stop - rows.start]
+        return chunk.tile.view(torch.bfloat16) if self.operand == torch.bfloat16 else chunk.tile
+
+    def grad(self, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid, kd_lse, dense,
+             topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail, use_ce):
+        on_topk = kd_scale.unsqueeze(1) * (
+            topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
+        on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(torch.float32)
+        out = self.dz_buffer(chunk, rows)
+        return head_grad(chunk, sorted_ids, on_topk, kd_lse.to(torch.float32),
+                         (kd_scale * dense).to(torch.float32) if with_tail else None,
+                         lse_ce.to(torch.float32) if use_ce else None,
+                         ce_scale.to(torch.float32) if use_ce else None,
+                         self.labels(rows) if use_ce else None, temperature, softcap or 0.0,
+                         with_tail, use_ce, out)
+
+
+def _unsort(sorted_values: Tensor, perm: Tensor) -> Tensor:
+    """Values in the order of the teacher's ids from their sorted order (``sorted = x.gather(1, perm)``)."""
+    return torch.empty_like(sorted_values).scatter_(1, perm, sorted_values)
+
+
+def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, divergence, beta,
+                 tail, temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes,
+                 with_stats, grads_in_forward, weight_grad, operand_dtype):
+    """``chunked.topk_forward`` for an offline teacher with the fused head: same outputs."""
+    from . import chunked
+    from .. import divergences as dv
+    from .torch_backend import _topk_epilogue, sorted_topk_ids
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype)
+    n_rows, vocab, counted = ps.n_rows, ps.vocab, ps.counted
+    acc = torch.float32
+    k = teacher_ids.shape[1]
+    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
+    f = dict(dtype=acc, device=hidden.device)
+    lse, lse_ce, target, kd_rows = (torch.zeros(n_rows, **f) for _ in range(4))
+    state = torch.zeros((n_rows, 4), **f)
+    topk_weights = torch.zeros((n_rows, k), **f)
+    stats = torch.zeros((n_rows if with_stats else 0, 3), **f)
+    kd_scale = counted.to(acc) * (kd_weight * temperature)
+    ce_scale = counted.to(acc) * ce_weight
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad) if grads_in_forward else None
+    for rows in ps.chunks():
+        ids_c, logprobs_c = teacher_ids[rows], teacher_logprobs[rows].to(acc)
+        valid_c = ids_c >= 0
+        sorted_ids, perm = sorted_topk_ids(ids_c, vocab)
+        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats)
+        lse_c, tail_c, lse_ce_c, mean_z_c = combine(chunk, with_tail, use_ce,
+                                                    use_ce and temperature != 1.0, with_stats)
+        topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
+        lse[rows] = lse_c
+        if use_ce:
+            target[rows], lse_ce[rows] = chunk.target, lse_ce_c
+        kd, w, kd_lse, dense, topk_coef = _topk_epilogue(
+            topk_logits, lse_c, tail_c, logprobs_c, None, valid_c, tail, divergence, beta)
+        kd_rows[rows] = kd
+        topk_weights[rows] = w
+        state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF] = kd_lse, dense
+        state[rows, chunked._TOPK_COEF] = topk_coef
+        if with_stats:
+            topk_mass = dv.masked_logsumexp(topk_logits, valid_c).sub(lse_c).exp()
+            stats[rows] = torch.stack([lse_c - mean_z_c, lse_c, topk_mass], dim=1)
+        if grads is not None:
+            dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse, dense,
+                         topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature, softcap,
+                         with_tail, use_ce)
+            grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    state[:, chunked._LSE_CE] = lse_ce
+    zero = torch.zeros((), **f)
+    kd_rows = torch.where(counted, kd_rows, zero)
+    loss_rows = kd_weight * temperature**2 * kd_rows
+    if use_ce:
+        loss_rows = loss_rows + torch.where(counted, ce_weight * (lse_ce - target), zero)
+    topk_weights = torch.where(counted.unsqueeze(1), topk_weights, zero)
+    ids_out = torch.empty((0, k), dtype=torch.int64, device=hidden.device)
+    grad_outputs = grads.result() if grads is not None else chunked._no_grads(hidden)
+    return (loss_rows, kd_rows, state, topk_weights, stats, ids_out) + grad_outputs
+
+
+def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, tail,
+                  temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes,
+                  weight_grad, operand_dtype):
+    """``chunked.topk_backward`` with the fused head: each chunk's GEMM 1 recomputed once (its
+    tile and the values at S; no statistics), then the gradient pass and GEMMs 2–3."""
+    from . import chunked
+    from .torch_backend import sorted_topk_ids
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype)
+    acc = torch.float32
+    g = torch.where(ps.counted, grad_rows.to(acc), 0.0)
+    kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
+    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad)
+    state = state.to(acc)
+    for rows in ps.chunks():
+        ids_c = teacher_ids[rows]
+        valid_c = ids_c >= 0
+        sorted_ids, perm = sorted_topk_ids(ids_c, ps.vocab)
+        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
+        topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
+        dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, topk_weights[rows].to(acc), valid_c,
+                     state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF],
+                     state[rows, chunked._TOPK_COEF], kd_scale[rows], state[rows, chunked._LSE_CE],
+                     ce_scale[rows], temperature, softcap, with_tail, use_ce)
+        grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    return grads.result()
+
+
+# ------------------------------------------------------------------------------------------------
+# the online dense teacher: both heads' GEMMs with their partials, then two passes over 16-bit tiles
+# ------------------------------------------------------------------------------------------------
+
+def dense_pair(student: HeadChunk, teacher: HeadChunk, rows_state: Tensor, labels: Optional[Tensor],
+               kind: int, beta: float, temperature: float, cap: float, with_ce: bool,
+               out: Optional[Tensor] = None) -> Tensor:
+    """``out=None``: per row ``(kd, W)`` (2, C) summed from per-tile partials; else ``dz`` into
+    ``out (C, V)`` (the student's tile, a bfloat16 view of it, or a float32 block).
+    ``rows_state (6, C)`` float32: lse, teacher lse, W, kd scale, CE lse, CE scale."""
+    from .triton_epilogue import _kind
+    kind, beta, log_beta, log_1m_beta = _kind(kind, beta)
+    c, vocab = student.tile.shape
+    device = student.tile.device
+    n_tiles = student.partials.shape[2]
+    grad = out is not None
+    partial = None if grad else torch.empty((2, c, n_tiles), dtype=torch.float32, device=device)
+    target = out if grad else partial
+    if c == 0:
+        return target if grad else partial.sum(dim=2)
+    cfg = grad_config(student.block_n, _interpreted(device) and _RECORDED is None)
+    args = (student.tile, student.partials, teacher.tile, teacher.partials, rows_state,
+            labels if with_ce else rows_state, target,
+            c, vocab, n_tiles,
+            student.tile.stride(0), teacher.tile.stride(0), n_tiles,
+            target.stride(0) if grad else n_tiles,
+            float(temperature), 1.0 / float(temperature), float(cap) if cap else 1.0, float(beta),
+            float(log_beta), float(log_1m_beta))
+    meta = dict(HAS_CAP=bool(cap), KIND=kind, WITH_CE=bool(with_ce), GRAD=grad, **cfg)
+    grid = (triton.cdiv(c, cfg["BLOCK_M"]), n_tiles)
+    _launch(dense_pair_kernel, grid, device, args, meta)
+    return out if grad else partial.sum(dim=2)
+
+
+def _dense_chunk(ps, teacher_head, teacher_hidden, hidden, rows, temperature, softcap,
+                 teacher_softcap, use_ce, with_stats, teacher_tile):
+    """Both heads' GEMMs for one chunk: the student's and the teacher's tiles and partials."""
+    student = ps.stats(hidden, rows, None, temperature, softcap, False, use_ce, with_stats)
+    t_k = teacher_hidden[rows].detach().to(ps.operand).contiguous()
+    teacher = head_stats(t_k, teacher_head[0], teacher_head[1], None, None, 1.0 / temperature,
+                         teacher_softcap or 0.0, False, False, False, False, tile=teacher_tile)
+    return student, teacher
+
+
+def _teacher_operands(teacher_weight, teacher_bias, operand):
+    w = teacher_weight.detach().to(operand).contiguous()
+    b = None if teacher_bias is None else teacher_bias.detach().to(torch.float32)
+    return w, b
+
+
+def dense_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                  divergence, beta, temperature, softcap, teacher_softcap, ignore_index, ce_weight,
+                  kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype):
+    """``chunked.dense_forward`` with both heads fused: same outputs."""
+    from . import chunked
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes // 2, operand_dtype)
+    n_rows, counted, acc = ps.n_rows, ps.counted, torch.float32
+    teacher_head = _teacher_operands(teacher_weight, teacher_bias, operand_dtype)
+    teacher_tile = torch.empty_like(ps.tile)
+    use_ce = ce_weight != 0.0
+    separate = use_ce and temperature != 1.0
+    kind = chunked._kind(divergence, beta)
+    f = dict(dtype=acc, device=hidden.device)
+    state = torch.zeros((4, n_rows), **f)
+    mean_z, target, kd_rows = (torch.zeros(n_rows, **f) for _ in range(3))
+    kd_scale = counted.to(acc) * (kd_weight * temperature)
+    ce_scale = counted.to(acc) * ce_weight
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad) if grads_in_forward else None
+    for rows in ps.chunks():
+        student, teacher = _dense_chunk(ps, teacher_head, teacher_hidden, hidden, rows, temperature,
+                                        softcap, teacher_softcap, use_ce, with_stats, teacher_tile)
+        lse, _tail, lse_ce, mz = combine(student, False, use_ce, separate, with_stats)
+        teacher_lse = combine(teacher, False, False, False, False)[0]
+        zero = torch.zeros_like(lse)
+        rows_state = torch.stack([lse, teacher_lse, zero, kd_scale[rows], lse_ce if use_ce else zero,
+                                  ce_scale[rows]]).contiguous()
+        kd, wsum = dense_pair(student, teacher, rows_state, ps.labels(rows), kind, beta,
+                              temperature, softcap, use_ce)
+        kd_rows[rows] = kd
+        state[0, rows], state[1, rows], state[2, rows] = lse, teacher_lse, wsum
+        if use_ce:
+            state[3, rows], target[rows] = lse_ce, student.target
+        if with_stats:
+            mean_z[rows] = mz
+        if grads is not None:
+            rows_state[2] = wsum
+            dz = dense_pair(student, teacher, rows_state, ps.labels(rows), kind, beta, temperature,
+                            softcap, use_ce, out=ps.dz_buffer(student, rows))
+            grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    state = state.t().contiguous()
+    zero = torch.zeros((), **f)
+    kd_rows = torch.where(counted, kd_rows, zero)
+    loss_rows = kd_weight * temperature**2 * kd_rows
+    if use_ce:
+        loss_rows = loss_rows + torch.where(counted, ce_weight * (state[:, 3] - target), zero)
+    if with_stats:
+        stats = torch.stack([state[:, 0] - mean_z, state[:, 0]], dim=1)
+    else:
+        stats = torch.zeros((0, 2), **f)
+    grad_outputs = grads.result() if grads is not None else chunked._no_grads(hidden)
+    return (loss_rows, kd_rows, state, stats) + grad_outputs
+
+
+def dense_backward(grad_rows, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
+                   labels, state, divergence, beta, temperature, softcap, teacher_softcap,
+                   ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype):
+    """``chunked.dense_backward`` with both heads fused: each chunk's two GEMMs recomputed once."""
+    from . import chunked
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes // 2, operand_dtype)
+    acc = torch.float32
+    teacher_head = _teacher_operands(teacher_weight, teacher_bias, operand_dtype)
+    teacher_tile = torch.empty_like(ps.tile)
+    g = torch.where(ps.counted, grad_rows.to(acc), 0.0)
+    kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
+    use_ce = ce_weight != 0.0
+    kind = chunked._kind(divergence, beta)
+    grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad)
+    state = state.to(acc)
+    for rows in ps.chunks():
+        student, teacher = _dense_chunk(ps, teacher_head, teacher_hidden, hidden, rows, temperature,
+                                        softcap, teacher_softcap, False, False, teacher_tile)
+        rows_state = torch.stack([state[rows, 0], state[rows, 1], state[rows, 2], kd_scale[rows],
+                                  state[rows, 3], ce_scale[rows]]).contiguous()
+        dz = dense_pair(student, teacher, rows_state, ps.labels(rows), kind, beta, temperature,
+                        softcap, use_ce, out=ps.dz_buffer(student, rows))
+        grads.add(rows, dz, ps.head.cast(hidden[rows]))
+    return grads.result()

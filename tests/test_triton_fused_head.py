@@ -1,0 +1,411 @@
+"""The fused head of the chunked plan (fastkd/backends/triton_fused_head.py), in the interpreter.
+
+The whole offline top-k plan with ``epilogue="fused"`` — GEMM 1 with its statistics in the epilogue
+(``tl.dot``), the combine, the (C, K) epilogue, the gradient pass over the stored tiles, the gradient
+GEMMs — against the float64 reference (``fastkd.reference``) on random problems: loss, d hidden,
+d weight, d bias. Each error must stay within FACTOR × the error of plain PyTorch computing the loss
+in the operand dtype on the same (rounded) inputs, or a floor of a few ulps of that dtype; the unfused
+plan (torch epilogues) is run too and the fused plan must stay within FACTOR × its error or the
+floor of the tile's rounding (float16 tiles: ``|z − m_t|·2⁻¹¹``).
+
+Operands float16 and float32 (bfloat16 ``tl.dot`` is wrong in the triton 3.9 interpreter, so
+bfloat16 is covered by compiling: ``test_kernels_compile_for_sm90_sm89``). Shapes are tiny
+and the interpreter tiles small (16×32, BLOCK_D 16) so a problem spans several row tiles, vocabulary
+tiles (V = 101: the last partial), D steps and chunks.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from conftest import rel_error
+from fastkd.backends import chunked
+from fastkd.backends import triton_fused_head as fh
+from fastkd.reference import topk_kd_loss_reference
+
+ROWS, VOCAB, DIM, K = 24, 101, 32, 6
+CHUNK_ROWS = 16  # two chunks: 16 + 8 rows
+IGNORED = (1, 7, 20)
+IGNORE_INDEX = -100
+KD_WEIGHT = 0.8
+FACTOR = 4.0
+# Below this a relative error is rounding of the dtype itself (a few ulps).
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3}
+
+# id, operand dtype, student distribution, tail, divergence, beta, temperature, softcap,
+# ce_weight, reduction, bias
+CASES = [
+    ("flat-f32-rkl-mean", torch.float32, "flat", "bucket", "reverse_kl", 0.5, 1.0, None, 0.0,
+     "mean", False),
+    ("peaked-f16-fkl-cap-tau-ce-none", torch.float16, "peaked", "bucket", "forward_kl", 0.5, 2.0,
+     5.0, 0.7, "none", True),
+    ("converged-f16-jsd-ce-mean", torch.float16, "converged", "bucket", "jsd", 0.3, 1.0, None, 0.5,
+     "mean", False),
+    ("flat-f16-renormalize-cap-ce-sum", torch.float16, "flat", "renormalize", "reverse_kl", 0.5,
+     0.7, 3.0, 0.3, "sum", True),
+    ("peaked-f32-rkl-tau-cap-none", torch.float32, "peaked", "bucket", "reverse_kl", 0.5, 1.5,
+     30.0, 1.0, "none", False),
+]
+
+
+def _problem(dist, dtype, gen):
+    """hidden, weight (operand dtype) and bias; teacher ids/log-probs with -1 slots and ids at a
+    tile's edges; labels with ignored rows; a per-row grad_output."""
+    scale = {"flat": 0.3, "peaked": 2.0, "converged": 1.0}[dist]
+    hidden = torch.randn(ROWS, DIM, generator=gen, dtype=torch.float64)
+    weight = torch.randn(VOCAB, DIM, generator=gen, dtype=torch.float64) * (scale / DIM**0.5)
+    if dist == "converged":  # one dominant token per row: its weight row aligned with the row
+        top = torch.randint(0, VOCAB, (ROWS,), generator=gen)
+        weight[top] += 3.0 * hidden / hidden.norm(dim=1, keepdim=True) ** 2 * 4.0
+    bias = torch.randn(VOCAB, generator=gen, dtype=torch.float64) * 0.1
+    teacher = hidden @ weight.T + 0.3 * torch.randn(ROWS, VOCAB, generator=gen, dtype=torch.float64)
+    teacher_lp = torch.log_softmax(teacher, dim=-1)
+    ids = teacher_lp.topk(K, dim=-1).indices
+    for row, edges in ((0, [31, 32]), (3, [VOCAB - 1])):  # a tile edge, the vocabulary's end
+        edges = torch.tensor(edges)
+        free = edges[~torch.isin(edges, ids[row])]  # no duplicate ids
+        ids[row, K - len(free):] = free
+    ids[2, 1] = ids[5, 0] = ids[5, 4] = -1
+    logprobs = torch.where(ids >= 0, teacher_lp.gather(1, ids.clamp(min=0)), 0.0).float()
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=gen)
+    labels[list(IGNORED)] = IGNORE_INDEX
+    grad_rows = torch.rand(ROWS, generator=gen, dtype=torch.float64) + 0.5
+    return hidden.to(dtype), weight.to(dtype), bias.float(), ids, logprobs, labels, grad_rows
+
+
+def _plan(epilogue, hidden, weight, bias, ids, logprobs, labels, grad_rows, case):
+    """Loss and (dh, dW, db) of the chunked op, reduced as ``reduction`` says."""
+    _name, dtype, _dist, tail, div, beta, temp, cap, ce, reduction, _b = case
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    per_element = 4 if dtype == torch.float32 else 6  # fused: tile + a float32 dz block on the CPU
+    chunk_bytes = CHUNK_ROWS * VOCAB * per_element
+    ids_in = torch.where((labels != IGNORE_INDEX).unsqueeze(1), ids, -1)
+    out = chunked.topk_forward(
+        h, w, b, ids_in, logprobs, None, None, None, labels, div, beta, tail, temp, cap, None, 0,
+        "teacher", IGNORE_INDEX, ce, KD_WEIGHT, chunk_bytes, False, reduction != "none", True,
+        epilogue, dtype)
+    loss = _reduce(out[0], labels, reduction, grad_rows)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def _reduce(loss_rows, labels, reduction, grad_rows):
+    if reduction == "none":
+        return (loss_rows * grad_rows.to(loss_rows.dtype)).sum()
+    total = loss_rows.sum()
+    return total / (labels != IGNORE_INDEX).sum() if reduction == "mean" else total
+
+
+def _reference(compute, hidden, weight, bias, ids, logprobs, labels, grad_rows, case):
+    """The float64 reference (``compute`` float64), or plain PyTorch as real code runs it: the
+    head's GEMM in the operand dtype (16-bit logits), the loss on them in float32, the gradient
+    GEMMs on the 16-bit ``dz`` that autograd hands the head."""
+    _name, dtype, _dist, tail, div, beta, temp, cap, ce, reduction, _b = case
+    h = hidden.to(compute).requires_grad_()
+    w = weight.to(compute).requires_grad_()
+    b = None if bias is None else bias.to(compute).requires_grad_()
+    if compute == torch.float64 or dtype == torch.float32:
+        head, eye, head_bias = h, w, b
+    else:  # logits = linear(h, W, b) in the 16-bit dtype, the loss in float32 over an identity head
+        logits = torch.nn.functional.linear(h, w, None if b is None else b.to(dtype))
+        head, eye, head_bias = logits.float(), torch.eye(VOCAB), None
+        compute = torch.float32
+    loss = topk_kd_loss_reference(
+        head, eye, ids, logprobs, divergence=div, beta=beta, tail=tail, temperature=temp,
+        labels=labels, ignore_index=IGNORE_INDEX, ce_weight=ce, kd_weight=KD_WEIGHT, softcap=cap,
+        bias=head_bias, reduction=reduction, compute_dtype=compute)
+    if reduction == "none":
+        loss = (loss * grad_rows.to(compute)).sum()
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fused_plan_matches_reference(case):
+    name, dtype, dist, *_rest, with_bias = case
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    hidden, weight, bias, ids, logprobs, labels, grad_rows = _problem(dist, dtype, gen)
+    bias = bias if with_bias else None
+    args = (hidden, weight, bias, ids, logprobs, labels, grad_rows, case)
+    fused = _plan("fused", *args)
+    unfused = _plan("torch", *args)
+    ref = _reference(torch.float64, *args)
+    plain = _reference(dtype, *args)
+    for what, out, unf, r, p in zip(("loss", "d hidden", "d weight", "d bias"), fused, unfused, ref, plain):
+        if r is None:
+            continue
+        assert torch.isfinite(out).all(), f"{name}: {what} not finite"
+        err, err_plain, err_unfused = rel_error(out, r), rel_error(p, r), rel_error(unf, r)
+        tol = max(FACTOR * err_plain, FLOOR[dtype])
+        assert err <= tol, f"{name}: {what} error {err:.2e} > {tol:.2e} (plain {dtype}: {err_plain:.2e})"
+        tol_unfused = max(FACTOR * err_unfused, FLOOR[dtype])
+        assert err <= tol_unfused, (f"{name}: {what} error {err:.2e} > {tol_unfused:.2e} "
+                                    f"(unfused plan: {err_unfused:.2e})")
+    dh = fused[1]
+    assert (dh[list(IGNORED)] == 0).all(), f"{name}: ignored rows' d hidden not exactly zero"
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_statistics_of_one_chunk_against_float64(split, monkeypatch):
+    """head_stats + combine: lse, exact tail lse, CE lse at τ ≠ 1, E_p[z], z at S, the CE target
+    and the stored tile (z − m_t, float16) against float64, float16 operands, bias and softcap;
+    the epilogue on whole program tiles (``SPLIT=1``, sm_80/89) and on two halves (sm_90)."""
+    monkeypatch.setattr(fh, "INTERPRETER_TILES", dict(BLOCK_M=16, BLOCK_N=32 * split, BLOCK_D=16,
+                                                      SPLIT=split))
+    gen = torch.Generator().manual_seed(5)
+    c, vocab, dim, k = 20, 101, 24, 5
+    h = torch.randn(c, dim, generator=gen).half()
+    w = (torch.randn(vocab, dim, generator=gen) * 0.5).half()
+    b = torch.randn(vocab, generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
+    ids[0, 2] = -1
+    sorted_ids = torch.where(ids >= 0, ids, vocab).sort(dim=1).values.to(torch.int32)
+    labels = torch.randint(0, vocab, (c,), generator=gen)
+    inv_temp, cap = 0.5, 3.0
+    chunk = fh.head_stats(h, w, b, sorted_ids, labels, inv_temp, cap, True, True, True, True)
+    lse, tail_lse, lse_ce, mean_z = fh.combine(chunk, True, True, True, True)
+    x = h.double() @ w.double().T + b.double()
+    s = cap * torch.tanh(x / cap)
+    z = s * inv_temp
+    in_s = torch.zeros(c, vocab, dtype=torch.bool).scatter_(1, ids.clamp(min=0), ids >= 0)
+    p = torch.softmax(z, dim=1)
+    checks = [("lse", lse, torch.logsumexp(z, 1)),
+              ("tail lse", tail_lse, torch.logsumexp(z.masked_fill(in_s, float("-inf")), 1)),
+              ("CE lse", lse_ce, torch.logsumexp(s, 1)), ("E_p[z]", mean_z, (p * z).sum(1)),
+              ("target", chunk.target, s.gather(1, labels.unsqueeze(1)).squeeze(1))]
+    for what, out, ref in checks:
+        assert (out.double() - ref).abs().max() < 2e-6, f"{what}: {(out.double() - ref).abs().max():.2e}"
+    valid = sorted_ids < vocab
+    zs_ref = z.gather(1, sorted_ids.long().clamp(max=vocab - 1))
+    assert (chunk.zs.double() - zs_ref)[valid].abs().max() < 2e-6, "z at S"
+    bn = chunk.block_n
+    m_t = chunk.partials[0].repeat_interleave(bn, dim=1)[:, :vocab].double()
+    y = z - m_t
+    assert (y <= 1e-6).all(), "z − m_t above 0"
+    err = (chunk.tile.double() - y).abs()
+    assert (err <= y.abs() * 2.0**-11 + 1e-6).all(), f"tile rounding {err.max():.2e}"
+
+
+def test_bad_arguments_raise_before_any_kernel():
+    h = torch.zeros(4, 8, dtype=torch.float16)
+    w = torch.zeros(10, 8, dtype=torch.float16)
+    with pytest.raises(TypeError, match="weight"):
+        fh.head_stats(h, w.float(), None, None, None, 1.0, 0.0, False, False, False, False)
+    with pytest.raises(ValueError, match="weight"):
+        fh.head_stats(h, torch.zeros(10, 9, dtype=torch.float16), None, None, None, 1.0, 0.0,
+                      False, False, False, False)
+    with pytest.raises(TypeError, match="hidden"):
+        fh.head_stats(h.double(), w.double(), None, None, None, 1.0, 0.0, False, False, False, False)
+    with pytest.raises(TypeError, match="sorted_ids"):
+        fh.head_stats(h, w, None, torch.zeros(4, 2, dtype=torch.int64), None, 1.0, 0.0, True,
+                      False, False, False)
+    with pytest.raises(TypeError, match="bias"):
+        fh.head_stats(h, w, torch.zeros(10, dtype=torch.float16), None, None, 1.0, 0.0, False,
+                      False, False, False)
+
+
+def test_compile_specs_follow_the_target():
+    """The recorded launches carry each target's configuration (stages: 4 on sm_90, else 3); the
+    gradient pass walks the partials' 128-column tiles."""
+    for cc, stages in ((90, 4), (89, 3), (80, 3)):
+        specs = fh.compile_specs(cc=cc, vocab=1000, dim=256, k=8)
+        assert [s["name"] for s in specs] == ["head_stats_kernel", "head_grad_kernel",
+                                              "dense_pair_kernel", "dense_pair_kernel"]
+        stats, grad = (s["constexprs"] for s in specs[:2])
+        assert specs[0]["options"]["num_stages"] == stages
+        assert stats["BLOCK_N"] // stats["SPLIT"] == grad["BLOCK_N"] == 128
+
+
+def test_kernels_compile_for_sm90_sm89():
+    """``scripts/compile_fused_head.py --dtypes bf16 --targets 90 89`` (sm_80 and fp16: the script
+    without arguments, ~75 s): HGMMA on sm_90 and HMMA on sm_89 in the stats kernel's SASS, no
+    spills, shared memory within each target's limit, compiled in < 60 s (no GPU needed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "compile_fused_head.py"),
+                          "--dtypes", "bf16", "--targets", "90", "89"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_default_cuda_epilogue_is_fused_for_16_bit_operands(monkeypatch):
+    """``config.chunked_epilogue``: "auto" picks the fused head for 16-bit operands only; a bad
+    value is refused by name."""
+    from fastkd import api, config
+    assert api._epilogue("chunked", torch.bfloat16) == "fused"
+    assert api._epilogue("chunked", torch.float16) == "fused"
+    assert api._epilogue("chunked", torch.float32) == "triton"
+    assert api._epilogue("torch", torch.bfloat16) == "torch"
+    monkeypatch.setattr(config, "chunked_epilogue", "triton")
+    assert api._epilogue("chunked", torch.bfloat16) == "triton"
+    monkeypatch.setattr(config, "chunked_epilogue", "cublas")
+    with pytest.raises(ValueError, match="chunked_epilogue"):
+        api._epilogue("chunked", torch.bfloat16)
+
+
+def test_through_topk_kd_loss(monkeypatch):
+    """``fastkd.topk_kd_loss`` on (B, T, D) float16 inputs with the fused provider behind the
+    chunked plan (as on CUDA): loss and gradients against the float64 reference."""
+    import fastkd
+    from fastkd import api, config
+    monkeypatch.setitem(api._EPILOGUE, "torch", "fused")
+    monkeypatch.setattr(config, "chunk_bytes", CHUNK_ROWS * VOCAB * 6)
+    launched = []
+    stats = fh.head_stats
+    monkeypatch.setattr(fh, "head_stats", lambda *a, **kw: launched.append(1) or stats(*a, **kw))
+    gen = torch.Generator().manual_seed(11)
+    hidden, weight, bias, ids, logprobs, labels, _g = _problem("peaked", torch.float16, gen)
+    case = ("api", torch.float16, "peaked", "bucket", "reverse_kl", 0.5, 1.3, 20.0, 0.4, "mean", False)
+    h = hidden.view(2, ROWS // 2, DIM).clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = fastkd.topk_kd_loss(h, w, ids.view(2, ROWS // 2, K), logprobs.view(2, ROWS // 2, K),
+                               labels=labels.view(2, ROWS // 2), temperature=1.3, softcap=20.0,
+                               ce_weight=0.4, kd_weight=KD_WEIGHT, impl="torch")
+    loss.backward()
+    assert len(launched) == 2, "the fused head did not run (two chunks expected)"
+    ref = _reference(torch.float64, hidden, weight, None, ids, logprobs, labels, _g, case)
+    plain = _reference(torch.float16, hidden, weight, None, ids, logprobs, labels, _g, case)
+    for what, out, r, p in (("loss", loss, ref[0], plain[0]),
+                            ("d hidden", h.grad.view(ROWS, DIM), ref[1], plain[1]),
+                            ("d weight", w.grad, ref[2], plain[2])):
+        err, base = rel_error(out, r), rel_error(p, r)
+        assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
+
+
+def test_grad_pass_in_place_over_the_tile():
+    """On CUDA ``dz`` overwrites the tile it is computed from (float16, or bfloat16 through a
+    view): the same values as into a float32 buffer, rounded once to the written dtype; ignored
+    rows (zero scales, zero values on S) exact zeros."""
+    gen = torch.Generator().manual_seed(8)
+    c, vocab, dim, k = 12, 101, 16, 4
+    h = torch.randn(c, dim, generator=gen).half()
+    w = (torch.randn(vocab, dim, generator=gen) * 0.7).half()
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
+    sorted_ids = ids.sort(dim=1).values.to(torch.int32)
+    labels = torch.randint(0, vocab, (c,), generator=gen)
+    values = torch.randn(c, k, generator=gen)
+    kd_lse, dense, lse_ce, ce = (torch.randn(c, generator=gen) for _ in range(4))
+    dense[3] = ce[3] = 0.0
+    values[3] = 0.0
+    args = (sorted_ids, values, kd_lse, dense, lse_ce, ce, labels, 1.7, 9.0, True, True)
+    outs = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        chunk = fh.head_stats(h, w, None, sorted_ids, labels, 1 / 1.7, 9.0, True, True, True, False)
+        out = (torch.empty(c, vocab) if dtype == torch.float32
+               else chunk.tile if dtype == torch.float16 else chunk.tile.view(torch.bfloat16))
+        outs[dtype] = fh.head_grad(chunk, *args, out).clone()
+    ref = outs[torch.float32]
+    assert torch.equal(outs[torch.float16], ref.half()), "float16 in place"
+    # The interpreter rounds float32 to bfloat16 toward zero (no numpy bfloat16), the GPU to nearest:
+    # within one bfloat16 ulp of the float32 values.
+    err = (outs[torch.bfloat16].float() - ref).abs()
+    assert (err <= ref.abs() * 2.0**-7).all(), f"bfloat16 in place: {err.max():.2e}"
+    assert (outs[torch.float32][3] == 0).all(), "ignored row not exactly zero"
+
+
+@pytest.mark.parametrize("divergence, reduction", [("jsd", "mean"), ("forward_kl", "none")])
+def test_online_dense_teacher_float16(divergence, reduction, monkeypatch):
+    """``fastkd.kd_loss(topk=None)`` with both heads fused (float16 operands, student and teacher
+    softcaps, τ ≠ 1, CE, ignored rows): loss and gradients against float64, within FACTOR × the
+    error of plain PyTorch (16-bit logits from both heads, the loss in float32)."""
+    import fastkd
+    from fastkd import api, config
+    from fastkd.reference import kd_loss_reference
+    monkeypatch.setitem(api._EPILOGUE, "torch", "fused")
+    monkeypatch.setattr(config, "chunk_bytes", 2 * CHUNK_ROWS * VOCAB * 6)
+    launched = []
+    pair = fh.dense_pair
+    monkeypatch.setattr(fh, "dense_pair", lambda *a, **kw: launched.append(1) or pair(*a, **kw))
+    gen = torch.Generator().manual_seed(13)
+    hidden, weight, _b, _ids, _lp, labels, grad_rows = _problem("peaked", torch.float16, gen)
+    teacher_hidden = torch.randn(ROWS, 20, generator=gen).half()
+    teacher_weight = (torch.randn(VOCAB, 20, generator=gen) * 0.6).half()
+    options = dict(divergence=divergence, beta=0.4, temperature=1.4, softcap=8.0,
+                   teacher_softcap=10.0, labels=labels, ce_weight=0.3, reduction=reduction)
+
+    def run(h, w, th, tw, reference=None):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if reference is None:
+            loss = fastkd.kd_loss(h, w, th, tw, impl="torch", **options)
+        elif reference == torch.float64:
+            loss = kd_loss_reference(h, w, th.double(), tw.double(), **options)
+        else:  # plain PyTorch: 16-bit logits of both heads, the loss in float32 on them
+            logits = torch.nn.functional.linear(h, w).float()
+            teacher_logits = torch.nn.functional.linear(th, tw).float()
+            eye = torch.eye(VOCAB)
+            loss = kd_loss_reference(logits, eye, teacher_logits, eye, compute_dtype=torch.float32,
+                                     **options)
+        total = (loss * grad_rows.to(loss.dtype)).sum() if reduction == "none" else loss
+        total.backward()
+        return total.detach(), h.grad, w.grad
+
+    fused = run(hidden, weight, teacher_hidden, teacher_weight)
+    assert launched, "the fused dense passes did not run"
+    ref = run(hidden.double(), weight.double(), teacher_hidden, teacher_weight, torch.float64)
+    plain = run(hidden, weight, teacher_hidden, teacher_weight, torch.float16)
+    for what, out, r, p in zip(("loss", "d hidden", "d weight"), fused, ref, plain):
+        err, base = rel_error(out, r), rel_error(p, r)
+        assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
+    assert (fused[1][list(IGNORED)] == 0).all(), "ignored rows' d hidden not exactly zero"
+
+
+def test_fused_ops_pass_opcheck():
+    """The chunked custom ops with ``epilogue="fused"`` (float16 operands): fake implementations,
+    schemas and autograd registrations agree with what the fused path returns."""
+    gen = torch.Generator().manual_seed(21)
+    hidden, weight, bias, ids, logprobs, labels, _g = _problem("flat", torch.float16, gen)
+    ids = torch.where((labels != IGNORE_INDEX).unsqueeze(1), ids, -1)
+    budget = CHUNK_ROWS * VOCAB * 6
+    topk_args = (hidden, weight, bias, ids, logprobs, None, None, None, labels, "jsd", 0.5,
+                 "bucket", 1.3, 5.0, None, 0, "teacher", IGNORE_INDEX, 0.2, 1.0, budget, True)
+    torch.library.opcheck(chunked.topk_forward, topk_args + (True, True, "fused", torch.float16))
+    teacher_hidden = torch.randn(ROWS, 5, generator=gen).half()
+    teacher_weight = torch.randn(VOCAB, 5, generator=gen).half()
+    dense_args = (hidden, weight, None, teacher_hidden, teacher_weight, None, labels, "reverse_kl",
+                  0.5, 1.0, None, None, IGNORE_INDEX, 0.0, 1.0, 2 * budget, False)
+    torch.library.opcheck(chunked.dense_forward, dense_args + (True, True, "fused", torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_plan_on_gpu_at_llama_vocab(dtype, monkeypatch):
+    """On a GPU, at Llama-3's vocabulary with the real launch configuration (128×128 tiles, 1002
+    partial tiles per row, bfloat16 dz in place through a view): the default path for 16-bit
+    operands against float64, within FACTOR × the unfused plan's error (cuBLAS into float32, the
+    Triton epilogues) or the dtype's floor."""
+    import fastkd
+    rows, vocab, dim, k = 256, 128256, 512, 64
+    gen = torch.Generator().manual_seed(31)
+    hidden = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, dim, generator=gen, dtype=torch.float64) * (2.0 / dim**0.5)
+    noise = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    teacher_lp = torch.log_softmax(hidden @ weight.T + noise, dim=-1)
+    ids = teacher_lp.topk(k, dim=-1).indices
+    logprobs = teacher_lp.gather(1, ids).float()
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::7] = IGNORE_INDEX
+    options = dict(ce_weight=0.3, temperature=1.2, softcap=30.0)
+    monkeypatch.setattr(fastkd.config, "chunk_bytes", 96 * vocab * 4)  # several chunks
+    results = {}
+    for provider in ("fused", "triton"):
+        monkeypatch.setattr(fastkd.config, "chunked_epilogue", provider)
+        h = hidden.to("cuda", dtype).requires_grad_()
+        w = weight.to("cuda", dtype).requires_grad_()
+        loss = fastkd.topk_kd_loss(h, w, ids.cuda(), logprobs.cuda(), labels=labels.cuda(), **options)
+        loss.backward()
+        results[provider] = (loss.cpu(), h.grad.cpu(), w.grad.cpu())
+    ref_h, ref_w = hidden.to(dtype).double().requires_grad_(), weight.to(dtype).double().requires_grad_()
+    ref = topk_kd_loss_reference(ref_h, ref_w, ids, logprobs, labels=labels, **options)
+    ref.backward()
+    floor = 8e-3 if dtype == torch.bfloat16 else 2e-3
+    for i, (what, r) in enumerate((("loss", ref), ("d hidden", ref_h.grad), ("d weight", ref_w.grad))):
+        err, base = rel_error(results["fused"][i], r), rel_error(results["triton"][i], r)
+        assert err <= max(FACTOR * base, floor), f"{what}: {err:.2e} (unfused plan {base:.2e})"
