@@ -130,7 +130,8 @@ _CHUNKED_EPILOGUES = ("auto", "triton", "fused")
 
 def _epilogue(backend: str, op_dtype: torch.dtype) -> str:
     """The chunked plan's epilogue provider for ``backend``; for the default CUDA path
-    ``config.chunked_epilogue`` (``"auto"``: the fused head for 16-bit operands, else Triton)."""
+    ``config.chunked_epilogue`` (``"auto"``: the Triton epilogues; the fused head is opt-in until a
+    GPU run has checked its bf16 numerics and its speed against cuBLAS)."""
     if backend != "chunked":
         return _EPILOGUE[backend]
     choice = config.chunked_epilogue
@@ -138,7 +139,9 @@ def _epilogue(backend: str, op_dtype: torch.dtype) -> str:
         raise ValueError(f"fastkd.config.chunked_epilogue must be one of {_CHUNKED_EPILOGUES}, "
                          f"got {choice!r}")
     if choice == "auto":
-        return "fused" if op_dtype in (torch.float16, torch.bfloat16) else "triton"
+        return "triton"
+    if choice == "fused" and op_dtype not in (torch.float16, torch.bfloat16):
+        return "triton"  # the fused head stores 16-bit tiles: 16-bit operands only
     return choice
 
 

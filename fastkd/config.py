@@ -34,7 +34,9 @@ class Config:
             (``fastkd.backends.triton_fused_head``; offline top-k and online dense teachers; the
             online top-k teacher's forward runs the Triton epilogues); ``"triton"``: cuBLAS
             writes float32 logits and the Triton epilogues read them; ``"auto"`` (default):
-            ``"fused"`` for 16-bit operands, else ``"triton"``. The fused blocks are 16-bit (2 B
+            ``"triton"``. The fused head (16-bit operands only) stays opt-in until a GPU run has
+            checked its bf16 numerics (the Triton interpreter cannot: its bf16 ``tl.dot`` is wrong)
+            and its Triton GEMM's speed against cuBLAS, which the cost model takes as equal. The fused blocks are 16-bit (2 B
             per element: twice the rows of float32 buffers for the same ``chunk_bytes``), plus
             per-tile partials outside the budget (≈ 0.2 B per element).
         deterministic: bit-identical gradients run to run. The ``triton`` backend then runs its

@@ -236,16 +236,17 @@ def test_kernels_compile_for_sm90_sm89():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_default_cuda_epilogue_is_fused_for_16_bit_operands(monkeypatch):
-    """``config.chunked_epilogue``: "auto" picks the fused head for 16-bit operands only; a bad
-    value is refused by name."""
+def test_cuda_epilogue_choice(monkeypatch):
+    """``config.chunked_epilogue``: "auto" runs the Triton epilogues (the fused head is opt-in until a
+    GPU run has checked it); "fused" applies to 16-bit operands only; a bad value is refused by name."""
     from fastkd import api, config
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert api._epilogue("chunked", dtype) == "triton"
+    assert api._epilogue("torch", torch.bfloat16) == "torch"
+    monkeypatch.setattr(config, "chunked_epilogue", "fused")
     assert api._epilogue("chunked", torch.bfloat16) == "fused"
     assert api._epilogue("chunked", torch.float16) == "fused"
     assert api._epilogue("chunked", torch.float32) == "triton"
-    assert api._epilogue("torch", torch.bfloat16) == "torch"
-    monkeypatch.setattr(config, "chunked_epilogue", "triton")
-    assert api._epilogue("chunked", torch.bfloat16) == "triton"
     monkeypatch.setattr(config, "chunked_epilogue", "cublas")
     with pytest.raises(ValueError, match="chunked_epilogue"):
         api._epilogue("chunked", torch.bfloat16)
