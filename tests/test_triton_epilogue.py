@@ -465,13 +465,16 @@ def test_compile_specs_record_the_launchers_configurations():
 
 
 def test_kernels_compile_for_sm90_sm89_sm80_without_spills():
-    """The offline compile lane on the engine's default float32 buffer (the full matrix:
-    ``python scripts/compile_epilogue.py``): no spills, shared memory within each target's limit."""
+    """The offline compile lane on the engine's default float32 buffer, its bf16 ``dz`` output and a
+    bf16 buffer (the full matrix: ``python scripts/compile_epilogue.py``): no spills, shared memory
+    within each target's limit."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
-        [sys.executable, os.path.join(root, "scripts", "compile_epilogue.py"), "--dtypes", "fp32"],
+        [sys.executable, os.path.join(root, "scripts", "compile_epilogue.py"), "--dtypes", "fp32", "fp32>bf16",
+         "bf16"],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("_kernel") == 15, result.stdout
+    # 5 kernels x 3 targets for each buffer dtype, and the 2 grad kernels x 3 writing bf16 dz
+    assert result.stdout.count("_kernel") == 15 + 6 + 15, result.stdout
