@@ -11,29 +11,17 @@ groups, ``train/loss``, ``train/kd``, ... and ``eval/ce``, ``eval/kl``, ....
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 
 def rewrite_atomically(path: Path, lines: list[str]) -> None:
-    """Replaces ``path`` with ``lines``: written to ``path.tmp``, fsynced, renamed over it, the
-    directory fsynced. A process killed at any moment leaves the old file or the new one whole
-    (never an empty or half-written ``metrics.jsonl``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(lines)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # no directory descriptors on this platform: the rename still happened
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Replaces ``path`` with ``lines`` through ``path.tmp``, an fsync and a rename (the cache's
+    :func:`~fastkd.cache.format.atomic_write`): a process killed at any moment leaves the old file or
+    the new one whole, never an empty or half-written ``metrics.jsonl``."""
+    from ..cache.format import atomic_write
+
+    atomic_write(path, "".join(lines).encode("utf-8"))
 
 
 class MetricsLog:
