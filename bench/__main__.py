@@ -91,7 +91,7 @@ def model_plan(impl: str, case: Case, device: str):
     if impl == "fastkd-triton":
         return cost_model.streaming(shape, teacher=teacher)
     if impl == "fastkd-cuda":   # with the engine, impl="cuda" is the chunked plan with csrc epilogues
-        return cost_model.chunked(shape, teacher=teacher) if engine else cost_model.cuda_backend(shape, teacher=teacher)
+        return cost_model.cuda(shape, teacher=teacher)
     if impl == "fastkd-chunked":
         return cost_model.chunked(shape, teacher=teacher)
     if impl == "naive-hf":

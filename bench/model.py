@@ -252,22 +252,27 @@ ROW_ALIGN = 64
 
 
 def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
-            byte_level: bool = False, stats_in_gemm: bool = False) -> Plan:
+            byte_level: bool = False, epilogue: str = "triton") -> Plan:
     """The chunked engine (default on CUDA), summing reduction: per chunk of rows (``budget_bytes``
     of fp32 logits buffers, rows rounded down to ``ROW_ALIGN``), the logits GEMM
     (bf16 x bf16 -> fp32 buffer), a stats epilogue reading the fp32 logits, a grad epilogue
-    reading them again and writing bf16 ``dz``, then ``dh = dz·W`` and ``dW += dzᵀ·h`` (fp32
-    accumulator). ``teacher="dense"|"topk"``: the online teacher's GEMM once per chunk into a
-    second fp32 buffer; the dense loss reads it in both epilogues, top-k only in the stats
-    epilogue (the grad epilogue needs its K values). ``byte_level``: the stats are 257 bucket
-    log-sum-exps, same bytes. ``stats_in_gemm``: the what-if of a logits GEMM whose epilogue
-    computes the row statistics from its accumulators (a custom GEMM, not cuBLAS), so only the
-    grad epilogue reads the fp32 logits."""
+    reading them again and writing bf16 ``dz`` (the Triton epilogues' ``out=``), then
+    ``dh = dz·W`` and ``dW += dzᵀ·h`` (fp32 accumulator). ``teacher="dense"|"topk"``: the online
+    teacher's GEMM once per chunk into a second fp32 buffer; the dense loss runs three passes over
+    both buffers (``dense_stats``, ``dense_divergence``, ``dense_grad``), top-k reads the teacher
+    only in the stats epilogue (the grad epilogue needs its K values). ``byte_level``: the stats
+    are 257 bucket log-sum-exps, same bytes. ``epilogue="cuda"`` (``impl="cuda"``): the same plan
+    with the csrc epilogues, whose grad pass writes ``dz`` in place over the fp32 buffer (4 B);
+    the plan then rounds it to the operand dtype (``_Head.grad_operand``: one more pass reading
+    4 B and writing 2 B per element)."""
+    if epilogue not in ("triton", "cuda"):
+        raise ValueError(f"epilogue must be 'triton' or 'cuda', got {epilogue!r}")
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     dt = shape.teacher_dim if teacher else None
     buffers = 2 if teacher else 1
     rows = chunk_rows(n, v, budget_bytes, 4 * buffers, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
+    in_place = epilogue == "cuda"
     kernels = []
     for index, (c, count) in enumerate(_chunks(n, rows)):
         kernels.append(gemm("logits GEMM", c, v, d, in_bytes=e, out_bytes=4, logit_passes=c / n,
@@ -275,12 +280,16 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
         if teacher:
             kernels.append(gemm("teacher GEMM", c, v, dt, in_bytes=e, out_bytes=4, count=count))
         teacher_read = 4 if teacher else 0
-        if not stats_in_gemm:
-            kernels.append(rowwise("stats epilogue", c, v, read=4 + teacher_read, write=0,
-                                   sfu=1 + cap + (1 if teacher else 0), count=count))
+        kernels.append(rowwise("stats epilogue", c, v, read=4 + teacher_read, write=0,
+                               sfu=1 + cap + (1 if teacher else 0), count=count))
+        if teacher == "dense":
+            kernels.append(rowwise("divergence epilogue", c, v, read=8, write=0, sfu=2 + cap,
+                                   count=count))
         grad_teacher = 4 if teacher == "dense" else 0
-        kernels.append(rowwise("grad epilogue", c, v, read=4 + grad_teacher, write=e,
+        kernels.append(rowwise("grad epilogue", c, v, read=4 + grad_teacher, write=4 if in_place else e,
                                sfu=1 + cap + (1 if teacher == "dense" else 0), count=count))
+        if in_place:
+            kernels.append(rowwise("dz cast to bf16", c, v, read=4, write=e, sfu=0, count=count))
         kernels.append(gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count))
         # dW accumulates in fp32 across chunks: read and written by every chunk but the first.
         first = 1 if index == 0 else 0
@@ -289,11 +298,74 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
         if first:
             kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
     kernels = [k for k in kernels if k.count]
-    name = "byte (chunked)" if byte_level else {None: "chunked", "dense": "chunked online dense",
-                                                  "topk": "chunked online top-k"}[teacher]
-    if stats_in_gemm:
-        name += " [stats in GEMM]"
+    base = "cuda" if in_place else "chunked"
+    name = f"byte ({base})" if byte_level else {None: base, "dense": f"{base} online dense",
+                                                   "topk": f"{base} online top-k"}[teacher]
     return Plan(name, shape, kernels, extra={"chunk_rows": rows, "buffer_bytes": rows * v * 4 * buffers})
+
+
+def cuda(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES) -> Plan:
+    """``impl="cuda"``: the chunked plan with the csrc epilogues (see :func:`chunked`)."""
+    return chunked(shape, teacher=teacher, budget_bytes=budget_bytes, epilogue="cuda")
+
+
+# The fused head (``fastkd.backends.triton_fused_head``, opt-in ``chunked_epilogue="fused"``):
+# the logits GEMM's program tile, and the float32 partials it writes per (row, tile).
+FUSED_TILE = 128
+FUSED_PARTIALS = 6
+
+
+def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES) -> Plan:
+    """The chunked plan with the fused head (opt-in, ``fastkd.config.chunked_epilogue="fused"``),
+    summing reduction, 16-bit operands. Per chunk of ``c`` rows (the budget over 16-bit tiles:
+    2 B per element, 4 B with the dense teacher's second tile):
+
+    - fused logits GEMM: ``2·c·V·D`` tensor FLOPs, reads ``h_c`` and W, writes the 16-bit tile
+      and ``FUSED_PARTIALS`` float32 partials per (row, ``FUSED_TILE``-column tile) plus the
+      tile bounds of S (top-k; the dense teacher: the partials only); one exp per element
+      (+ tanh with a softcap) in its epilogue; L2 traffic of 128 x 128 program tiles;
+    - top-k: a torch combine reading the partials (``c·V/128·24`` B), a grad pass reading the
+      tile (2 B) and the per-tile max and bounds, writing dz (2 B);
+    - dense teacher: the teacher's fused GEMM likewise, a divergence pass reading both tiles
+      (4 B), a grad pass reading both and writing dz (6 B);
+    - dh and dW GEMMs as in :func:`chunked` (16-bit dz, fp32 dW accumulated across chunks).
+    """
+    n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
+    dense = teacher == "dense"
+    if teacher not in (None, "dense"):
+        raise ValueError(f"teacher must be None or 'dense', got {teacher!r}")
+    rows = chunk_rows(n, v, budget_bytes, 4 if dense else 2, multiple=ROW_ALIGN)
+    cap = 1 if shape.softcap else 0
+    tiles = math.ceil(v / FUSED_TILE)
+    heads = [("fused logits GEMM", d)] + ([("fused teacher GEMM", shape.teacher_dim)] if dense else [])
+    kernels = []
+    for index, (c, count) in enumerate(_chunks(n, rows)):
+        for name, width in heads:
+            partials = FUSED_PARTIALS if dense else FUSED_PARTIALS + 1
+            head = gemm(name, c, v, width, in_bytes=e, out_bytes=2, count=count,
+                        logit_passes=c / n if name == "fused logits GEMM" else 0.0,
+                        extra_read=c * tiles * partials * 4)
+            head.l2_bytes = c * v * width * e * (2 / FUSED_TILE)
+            head.programs = math.ceil(c / FUSED_TILE) * tiles
+            head.sfu_ops = (1 if dense else 1 + cap) * c * v
+            kernels.append(head)
+        if dense:
+            kernels.append(rowwise("divergence pass", c, v, read=4, write=0, sfu=3, count=count))
+            kernels.append(rowwise("grad pass", c, v, read=4, write=e, sfu=3, count=count))
+        else:
+            kernels.append(rowwise("combine", c, tiles, read=FUSED_PARTIALS * 4, write=0, sfu=2, count=count))
+            grad = rowwise("grad pass", c, v, read=2, write=e, sfu=1 + cap, count=count)
+            grad.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
+            kernels.append(grad)
+        kernels.append(gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count))
+        first = 1 if index == 0 else 0
+        kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, accumulate=True,
+                            count=count - first))
+        if first:
+            kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
+    kernels = [k for k in kernels if k.count]
+    name = ("chunked online dense" if dense else "chunked") + ", fused head (opt-in)"
+    return Plan(name, shape, kernels, extra={"chunk_rows": rows})
 
 
 def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 64, bn_forward: int = 128,
@@ -340,39 +412,6 @@ def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 64, bn_f
                                                     "topk": "streaming online top-k"}[teacher]
     return Plan(name, shape, [forward, backward],
                 extra={"splits": splits, "atomic_bytes": atomics, "dW_groups": groups})
-
-
-def cuda_backend(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 512 * 2**20) -> Plan:
-    """The csrc backend as it is today (``impl="cuda"``): a bf16 logits buffer from cuBLAS
-    (``fastkd.config.cuda_chunk_bytes``, 512 MiB; two buffers sharing it for the dense teacher),
-    ``topk_stats`` reads it, ``topk_grad`` rewrites it in place as ``dz``; dh and dW by cuBLAS,
-    dW accumulated in bf16 (``addmm_``). The dense teacher: three CUDA passes over both buffers
-    (statistics; divergence; dz)."""
-    n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
-    buffers = 2 if teacher == "dense" else 1
-    rows = chunk_rows(n, v, budget_bytes, e * buffers, multiple=64)
-    cap = 1 if shape.softcap else 0
-    kernels = []
-    for index, (c, count) in enumerate(_chunks(n, rows)):
-        kernels.append(gemm("logits GEMM (bf16 out)", c, v, d, in_bytes=e, out_bytes=e,
-                            logit_passes=c / n, count=count))
-        if teacher == "dense":
-            kernels.append(gemm("teacher GEMM", c, v, shape.teacher_dim, in_bytes=e, out_bytes=e, count=count))
-            kernels.append(rowwise("stats pass", c, v, read=2 * e, write=0, sfu=2 + cap, count=count))
-            kernels.append(rowwise("divergence pass", c, v, read=2 * e, write=0, sfu=2 + cap, count=count))
-            kernels.append(rowwise("dz pass", c, v, read=2 * e, write=e, sfu=2 + cap, count=count))
-        else:
-            kernels.append(rowwise("topk_stats", c, v, read=e, write=0, sfu=1 + cap, count=count))
-            kernels.append(rowwise("topk_grad (in place)", c, v, read=e, write=e, sfu=1 + cap, count=count))
-        kernels.append(gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count))
-        first = 1 if index == 0 else 0
-        kernels.append(gemm("dW addmm_ (bf16)", v, d, c, in_bytes=e, out_bytes=e, accumulate=True,
-                            count=count - first))
-        if first:
-            kernels.append(gemm("dW addmm_ (bf16)", v, d, c, in_bytes=e, out_bytes=e, count=1))
-    kernels = [k for k in kernels if k.count]
-    return Plan("cuda (today)" if not teacher else "cuda online dense (today)", shape, kernels,
-                extra={"chunk_rows": rows})
 
 
 # The torch backend's element passes over a chunk x V fp32 block, counted from
@@ -537,11 +576,11 @@ def plans_for(shape: Shape, gpu: Gpu) -> list[Plan]:
     """Every single-GPU path at one student shape (online cases with a teacher twice as wide)."""
     online = replace(shape, teacher_dim=2 * shape.dim)
     return [
-        chunked(shape), chunked(shape, stats_in_gemm=True), streaming(shape, gpu=gpu), cuda_backend(shape), torch_backend(shape), naive(shape),
-        chunked(shape, byte_level=True), streaming(shape, byte_level=True, gpu=gpu),
-        chunked(online, teacher="dense"), chunked(online, teacher="topk"),
+        chunked(shape), fused_head(shape), streaming(shape, gpu=gpu), cuda(shape), torch_backend(shape),
+        naive(shape), chunked(shape, byte_level=True), streaming(shape, byte_level=True, gpu=gpu),
+        chunked(online, teacher="dense"), fused_head(online, teacher="dense"), chunked(online, teacher="topk"),
         streaming(online, teacher="dense", gpu=gpu), streaming(online, teacher="topk", gpu=gpu),
-        cuda_backend(online, teacher="dense"),
+        cuda(online, teacher="dense"),
     ]
 
 
@@ -574,13 +613,13 @@ def row(plan: Plan, gpu: Gpu) -> dict:
 def _line(r: dict) -> str:
     flops = r["tc_tflop"] + r["fp32_tflop"]
     kind = "" if not r["fp32_tflop"] else "*"
-    return (f"{r['path']:<27}{flops:>8.1f}{kind:1}{r['logit_passes']:>6.0f}{r['hbm_gb']:>8.1f}"
+    return (f"{r['path']:<42}{flops:>8.1f}{kind:1}{r['logit_passes']:>6.0f}{r['hbm_gb']:>8.1f}"
             f"{r['l2_gb'] + r['atomic_gb']:>8.0f}{r['atomic_gb']:>7.0f}{r['min_programs']:>7d}"
             f"{r['bound_ms']:>9.1f}{r['floor_ms']:>8.1f}{r['ratio']:>7.2f}  {r['dominant']}"
             + (f"  [{r['verdict']}]" if r["verdict"] else ""))
 
 
-HEADER = (f"{'path':<27}{'TFLOP':>9}{'h·Wᵀ':>6}{'HBM GB':>8}{'L2 GB':>8}{'atom':>7}{'progs':>7}"
+HEADER = (f"{'path':<42}{'TFLOP':>9}{'h·Wᵀ':>6}{'HBM GB':>8}{'L2 GB':>8}{'atom':>7}{'progs':>7}"
           f"{'bound ms':>9}{'floor':>8}{'ratio':>7}  dominated by (beyond the floor)  [target]")
 
 
@@ -607,19 +646,18 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
             for plan in plans_for(shape, gpu):
                 out.append(_line(row(plan, gpu)))
         out.append(f"\nratio to the floor against N ({gpu.name})")
-        out.append(f"{'model':<14}{'path':<27}" + "".join(f"{'N=' + str(n):>9}" for n in tokens))
+        out.append(f"{'model':<14}{'path':<42}" + "".join(f"{'N=' + str(n):>9}" for n in tokens))
         for model in models:
             d, v, cap = MODELS[model]
             names = [p.path for p in plans_for(Shape(model, tokens[0], d, v, softcap=cap), gpu)]
             for i, name in enumerate(names):
                 ratios = [plans_for(Shape(model, n, d, v, softcap=cap), gpu)[i].ratio(gpu) for n in tokens]
-                out.append(f"{model:<14}{name:<27}" + "".join(f"{r:>9.2f}" for r in ratios))
+                out.append(f"{model:<14}{name:<42}" + "".join(f"{r:>9.2f}" for r in ratios))
         out.append(f"\nLiger's JSD benchmark shape: student D 2048, teacher D 4096, V 128256, N 8192, "
                    f"bf16 (Liger publishes {LIGER_JSD_MS} ms fwd+bwd on an H100)")
         out.append(HEADER)
-        for plan in (chunked(LIGER_JSD_SHAPE, teacher="dense"),
-                     chunked(LIGER_JSD_SHAPE, teacher="dense", stats_in_gemm=True), streaming(LIGER_JSD_SHAPE, teacher="dense", gpu=gpu),
-                     cuda_backend(LIGER_JSD_SHAPE, teacher="dense")):
+        for plan in (chunked(LIGER_JSD_SHAPE, teacher="dense"), fused_head(LIGER_JSD_SHAPE, teacher="dense"),
+                     streaming(LIGER_JSD_SHAPE, teacher="dense", gpu=gpu), cuda(LIGER_JSD_SHAPE, teacher="dense")):
             out.append(_line(row(plan, gpu)))
         out.append(f"\nchunked engine against its memory budget (fastkd.config.chunk_bytes; N=8192, {gpu.name}): "
                    "ratio to the floor, rows per chunk")

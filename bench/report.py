@@ -24,7 +24,7 @@ PATH_OF_IMPL = {
     ("fastkd-auto", "topk"): "chunked", ("fastkd-auto", "dense"): "chunked online dense",
     ("fastkd-chunked", "topk"): "chunked", ("fastkd-chunked", "dense"): "chunked online dense",
     ("fastkd-triton", "topk"): "streaming", ("fastkd-triton", "dense"): "streaming online dense",
-    ("fastkd-cuda", "topk"): "cuda (today)", ("fastkd-cuda", "dense"): "cuda online dense (today)",
+    ("fastkd-cuda", "topk"): "cuda", ("fastkd-cuda", "dense"): "cuda online dense",
     ("fastkd-torch", "topk"): "torch", ("naive-hf", "topk"): "naive (bf16 logits, HF)",
     ("naive-hf", "dense"): "naive (bf16 logits, HF)",
 }
@@ -74,8 +74,8 @@ def table(results: list[Path] = ()) -> str:
             add(label + (" +teacher" if loss == "dense" else ""), plan, (model, 8192, loss))
     s = cm.LIGER_JSD_SHAPE
     label = f"Liger JSD shape: N=8192 D=2048 teacher 4096 V={s.vocab}"
-    for plan in (cm.chunked(s, teacher="dense"), cm.streaming(s, teacher="dense", gpu=h100),
-                 cm.cuda_backend(s, teacher="dense"), cm.torch_backend(s), cm.naive(s)):
+    for plan in (cm.chunked(s, teacher="dense"), cm.fused_head(s, teacher="dense"),
+                 cm.streaming(s, teacher="dense", gpu=h100), cm.cuda(s, teacher="dense"), cm.torch_backend(s), cm.naive(s)):
         add(label, plan, ("liger-jsd", 8192, "dense"))
     peers = [f"{impl} on {model} N={tokens} {loss}: " + (f"{v[1] * 1e3:.1f} ms ({v[0]})" if v[2] == "ok" else v[2])
              for (model, tokens, loss, impl), v in measured.items() if impl in PEER_ROWS]

@@ -71,6 +71,47 @@ def test_online_teacher_adds_one_gemm_and_reads():
     assert shape.floor_flops == dense.total("tc_flops")
     grad = lambda p: sum(k.count * k.hbm_bytes for k in p.kernels if k.name == "grad epilogue")
     assert grad(dense) - grad(topk) == 4 * 512 * 1024                   # dense reads the teacher again
+    passes = lambda p: sum(k.count * k.hbm_bytes for k in p.kernels if "epilogue" in k.name)
+    assert passes(dense) == (8 + 8 + 8 + 2) * 512 * 1024                # stats, divergence, grad + dz
+
+
+def test_cuda_is_the_chunked_plan_with_dz_in_place_then_cast():
+    n, d, v = 1000, 64, 1000
+    for teacher, dt in ((None, None), ("dense", 96)):
+        shape = cm.Shape("toy", n, d, v, teacher_dim=dt)
+        chunked = cm.chunked(shape, teacher=teacher, budget_bytes=v * 8 * 128)
+        cuda = cm.cuda(shape, teacher=teacher, budget_bytes=v * 8 * 128)
+        assert cuda.path == ("cuda" if teacher is None else "cuda online dense")
+        assert cuda.extra["chunk_rows"] == chunked.extra["chunk_rows"]
+        assert cuda.total("tc_flops") == chunked.total("tc_flops")
+        # the csrc grad pass writes fp32 dz over the buffer (4 B, not 2), then a cast reads 4, writes 2
+        assert cuda.total("hbm_bytes") - chunked.total("hbm_bytes") == (2 + 4 + 2) * n * v
+        assert [k for k in cuda.kernels if k.name == "dz cast to bf16"]
+
+
+def test_fused_head_bytes_per_element_by_hand():
+    n, d, v = 512, 64, 1024                 # V = 8 tiles of 128 columns; chunks of 256 rows
+    shape = cm.Shape("toy", n, d, v)
+    plan = cm.fused_head(shape, budget_bytes=v * 2 * 256)
+    assert plan.extra["chunk_rows"] == 256
+    assert plan.total("tc_flops") == 6 * n * d * v and plan.logit_passes == pytest.approx(1.0)
+    tiles = v // 128
+    by_name = lambda name: sum(k.count * k.hbm_bytes for k in plan.kernels if k.name == name)
+    # GEMM: h and W per chunk (2 chunks), the 16-bit tile, 7 fp32 partials per (row, tile)
+    assert by_name("fused logits GEMM") == 2 * (256 * d + v * d) * 2 + n * v * 2 + n * tiles * 7 * 4
+    assert by_name("combine") == n * tiles * 6 * 4
+    assert by_name("grad pass") == n * v * (2 + 2) + n * tiles * 2 * 4
+    # per logit outside the GEMM main loops: 2 (tile out) + 4 (grad) + (28 + 24 + 8) / 128
+    outside = by_name("fused logits GEMM") - 2 * (256 * d + v * d) * 2 + by_name("combine") + by_name("grad pass")
+    assert outside / (n * v) == pytest.approx(6 + 60 / 128)
+    head = next(k for k in plan.kernels if k.name == "fused logits GEMM")
+    assert head.l2_bytes == 256 * v * d * 2 * 2 / 128 and head.programs == 2 * tiles
+    online = cm.fused_head(cm.Shape("toy", n, d, v, teacher_dim=96), teacher="dense", budget_bytes=v * 4 * 256)
+    assert online.extra["chunk_rows"] == 256 and online.path == "chunked online dense, fused head (opt-in)"
+    passes = sum(k.count * k.hbm_bytes for k in online.kernels if k.name in ("divergence pass", "grad pass"))
+    assert passes == (4 + 4 + 2) * n * v
+    with pytest.raises(ValueError, match="teacher"):
+        cm.fused_head(shape, teacher="topk")
 
 
 def test_streaming_plan_by_hand():
@@ -137,7 +178,8 @@ def test_targets_are_judged_where_stated():
 
 def test_report_prints_every_path():
     text = cm.report(gpu_keys=("H100",), models=("llama3-8b",), tokens=(4096, 8192), ways=(2,))
-    for name in ("chunked", "streaming", "cuda (today)", "torch", "byte (chunked)", "byte (streaming)",
+    for name in ("chunked", "streaming", "cuda", "cuda online dense", "chunked, fused head (opt-in)",
+                 "chunked online dense, fused head (opt-in)", "torch", "byte (chunked)", "byte (streaming)",
                  "chunked online dense", "chunked online top-k", "vocabulary parallel", "Liger"):
         assert name in text
     assert "datasheet" in text
