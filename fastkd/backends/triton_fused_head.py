@@ -39,8 +39,8 @@ three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
                    operations: on the CUDA cores, next to the 2·D tensor FLOPs per element of
                    each GEMM (a few % of the SM's issue slots at D ≥ 1536)
 
-With the bench helper's cost model (``bench/model.py``: 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s,
-L2 12 TB/s assumed; ``scripts/cost_fused_head.py``), N = 8192, top-k reverse KL, the bound over the
+With the cost model (``bench/model.py``, ``python -m bench --model``, row "chunked, fused head
+(opt-in)": 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s, L2 12 TB/s assumed), N = 8192, top-k reverse KL, the bound over the
 three bare GEMMs (unfused plan → fused plan; in brackets the fused plan if its GEMM moved as few
 L2 bytes as cuBLAS's 256-wide tiles):
 
