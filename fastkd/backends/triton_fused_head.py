@@ -40,8 +40,8 @@ three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
                    each GEMM (a few % of the SM's issue slots at D ≥ 1536)
 
 With the cost model (``bench/model.py``, ``python -m bench --model``, row "chunked, fused head
-(opt-in)": 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s, L2 12 TB/s assumed), N = 8192, top-k reverse KL, the bound over the
-three bare GEMMs (unfused plan → fused plan; in brackets the fused plan if its GEMM moved as few
+(opt-in)": 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s, L2 12 TB/s assumed), N = 8192, top-k reverse
+KL, the bound over the three bare GEMMs (unfused plan → fused plan; in brackets the fused plan if its GEMM moved as few
 L2 bytes as cuBLAS's 256-wide tiles):
 
                    Llama-3-8B             Qwen2.5-1.5B           Gemma-2-2B
