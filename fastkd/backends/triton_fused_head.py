@@ -41,8 +41,8 @@ three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
 
 With the cost model (``bench/model.py``, ``python -m bench --model``, row "chunked, fused head
 (opt-in)": 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s, L2 12 TB/s assumed), N = 8192, top-k reverse
-KL, the bound over the three bare GEMMs (unfused plan → fused plan; in brackets the fused plan if its GEMM moved as few
-L2 bytes as cuBLAS's 256-wide tiles):
+KL, the bound over the three bare GEMMs (unfused plan → fused plan; in brackets the fused plan
+if its GEMM moved as few L2 bytes as cuBLAS's 256-wide tiles):
 
                    Llama-3-8B             Qwen2.5-1.5B           Gemma-2-2B
     H100           1.19 → 1.15 [1.05]     1.51 → 1.24 [1.14]     1.67 → 1.27 [1.17]
