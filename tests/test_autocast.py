@@ -176,3 +176,43 @@ def test_float32_without_autocast_is_unchanged_by_the_operand_logic():
         loss = fastkd.topk_kd_loss(*args, impl="torch")
     exact = topk_kd_loss_reference(*args)
     assert rel_error(loss, exact) < 1e-6
+
+
+# The Triton lane (issue #19: "the Triton interpreter lane for fp16"): the chunked plan with the
+# Triton epilogues (what impl="auto" runs on CUDA) and the streaming kernels (impl="triton"), under
+# fp16 autocast (the interpreter's bf16 tl.dot is wrong), against the same bar.
+@pytest.mark.parametrize("act16,weight16", OPERANDS)
+@pytest.mark.parametrize("path", ["chunked-triton", "streaming"])
+@pytest.mark.parametrize("online", [False, True], ids=["topk", "online-jsd"])
+def test_triton_lane_under_fp16_autocast(monkeypatch, act16, weight16, path, online):
+    from fastkd import api
+
+    dtype = torch.float16
+    # V=301 odd; N=24 rows split 10/10/4 by the budget below on the chunked path; a quarter ignored.
+    prob = make_problem(24, 40, 301, 8, seed=5, ignore_frac=0.25, scale=2.0)
+    hidden, weight = _cast(prob["hidden"], dtype, act16), _cast(prob["weight"], dtype, weight16)
+    impl = "triton" if path == "streaming" else "torch"
+    if path == "chunked-triton":  # the plan's provider for impl="torch" swapped for the Triton one
+        monkeypatch.setitem(api._EPILOGUE, "torch", "triton")
+        monkeypatch.setattr(fastkd.config, "chunk_bytes", 10 * 301 * 4 * 3)
+    if online:
+        gen = torch.Generator().manual_seed(6)
+        teacher = (torch.randn(24, 48, generator=gen).to(hidden.dtype),
+                   (torch.randn(301, 48, generator=gen) * 0.3).to(weight.dtype))
+        options = dict(divergence="jsd", beta=0.5, labels=prob["labels"])
+        with torch.autocast("cpu", dtype=dtype):
+            loss = fastkd.kd_loss(hidden, weight, *teacher, impl=impl, **options)
+        naive = _naive(kd_loss_reference, hidden, weight, teacher=teacher, dtype=dtype, **options)
+        exact_inputs = _exact(hidden, weight)
+        exact = kd_loss_reference(*exact_inputs, *(t.double() for t in teacher), **options)
+        assert loss.item() <= math.log(2) + 1e-6  # JSD(0.5) never above log 2
+    else:
+        options = dict(divergence="reverse_kl", labels=prob["labels"], ce_weight=0.3)
+        args = (prob["teacher_ids"], prob["teacher_logprobs"])
+        with torch.autocast("cpu", dtype=dtype):
+            loss = fastkd.topk_kd_loss(hidden, weight, *args, impl=impl, **options)
+        naive = _naive(topk_kd_loss_reference, hidden, weight, *args, dtype=dtype, **options)
+        exact_inputs = _exact(hidden, weight)
+        exact = topk_kd_loss_reference(*exact_inputs, *args, **options)
+    assert loss.dtype == torch.float32
+    _check(loss, naive, exact, [hidden, weight], exact_inputs, f"{path} {'online' if online else 'top-k'}")
