@@ -5,6 +5,7 @@ so ``reduction="mean"`` divides by the number of counted rows on the device (no 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import numbers
 import os
@@ -42,7 +43,11 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     interpreted_bf16 = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     if impl == "auto":
         gpu = device.type == "cuda" and dtype != torch.float64 and not interpreted_bf16
-        return "chunked" if gpu and _triton_importable() else "torch"
+        if not (gpu and _triton_importable()):
+            return "torch"
+        # the chunked plan's tensor-core GEMMs write float32 through torch.mm(..., out_dtype=),
+        # which older torch releases lack: there the streaming kernels are the CUDA path
+        return "chunked" if _mm_has_out_dtype() else "triton"
     if impl == "triton":
         if not _triton_importable():
             raise RuntimeError("impl='triton' needs the triton package (pip install triton); "
@@ -70,6 +75,17 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
             raise ValueError(f"impl='cuda' needs CUDA tensors, got tensors on {device}")
         return "cuda"
     raise ValueError(f"impl must be one of 'auto', 'torch', 'triton', 'cuda', got {impl!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_has_out_dtype() -> bool:
+    """Whether this torch has ``torch.mm(a, b, out_dtype=...)`` (16-bit operands, float32 output),
+    probed once on meta tensors (no device, no data)."""
+    probe = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    try:
+        return torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _triton_importable() -> bool:

@@ -132,3 +132,16 @@ def test_operand_dtype_is_decided_once_at_the_api():
     with torch.autocast("cpu", dtype=torch.float16):
         assert api.operand_dtype(cpu, f32, f32) == torch.float16
         assert api.operand_dtype(cpu, f16, f32) == torch.float16
+
+
+def test_auto_on_cuda_needs_mm_out_dtype(monkeypatch):
+    # The chunked plan's tensor-core GEMMs need torch.mm(..., out_dtype=); on a torch without it,
+    # "auto" on CUDA takes the streaming kernels instead of failing at the first GEMM.
+    from fastkd import api
+
+    assert api._mm_has_out_dtype()  # this torch has it (probed on meta tensors)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert api.resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "chunked"
+    monkeypatch.setattr(api, "_mm_has_out_dtype", lambda: False)
+    assert api.resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert api.resolve_impl("auto", torch.device("cpu"), torch.bfloat16) == "torch"
