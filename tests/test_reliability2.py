@@ -223,7 +223,9 @@ def test_a_kill_during_the_metrics_rewrite_loses_nothing(tmp_path, monkeypatch):
     def killed(*args):
         raise KeyboardInterrupt("killed before the rename")
 
-    monkeypatch.setattr(metrics.os, "replace", killed)
+    from fastkd.cache import format as cache_format  # metrics.jsonl goes through its atomic_write
+
+    monkeypatch.setattr(cache_format.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         metrics.MetricsLog(tmp_path, enabled=True, resume_step=20, progress=False, total=60)
     assert path.read_bytes() == before
