@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _validate as check
 from . import divergences as dv
+from .rows import flatten_rows, reduce_rows
 from .backends import chunked, torch_backend
 from .config import config
 from .stats import KDStats
@@ -239,7 +240,7 @@ def topk_kd_loss(
     check.labels_tensor(labels, hidden, opts["ce_weight"])
     backend = resolve_impl(opts["impl"], hidden.device, hidden.dtype)
 
-    hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
+    hidden2, labels1, counted = flatten_rows(hidden, labels, opts["ignore_index"])
     topk = teacher_ids.shape[-1]
     ids = teacher_ids.reshape(n_rows, topk).long()
     logprobs = teacher_logprobs.reshape(n_rows, topk).detach()
@@ -270,7 +271,7 @@ def topk_kd_loss(
                 return_stats, _grads_in_forward(opts["reduction"], hidden, weight, bias),
                 weight.requires_grad, _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[4]
-    loss = _reduce(loss_rows, counted, opts["reduction"])
+    loss = reduce_rows(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
     stats = stats.detach()
@@ -359,7 +360,7 @@ def kd_loss(
     check.labels_tensor(labels, hidden, opts["ce_weight"])
     backend = resolve_impl(opts["impl"], hidden.device, hidden.dtype)
 
-    hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
+    hidden2, labels1, counted = flatten_rows(hidden, labels, opts["ignore_index"])
     check.values(vocab, counted, labels1)
     teacher_hidden2 = teacher_hidden.reshape(n_rows, teacher_dim).detach()
     teacher_weight = teacher_weight.detach()
@@ -407,7 +408,7 @@ def kd_loss(
                 _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[3]
             topk_mass = None
-    loss = _reduce(loss_rows, counted, opts["reduction"])
+    loss = reduce_rows(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
     stats = stats.detach()
@@ -451,21 +452,3 @@ def _rounded(op_dtype: torch.dtype, *tensors: Optional[Tensor]):
 
 def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.contiguous()
-
-
-def _flatten(hidden: Tensor, labels: Optional[Tensor], ignore_index: int):
-    """``(N, D)`` hidden, ``(N,)`` int64 labels or None, and the ``(N,)`` bool mask of counted rows."""
-    hidden2 = hidden.reshape(-1, hidden.shape[-1])
-    if labels is None:
-        return hidden2, None, torch.ones(hidden2.shape[0], dtype=torch.bool, device=hidden.device)
-    labels1 = labels.reshape(-1).long()
-    return hidden2, labels1, labels1 != ignore_index
-
-
-def _reduce(loss_rows: Tensor, counted: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    if reduction == "sum":
-        return total
-    return total / counted.sum().clamp(min=1)

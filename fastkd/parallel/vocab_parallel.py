@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import divergences as dv
+from ..rows import flatten_rows, reduce_rows
 from ..config import config
 
 N_BYTE_BUCKETS = 257
@@ -782,19 +783,8 @@ def _check_impl(impl: str) -> None:
                          "impl='torch' (chunked PyTorch, cuBLAS on a GPU); pass impl='auto' or 'torch'")
 
 
-def _flatten(hidden: Tensor, labels: Optional[Tensor], ignore_index: int):
-    hidden2 = hidden.reshape(-1, hidden.shape[-1])
-    if labels is None:
-        return hidden2, None, torch.ones(hidden2.shape[0], dtype=torch.bool, device=hidden.device)
-    labels1 = labels.reshape(-1).long()
-    return hidden2, labels1, labels1 != ignore_index
 
 
-def _reduce(loss_rows: Tensor, counted: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    return total if reduction == "sum" else total / counted.sum().clamp(min=1)
 
 
 def _online_teacher(shard, teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, n_rows,
@@ -843,7 +833,7 @@ def topk_kd_loss(hidden, weight, teacher_ids, teacher_logprobs, *, divergence, b
     hidden, weight_local, bias_local, shard, n_rows, _, vocab = check_head("", hidden, weight, bias)
     check.teacher_topk(teacher_ids, teacher_logprobs, hidden)
     check.labels_tensor(labels, hidden, opts["ce_weight"])
-    hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
+    hidden2, labels1, counted = flatten_rows(hidden, labels, opts["ignore_index"])
     topk = teacher_ids.shape[-1]
     ids = teacher_ids.reshape(n_rows, topk).long()
     logprobs = teacher_logprobs.reshape(n_rows, topk).detach()
@@ -852,7 +842,7 @@ def topk_kd_loss(hidden, weight, teacher_ids, teacher_logprobs, *, divergence, b
     ids = torch.where(counted.unsqueeze(1), ids, -1)
     plan = TopKPlan(shard, ids, logprobs, None, labels1, counted, opts, return_stats)
     loss_rows, kd_rows, stats = _TopK.apply(hidden2, weight_local, bias_local, plan)
-    loss = _reduce(loss_rows, counted, opts["reduction"])
+    loss = reduce_rows(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
     return loss, KDStats(kd=kd_rows, entropy=stats[:, 0], lse=stats[:, 1], topk_mass=stats[:, 2])
@@ -888,7 +878,7 @@ def kd_loss(hidden, weight, teacher_hidden, teacher_weight, *, divergence, beta,
             raise ValueError(f"topk must be None or an int in [1, {vocab}], got {topk!r}")
         topk = int(topk)
     check.labels_tensor(labels, hidden, opts["ce_weight"])
-    hidden2, labels1, counted = _flatten(hidden, labels, opts["ignore_index"])
+    hidden2, labels1, counted = flatten_rows(hidden, labels, opts["ignore_index"])
     check.values(vocab, counted, labels1)
     check_replicated(shard, hidden=hidden2, teacher_hidden=teacher[0], labels=labels1)
     if topk is None:
@@ -905,7 +895,7 @@ def kd_loss(hidden, weight, teacher_hidden, teacher_weight, *, divergence, beta,
         plan = TopKPlan(shard, ids, None, teacher, labels1, counted, opts, return_stats, teacher_stats)
         loss_rows, kd_rows, stats = _TopK.apply(hidden2, weight_local, bias_local, plan)
         topk_mass = stats[:, 2] if return_stats else None
-    loss = _reduce(loss_rows, counted, opts["reduction"])
+    loss = reduce_rows(loss_rows, counted, opts["reduction"])
     if not return_stats:
         return loss
     return loss, KDStats(kd=kd_rows, entropy=stats[:, 0], lse=stats[:, 1], topk_mass=topk_mass)
