@@ -13,14 +13,12 @@ over ranks):
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
+from procs import spawn
 
 WORLD_SIZE = 2
 TOL = 1e-12  # float64: only the order of summation differs
@@ -143,9 +141,7 @@ def _check_dtensor_is_rejected():
 
 def _spawn(wrapper: str, tmp_path):
     # spawned children import this module by name; tests/ is on their sys.path (inherited)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(str(tmp_path / "rendezvous"), wrapper), nprocs=WORLD_SIZE,
-                       join=True, start_method="spawn")
+    spawn(_worker, (str(tmp_path / "rendezvous"), wrapper), WORLD_SIZE)
 
 
 def test_ddp_gradients_equal_one_process(tmp_path):

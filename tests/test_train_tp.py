@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
 from fastkd.integrations import hidden_and_head
+from procs import spawn
 
 TOL = 1e-9
 BATCH, SEQ, VOCAB, TOPK, STEPS = 4, 6, 37, 4, 3
@@ -136,10 +136,7 @@ def _worker(rank, rendezvous, checkpoint_dir):
 
 @pytest.mark.multicore
 def test_fsdp2_times_tensor_parallel_heads_equal_one_process_and_resume_exactly(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path / "checkpoint")),
-                       nprocs=4, join=True,
-                       start_method="spawn")
+    spawn(_worker, (str(tmp_path / "rendezvous"), str(tmp_path / "checkpoint")), 4)
 
 
 # ------------------------------------------------------------------------------------------------

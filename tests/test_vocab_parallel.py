@@ -12,16 +12,15 @@ with a dispatch mode, independently of fastkd's own code.
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastkd
 from fastkd.config import config
 from fastkd.parallel import is_vocab_sharded
+from procs import spawn
 
 TOL = 1e-10
 N, D, V, K = 7, 5, 13, 3  # 7 rows with one ignored, D odd, V prime: never divisible by the world
@@ -36,10 +35,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 # ------------------------------------------------------------------------------------------------
 
 def _spawn(scenarios: str, world: int, tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(scenarios, world, str(tmp_path / "rendezvous")),
-                       nprocs=world, join=True, start_method="spawn")
+    spawn(_worker, (scenarios, world, str(tmp_path / "rendezvous")), world)
 
 
 def _worker(rank, scenarios, world, rendezvous):
