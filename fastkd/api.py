@@ -133,10 +133,23 @@ def operand_dtype(device: torch.device, *tensors: Optional[Tensor]) -> torch.dty
     return torch.float32
 
 
+def _budget() -> int:
+    """``config.chunk_bytes`` for the ops: a positive int, or 0 for the device default (None)."""
+    budget = config.chunk_bytes
+    if budget is None:
+        return 0
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"fastkd.config.chunk_bytes must be None (the device default) or a positive "
+                         f"number of bytes, got {budget!r}")
+    return budget
+
+
 def _path(backend: str, vocab: int, buffers: int) -> str:
     """``"auto"``'s chunked path gives way to the streaming kernels when the memory budget cannot
     hold a 64-row chunk of its float32 buffers."""
-    if backend == "chunked" and config.chunk_bytes < chunked.ROW_ALIGN * vocab * 4 * buffers:
+    row_bytes = vocab * 4 * buffers
+    budget = chunked.budget_bytes(_budget(), row_bytes, torch.device("cuda"))
+    if backend == "chunked" and budget < chunked.ROW_ALIGN * row_bytes:
         return "triton"
     return backend
 
@@ -262,12 +275,12 @@ def topk_kd_loss(
             loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
                 h, w, b, ids, logprobs, None, labels1, opts["divergence"], opts["beta"], opts["tail"],
                 opts["temperature"], opts["softcap"], opts["ignore_index"], opts["ce_weight"],
-                opts["kd_weight"], config.chunk_bytes, return_stats)
+                opts["kd_weight"], _budget(), return_stats)
         else:
             out = chunked.topk_forward(
                 hidden2, weight, bias, ids, logprobs, None, None, None, labels1, opts["divergence"],
                 opts["beta"], opts["tail"], opts["temperature"], opts["softcap"], None, 0, "teacher",
-                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], config.chunk_bytes,
+                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], _budget(),
                 return_stats, _grads_in_forward(opts["reduction"], hidden, weight, bias),
                 weight.requires_grad, _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[4]
@@ -382,12 +395,12 @@ def kd_loss(
             th, tw, tb = _rounded(op_dtype, teacher_hidden2, teacher_weight, teacher_bias)
             ids, logprobs, teacher_log_tail = torch_backend.select_topk(
                 h.detach(), w.detach(), None if b is None else b.detach(), th, tw, tb, topk,
-                topk_from, opts["temperature"], opts["softcap"], teacher_softcap, config.chunk_bytes)
+                topk_from, opts["temperature"], opts["softcap"], teacher_softcap, _budget())
             ids = torch.where(counted.unsqueeze(1), ids, -1)
             loss_rows, kd_rows, _state, _weights, stats = torch_backend.topk_kd_forward(
                 h, w, b, ids, logprobs, teacher_log_tail, labels1, opts["divergence"],
                 opts["beta"], opts["tail"], opts["temperature"], opts["softcap"],
-                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], config.chunk_bytes,
+                opts["ignore_index"], opts["ce_weight"], opts["kd_weight"], _budget(),
                 return_stats)
             topk_mass = stats[:, 2].detach() if return_stats else None
         elif topk is not None:
@@ -395,7 +408,7 @@ def kd_loss(
                 hidden2, weight, bias, None, None, teacher_hidden2, teacher_weight, teacher_bias,
                 labels1, opts["divergence"], opts["beta"], opts["tail"], opts["temperature"],
                 opts["softcap"], teacher_softcap, topk, topk_from, opts["ignore_index"],
-                opts["ce_weight"], opts["kd_weight"], config.chunk_bytes, return_stats,
+                opts["ce_weight"], opts["kd_weight"], _budget(), return_stats,
                 grads_in_forward, weight.requires_grad, _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[4]
             topk_mass = stats[:, 2].detach() if return_stats else None
@@ -404,7 +417,7 @@ def kd_loss(
                 hidden2, weight, bias, teacher_hidden2, teacher_weight, teacher_bias, labels1,
                 opts["divergence"], opts["beta"], opts["temperature"], opts["softcap"],
                 teacher_softcap, opts["ignore_index"], opts["ce_weight"], opts["kd_weight"],
-                config.chunk_bytes, return_stats, grads_in_forward, weight.requires_grad,
+                _budget(), return_stats, grads_in_forward, weight.requires_grad,
                 _epilogue(backend, op_dtype), op_dtype)
             loss_rows, kd_rows, stats = out[0], out[1], out[3]
             topk_mass = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -22,12 +23,17 @@ class Config:
             sync; one sync of its own otherwise). Skipped while ``torch.compile`` traces. The
             trainer's ``on_nonfinite`` guard checks the loss and gradient norm instead.
         chunk_bytes: the memory budget of every row-chunked path (the chunked plan of the
-            ``torch``, ``cuda`` and default CUDA paths, the byte-level ``torch`` path): the chunk
-            height is this divided by the bytes of the ``chunk x V`` blocks a path keeps alive
-            (float32 logits buffers: one for top-k, two for an online teacher, plus two scratch
-            blocks for the torch epilogues), rounded down to a multiple of 64 rows. Default
-            512 MiB: 1024 rows of Llama-3's 128k vocabulary in float32 (tall enough for the GEMMs
-            to run near peak), small next to the activations of a 24 GB card.
+            ``torch``, ``cuda`` and default CUDA paths, the byte-level ``torch`` path, the
+            vocabulary-parallel losses): the chunk height is this divided by the bytes of the
+            ``chunk x V`` blocks a path keeps alive (float32 logits buffers: one for top-k, two
+            for an online teacher; the torch epilogues' scratch: none for top-k, one block for
+            reverse KL, two for forward KL, three for JSD, two more with a softcap), rounded down
+            to a multiple of 64 rows. ``None`` (default): the device's default, 512 MiB on a GPU
+            (1024 rows of Llama-3's 128k vocabulary in float32: tall enough for the GEMMs to run
+            near peak, small next to the activations of a 24 GB card) and, on the CPU, the blocks
+            of 256 rows capped at 512 MiB (a CPU GEMM is near its peak from about 256 rows; taller
+            chunks cost memory and gain nothing there). A positive number of bytes applies on
+            every device.
         chunked_epilogue: the epilogues of the default CUDA path (the chunked plan). ``"fused"``:
             the logits GEMM is a Triton kernel that finishes the row statistics in its epilogue
             and stores the logits as 16-bit tiles, which the gradient pass reads
@@ -51,7 +57,7 @@ class Config:
 
     check_values: bool = True
     check_finite: bool = False
-    chunk_bytes: int = 512 * 2**20
+    chunk_bytes: Optional[int] = None
     chunked_epilogue: str = "auto"
     deterministic: bool = False
 

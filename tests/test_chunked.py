@@ -31,7 +31,7 @@ V = 203  # odd: rows start at every alignment; not a multiple of any tile
 def epilogue(request, monkeypatch):
     """impl='torch' runs the chunked plan with the chosen provider, in chunks of 7 rows."""
     monkeypatch.setitem(api._EPILOGUE, "torch", request.param)
-    blocks = 2 + (chunked.provider(request.param).extra_blocks if request.param == "torch" else 0)
+    blocks = 2 + (chunked.provider(request.param).scratch_blocks("jsd", True) if request.param == "torch" else 0)
     monkeypatch.setattr(fastkd.config, "chunk_bytes", 7 * V * 4 * blocks)
     return request.param
 

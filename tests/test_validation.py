@@ -151,3 +151,26 @@ def test_module_options_are_checked_at_construction():
         fastkd.TopKKDLoss(divergence="fkl")
     with pytest.raises(ValueError, match="topk must be None or a positive int"):
         fastkd.KDLoss(topk=-1)
+
+
+@pytest.mark.parametrize("budget", [0, -1, 1.5, "512MiB", True])
+def test_a_bad_chunk_budget_is_named(good, budget, monkeypatch):
+    monkeypatch.setattr(fastkd.config, "chunk_bytes", budget)
+    with pytest.raises(ValueError, match=r"fastkd\.config\.chunk_bytes must be None .* or a positive number"):
+        _call({**good, "impl": "torch"})
+
+
+def test_the_default_cpu_budget_holds_256_rows_of_the_blocks(monkeypatch):
+    """config.chunk_bytes None: on the CPU the chunks are 256 rows of the path's blocks (here the
+    reverse-KL dense path: 2 logits buffers and the torch epilogue's one scratch block)."""
+    seen = []
+    real = chunked.chunk_rows
+    monkeypatch.setattr(chunked, "chunk_rows", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    gen = torch.Generator().manual_seed(0)
+    n, d, v = 600, 8, 64
+    hidden = torch.randn(n, d, generator=gen, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen, requires_grad=True)
+    fastkd.kd_loss(hidden, weight, torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen),
+                   divergence="reverse_kl", impl="torch").backward()
+    assert fastkd.config.chunk_bytes is None
+    assert seen and all(rows == chunked.CPU_CHUNK_ROWS for rows in seen), seen

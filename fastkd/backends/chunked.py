@@ -64,12 +64,34 @@ EPILOGUES = ("torch", "triton", "cuda", "fused")
 _OUT_MIN_NUMEL = 1 << 16
 
 
-def chunk_rows(n_rows: int, vocab: int, element_bytes: int, budget_bytes: int, buffers: int = 1) -> int:
-    """Rows per chunk: the most whose ``buffers x rows x vocab`` blocks fit in ``budget_bytes``.
+# The default memory budget (``fastkd.config.chunk_bytes = None``): on a GPU 512 MiB of chunk
+# blocks (1024 rows of Llama-3's vocabulary in float32); on the CPU the blocks of CPU_CHUNK_ROWS
+# rows, at most 512 MiB. A CPU GEMM runs near its peak from about 256 rows, and memory
+# is what a CPU run has least of next to its speed (tall chunks gain nothing there).
+DEFAULT_BUDGET = 512 * 2**20
+CPU_CHUNK_ROWS = 256
+
+
+def budget_bytes(chunk_bytes: Optional[int], row_bytes: int, device: torch.device) -> int:
+    """``chunk_bytes`` when set (> 0); ``None`` or 0: the default for ``device`` given the bytes one
+    row of a path's blocks takes (``row_bytes``)."""
+    if chunk_bytes:
+        return int(chunk_bytes)
+    if torch.device(device).type == "cpu":
+        return int(min(DEFAULT_BUDGET, CPU_CHUNK_ROWS * max(1, row_bytes)))
+    return DEFAULT_BUDGET
+
+
+def chunk_rows(n_rows: int, vocab: int, element_bytes: int, budget_bytes: int, buffers: int = 1,
+               device: Optional[torch.device] = None) -> int:
+    """Rows per chunk: the most whose ``buffers x rows x vocab`` blocks fit in ``budget_bytes``
+    (0 with a ``device``: that device's default, :func:`budget_bytes`).
 
     At least 1 (a budget below one row still makes progress, one row at a time), at most
     ``n_rows``, and a multiple of ``ROW_ALIGN`` when at least that many fit.
     """
+    if budget_bytes == 0 and device is not None:
+        budget_bytes = globals()["budget_bytes"](0, buffers * vocab * element_bytes, device)
     if budget_bytes <= 0:
         raise ValueError(f"the chunk budget must be a positive number of bytes, got {budget_bytes}")
     rows = budget_bytes // max(1, buffers * vocab * element_bytes)
@@ -103,7 +125,11 @@ class FunctionEpilogue:
 
     keeps_logits = True
     takes_out = True
-    extra_blocks = 0
+
+    @staticmethod
+    def scratch_blocks(divergence: Optional[str], general: bool) -> int:
+        """No ``chunk x V`` scratch: the kernels work in registers and write ``dz`` to ``out``."""
+        return 0
 
     def __init__(self, name: str, module):
         self.name = name
@@ -212,20 +238,30 @@ class _Grads:
         return self.hidden, dw, db
 
 
+def _general(softcap: Optional[float], temperature: float, ce_weight: float,
+             teacher_softcap: Optional[float] = None) -> bool:
+    """Whether the torch epilogues take their general path (a softcap, or CE at τ ≠ 1), which
+    keeps the raw logits and needs more scratch than the in-place fast path."""
+    return bool(softcap) or bool(teacher_softcap) or (ce_weight != 0.0 and temperature != 1.0)
+
+
 class _Pass:
     """What every forward and recomputing backward sets up: the provider, the student's head, the
     counted rows with in-range labels, and the row chunks with their reused logits buffers."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor],
-                 ignore_index: int, chunk_bytes: int, epilogue: str, operand: torch.dtype, buffers: int):
+                 ignore_index: int, chunk_bytes: int, epilogue: str, operand: torch.dtype, buffers: int,
+                 divergence: Optional[str] = None, general: bool = False):
         self.n_rows, self.vocab = hidden.shape[0], weight.shape[0]
         self.ep = provider(epilogue)
         self.head = _Head(weight, bias, operand)
         self.counted = counted_rows(labels, self.n_rows, ignore_index, hidden.device)
         self.safe_labels = None if labels is None else torch.where(self.counted, labels, 0).long().contiguous()
         acc_bytes = torch.finfo(self.head.acc).bits // 8
-        blocks = buffers + self.ep.extra_blocks
-        self.step = chunk_rows(self.n_rows, self.vocab, acc_bytes, chunk_bytes, buffers=blocks)
+        # the provider's own chunk x V scratch blocks count against the same budget
+        blocks = buffers + self.ep.scratch_blocks(divergence, general)
+        self.step = chunk_rows(self.n_rows, self.vocab, acc_bytes, chunk_bytes, buffers=blocks,
+                               device=hidden.device)
         shape = (min(self.step, self.n_rows), self.vocab)
         self.buffers = [torch.empty(shape, dtype=self.head.acc, device=hidden.device) for _ in range(buffers)]
         self.out = None  # a dz buffer in the operand dtype for providers that write into one
@@ -368,7 +404,7 @@ def topk_forward(
                 grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype,
-                   buffers=2 if online else 1)
+                   buffers=2 if online else 1, general=_general(softcap, temperature, ce_weight))
         n_rows, vocab, counted, acc = ps.n_rows, ps.vocab, ps.counted, ps.head.acc
         k = (2 * topk if topk_from == "union" else topk) if online else teacher_ids.shape[1]
         teacher = (_OnlineTeacher(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, topk,
@@ -460,7 +496,8 @@ def topk_backward(
                 temperature, softcap, ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad,
                 operand_dtype)
     with no_autocast(hidden.device):
-        ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 1)
+        ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 1,
+                   general=_general(softcap, temperature, ce_weight))
         acc, vocab, k = ps.head.acc, ps.vocab, teacher_ids.shape[1]
         g = torch.where(ps.counted, grad_rows.to(acc), 0.0)
         kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
@@ -578,7 +615,8 @@ def dense_forward(
                 divergence, beta, temperature, softcap, teacher_softcap, ignore_index, ce_weight,
                 kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
-        ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2)
+        ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2,
+                   divergence, _general(softcap, temperature, ce_weight, teacher_softcap))
         n_rows, counted, acc = ps.n_rows, ps.counted, ps.head.acc
         teacher_head = _Head(teacher_weight, teacher_bias, operand_dtype)
         use_ce = ce_weight != 0.0
@@ -645,7 +683,8 @@ def dense_backward(
                 labels, state, divergence, beta, temperature, softcap, teacher_softcap,
                 ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
-        ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2)
+        ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2,
+                   divergence, _general(softcap, temperature, ce_weight, teacher_softcap))
         acc = ps.head.acc
         teacher_head = _Head(teacher_weight, teacher_bias, operand_dtype)
         g = torch.where(ps.counted, grad_rows.to(acc), 0.0)

@@ -45,7 +45,11 @@ class CsrcEpilogue:
     name = "cuda"
     keeps_logits = True
     takes_out = False
-    extra_blocks = 0
+
+    @staticmethod
+    def scratch_blocks(divergence, general) -> int:
+        """The csrc epilogues work in place on the plan's buffers: no scratch."""
+        return 0
 
     def __init__(self):
         self.ext = cuda_build.extension()

@@ -112,7 +112,11 @@ class _Grads:
         return self.hidden, self.weight.to(self.weight_dtype), bias
 
 
-def _chunks(n_rows: int, row_bytes: int, budget: int):
+def _chunks(n_rows: int, row_bytes: int, budget: int, device=None):
+    """Row slices whose ``row_bytes`` each fit ``budget`` (0: the default of ``device``, see
+    :func:`fastkd.backends.chunked.budget_bytes`)."""
+    from .chunked import budget_bytes
+    budget = budget_bytes(budget, row_bytes, device if device is not None else torch.device("cpu"))
     step = max(1, min(n_rows, budget // max(row_bytes, 1)))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))

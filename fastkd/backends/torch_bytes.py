@@ -59,7 +59,7 @@ def byte_lse(
     head = _Head(weight, bias, softcap, dtype)
     out = hidden.new_empty((n_rows, N_BUCKETS), dtype=dtype)
     row_bytes = _BLOCKS * vocab * (torch.finfo(dtype).bits // 8)
-    for rows in _chunks(n_rows, row_bytes, chunk_bytes):
+    for rows in _chunks(n_rows, row_bytes, chunk_bytes, hidden.device):
         logits = head.capped_logits(hidden[rows]).div_(temperature)
         out[rows] = _bucket_logsumexp(logits, first_byte)
         del logits
@@ -84,7 +84,7 @@ def byte_lse_backward(
     # A bucket's gradient only reaches its own tokens; an empty bucket (-inf) has none.
     grad = torch.where(torch.isfinite(bucket_lse), grad.to(dtype), 0.0)
     row_bytes = _BLOCKS * vocab * (torch.finfo(dtype).bits // 8)
-    for rows in _chunks(n_rows, row_bytes, chunk_bytes):
+    for rows in _chunks(n_rows, row_bytes, chunk_bytes, hidden.device):
         h = hidden[rows]
         capped = head.capped_logits(h)
         dz = capped.div(temperature).sub_(bucket_lse[rows].to(dtype).index_select(1, first_byte)).exp_()

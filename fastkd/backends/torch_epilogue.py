@@ -48,12 +48,22 @@ class TorchEpilogue:
     name = "torch"
     keeps_logits = False  # the stats calls may reuse the buffer; see the module docstring
     takes_out = True
-    extra_blocks = 3  # scratch blocks of chunk x V next to the plan's buffers (dense: p, q, M)
+
+    @staticmethod
+    def scratch_blocks(divergence: Optional[str], general: bool) -> int:
+        """``chunk x V`` blocks this provider allocates next to the plan's buffers (the plan
+        sizes its chunks with them). Fast path: none for top-k (in place), ``p`` for reverse KL,
+        ``p, q`` for forward KL, ``p, q, M`` for JSD; the general path (softcap, or CE at τ ≠ 1)
+        keeps the raw logits and makes two more (the tempered logits, or ``log p`` and
+        ``log q``)."""
+        fast = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}[divergence]
+        return fast + (2 if general else 0)
 
     def __init__(self):
         self._fast = False
         self._scratch: dict[str, Tensor] = {}
         self._p_topk: Optional[Tensor] = None  # p at S, saved by topk_stats for the CE term
+        self._mean_z: Optional[Tensor] = None  # E_p[z], filled by the divergence pass (fast path)
 
     # -------------------------------------------------------------------------------------------
     # top-k
@@ -162,8 +172,8 @@ class TorchEpilogue:
                 out.copy_(raw_max - buf.amax(dim=1))
             if with_ce:
                 lse_ce.copy_(lse)
-            if with_stats:
-                mean_z.copy_(lse + _rowdot(student.exp(), student))
+            # E_p[z] = lse + Σ p log p needs p: the divergence pass makes it in its scratch block
+            self._mean_z = (mean_z, lse) if with_stats else None
             return
         capped = _softcap(student, cap)
         z = capped.mul(inv_temp)
@@ -196,6 +206,10 @@ class TorchEpilogue:
         log_p, log_q = self._log_probs(student, teacher, inv_temp, cap, teacher_cap, lse, teacher_lse)
         divergence = _KINDS[kind]
         probs = torch.exp(log_p, out=self._buffer("p", log_p))
+        if self._fast and self._mean_z is not None:
+            mean_z, row_lse = self._mean_z
+            mean_z.copy_(row_lse + _rowdot(probs, log_p))
+        self._mean_z = None
         if divergence == "reverse_kl":  # w = p·(log p − log q), W = Σ w = KD
             ratio = torch.sub(log_p, log_q, out=log_q) if self._fast else log_p - log_q
             kd.copy_(_rowdot(probs, ratio))

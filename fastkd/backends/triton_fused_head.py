@@ -626,7 +626,8 @@ class _FusedPass:
         tdtype = tile_dtype(operand)
         self.in_place = self.head.tensor_cores or tdtype == torch.float32
         per_element = torch.finfo(tdtype).bits // 8 + (0 if self.in_place else 4)
-        self.step = chunked.chunk_rows(self.n_rows, self.vocab, per_element, chunk_bytes)
+        self.step = chunked.chunk_rows(self.n_rows, self.vocab, per_element, chunk_bytes,
+                                       device=hidden.device)
         shape = (min(self.step, self.n_rows), self.vocab)
         self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
         self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)

@@ -98,7 +98,7 @@ def _bucket_lse(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], byte_voc
         if backend == "torch":
             hidden, weight, bias = _rounded(op_dtype, hidden, weight, bias)
             return torch_bytes.byte_lse(hidden, weight, bias, tensors["first_byte"], temperature,
-                                        softcap, config.chunk_bytes)
+                                        softcap, config.chunk_bytes or 0)
         from ..backends import triton_bytes
 
         hidden, weight, bias = _streaming_operands(op_dtype, hidden, weight, bias)

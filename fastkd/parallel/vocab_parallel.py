@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import divergences as dv
+from ..backends.chunked import budget_bytes
 from ..rows import flatten_rows, reduce_rows
 from ..config import config
 
@@ -329,9 +330,11 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == weight.dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(n_rows: int, shard: VocabShard, blocks: int, dtype, budget: int):
-    """Row slices sized from the largest shard: every rank cuts the rows the same way."""
+def _row_chunks(n_rows: int, shard: VocabShard, blocks: int, dtype, budget: Optional[int], device):
+    """Row slices sized from the largest shard: every rank cuts the rows the same way (``budget``
+    None: the default for ``device``, as the chunked plan's)."""
     row_bytes = max(1, blocks * max(shard.max_size, 1) * (torch.finfo(dtype).bits // 8))
+    budget = budget_bytes(budget, row_bytes, device)
     step = max(1, min(max(n_rows, 1), budget // row_bytes))
     return [slice(s, min(n_rows, s + step)) for s in range(0, n_rows, step)]
 
@@ -401,7 +404,7 @@ def _topk_statistics(hidden, head: _LocalHead, plan: TopKPlan, dtype):
             cols[name] = torch.zeros(shape, dtype=dtype, device=hidden.device)
         cols[name][rows] = value
 
-    for rows in _row_chunks(n_rows, shard, _TOPK_BLOCKS, dtype, config.chunk_bytes):
+    for rows in _row_chunks(n_rows, shard, _TOPK_BLOCKS, dtype, config.chunk_bytes, hidden.device):
         h, ids_c, own_c = hidden[rows], local_ids[rows], owned[rows]
         if full:
             capped = head.logits(h)
@@ -530,7 +533,8 @@ class _TopK(torch.autograd.Function):
         d_weight = torch.zeros((size, hidden.shape[1]), dtype=dtype, device=hidden.device)
         d_bias = torch.zeros(size, dtype=dtype, device=hidden.device) if bias is not None else None
         full = tail == "bucket" or use_ce
-        for rows in _row_chunks(hidden.shape[0], shard, _TOPK_BLOCKS, dtype, config.chunk_bytes):
+        for rows in _row_chunks(hidden.shape[0], shard, _TOPK_BLOCKS, dtype, config.chunk_bytes,
+                                hidden.device):
             h = hidden[rows].detach().to(dtype)
             ids_c, own_c = local_ids[rows], owned[rows]
             scale = kd_scale[rows].unsqueeze(1)
@@ -607,7 +611,7 @@ class _Dense(torch.autograd.Function):
         kd, lse, teacher_lse, total_w, lse_ce, target, entropy = (new() for _ in range(7))
         if plan.labels is not None:
             label_local, label_owned = shard.owned(plan.labels.unsqueeze(1))
-        for rows in _row_chunks(n_rows, shard, _DENSE_BLOCKS, dtype, config.chunk_bytes):
+        for rows in _row_chunks(n_rows, shard, _DENSE_BLOCKS, dtype, config.chunk_bytes, hidden.device):
             h = hidden[rows].detach()
             capped = head.logits(h)
             t_logits = teacher_head.logits(t_hidden[rows]) / tau
@@ -664,7 +668,8 @@ class _Dense(torch.autograd.Function):
         d_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
         d_weight = torch.zeros((size, hidden.shape[1]), dtype=dtype, device=hidden.device)
         d_bias = torch.zeros(size, dtype=dtype, device=hidden.device) if bias is not None else None
-        for rows in _row_chunks(hidden.shape[0], shard, _DENSE_BLOCKS, dtype, config.chunk_bytes):
+        for rows in _row_chunks(hidden.shape[0], shard, _DENSE_BLOCKS, dtype, config.chunk_bytes,
+                                hidden.device):
             h = hidden[rows].detach().to(dtype)
             capped, log_p, log_q = _dense_logprobs(head, teacher_head, h, t_hidden[rows], tau,
                                                    lse[rows], teacher_lse[rows])
@@ -720,7 +725,7 @@ def select_topk(hidden, head: _LocalHead, teacher_hidden, teacher_head: _LocalHe
         return ids.gather(1, values.topk(k, dim=1).indices)
 
     out, teacher_stats = [], []
-    for rows in _row_chunks(n_rows, shard, 2, dtype, config.chunk_bytes):
+    for rows in _row_chunks(n_rows, shard, 2, dtype, config.chunk_bytes, hidden.device):
         teacher = student = teacher_logits = None
         local_sets = []
         if topk_from in ("teacher", "union"):
@@ -921,7 +926,7 @@ def bucket_lse(hidden: Tensor, weight, bias, first_byte: Tensor, temperature: fl
     hidden = _ReplicatedInput.apply(hidden, shard)
     local_first_byte = first_byte[shard.start:shard.start + shard.size]
     local = torch_bytes.byte_lse(hidden, weight_local, bias_local, local_first_byte, temperature,
-                                 softcap, config.chunk_bytes)
+                                 softcap, config.chunk_bytes or 0)
     return _ShardLogSumExp.apply(local, shard)
 
 
