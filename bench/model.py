@@ -47,6 +47,7 @@ class Gpu:
     l2_size: int           # bytes
     link_bytes: float      # NVLink, bytes/s per direction per GPU
     source: str
+    memory: int = 80 * 10**9  # device memory, bytes (what sets fastkd's default chunk budget)
 
 
 # Datasheet rates. Tensor-core figures are the datasheets' "BF16 Tensor Core" rates without
@@ -55,7 +56,7 @@ GPUS = {
     "H100": Gpu(
         name="H100 SXM5 80GB", tc_flops=989.4e12, fp32_flops=66.9e12, hbm_bytes=3.35e12,
         l2_bytes=12e12, sfu_ops=132 * 16 * 1.98e9, sms=132, l2_size=50 * 2**20, link_bytes=450e9,
-        source=("NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): BF16 tensor core 1,979 "
+        memory=78 * GiB, source=("NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): BF16 tensor core 1,979 "
                 "TFLOPS with sparsity -> 989.4 dense, FP32 67 TFLOPS, HBM3 3.35 TB/s, NVLink 900 GB/s "
                 "(bidirectional -> 450 GB/s each way); 132 SMs and 50 MB L2 (Hopper whitepaper; "
                 "PyTorch reports both on this workplace's H100, /work/.library/device/KINDS.md); "
@@ -67,7 +68,7 @@ GPUS = {
     "H200": Gpu(
         name="H200 SXM 141GB", tc_flops=989.4e12, fp32_flops=66.9e12, hbm_bytes=4.8e12,
         l2_bytes=12e12, sfu_ops=132 * 16 * 1.98e9, sms=132, l2_size=60 * 2**20, link_bytes=450e9,
-        source=("NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): BF16 tensor core 1,979 "
+        memory=139 * GiB, source=("NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): BF16 tensor core 1,979 "
                 "TFLOPS with sparsity -> 989.4 dense, FP32 67 TFLOPS, HBM3e 4.8 TB/s, NVLink 900 GB/s; "
                 "132 SMs and 60 MB L2 as PyTorch reports them on this workplace's H200 (KINDS.md); "
                 "MUFU and L2 as for the H100")),
@@ -249,6 +250,13 @@ def _chunks(tokens: int, rows: int) -> list[tuple[int, int]]:
 # alignment (``fastkd.backends.chunked.ROW_ALIGN``), as on the engine branch.
 CHUNK_BYTES = 512 * 2**20
 ROW_ALIGN = 64
+
+
+def default_budget(gpu: Gpu) -> int:
+    """``fastkd.config.chunk_bytes = None`` on ``gpu`` (``fastkd.backends.chunked.budget_bytes``):
+    1/64 of its memory, at least 512 MiB, at most 2 GiB (about 78 GiB PyTorch reports on this
+    workplace's H100 -> 1.22 GiB, 139 GiB on its H200 -> 2 GiB; device/KINDS.md)."""
+    return int(min(2 * GiB, max(CHUNK_BYTES, gpu.memory // 64)))
 
 
 def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
@@ -575,12 +583,14 @@ TARGETS = {
 def plans_for(shape: Shape, gpu: Gpu) -> list[Plan]:
     """Every single-GPU path at one student shape (online cases with a teacher twice as wide)."""
     online = replace(shape, teacher_dim=2 * shape.dim)
+    b = default_budget(gpu)
     return [
-        chunked(shape), fused_head(shape), streaming(shape, gpu=gpu), cuda(shape), torch_backend(shape),
-        naive(shape), chunked(shape, byte_level=True), streaming(shape, byte_level=True, gpu=gpu),
-        chunked(online, teacher="dense"), fused_head(online, teacher="dense"), chunked(online, teacher="topk"),
-        streaming(online, teacher="dense", gpu=gpu), streaming(online, teacher="topk", gpu=gpu),
-        cuda(online, teacher="dense"),
+        chunked(shape, budget_bytes=b), fused_head(shape, budget_bytes=b), streaming(shape, gpu=gpu),
+        cuda(shape, budget_bytes=b), torch_backend(shape), naive(shape),
+        chunked(shape, byte_level=True, budget_bytes=b), streaming(shape, byte_level=True, gpu=gpu),
+        chunked(online, teacher="dense", budget_bytes=b), fused_head(online, teacher="dense", budget_bytes=b),
+        chunked(online, teacher="topk", budget_bytes=b), streaming(online, teacher="dense", gpu=gpu),
+        streaming(online, teacher="topk", gpu=gpu), cuda(online, teacher="dense", budget_bytes=b),
     ]
 
 
@@ -656,8 +666,11 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
         out.append(f"\nLiger's JSD benchmark shape: student D 2048, teacher D 4096, V 128256, N 8192, "
                    f"bf16 (Liger publishes {LIGER_JSD_MS} ms fwd+bwd on an H100)")
         out.append(HEADER)
-        for plan in (chunked(LIGER_JSD_SHAPE, teacher="dense"), fused_head(LIGER_JSD_SHAPE, teacher="dense"),
-                     streaming(LIGER_JSD_SHAPE, teacher="dense", gpu=gpu), cuda(LIGER_JSD_SHAPE, teacher="dense")):
+        b = default_budget(gpu)
+        for plan in (chunked(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b),
+                     fused_head(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b),
+                     streaming(LIGER_JSD_SHAPE, teacher="dense", gpu=gpu),
+                     cuda(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b)):
             out.append(_line(row(plan, gpu)))
         out.append(f"\nchunked engine against its memory budget (fastkd.config.chunk_bytes; N=8192, {gpu.name}): "
                    "ratio to the floor, rows per chunk")

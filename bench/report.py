@@ -57,26 +57,33 @@ def table(results: list[Path] = ()) -> str:
     lines = ["| shape | path | H100 bound ms (x floor) | H200 bound ms (x floor) | measured fwd+bwd | goal (issue #14 item 7) |",
              "|---|---|---|---|---|---|"]
 
-    def add(shape_label, plan, key):
+    def add(shape_label, plan, key, plan_h200=None):
+        plan_h200 = plan_h200 or plan  # the same path with the H200's default budget
         found = [f"{v[0]}: {v[1] * 1e3:.1f} ms" if v[2] == "ok" and v[1] else f"{v[0]}: {v[2]}"
                  for (model, tokens, loss, impl), v in measured.items()
                  if (model, tokens) == key[:2] and PATH_OF_IMPL.get((impl, loss)) == plan.path
                  and loss == key[2]]
         lines.append(f"| {shape_label} | {plan.path} | {plan.bound(h100) * 1e3:.1f} ({plan.ratio(h100):.2f}) "
-                     f"| {plan.bound(h200) * 1e3:.1f} ({plan.ratio(h200):.2f}) | {'; '.join(found) or '–'} "
+                     f"| {plan_h200.bound(h200) * 1e3:.1f} ({plan_h200.ratio(h200):.2f}) | {'; '.join(found) or '–'} "
                      f"| {goal(plan)} |")
 
     for model, (d, v, cap) in cm.MODELS.items():
         shape = cm.Shape(model, 8192, d, v, softcap=cap)
         label = f"{model} N=8192 D={d} V={v}" + (f" cap {cap:g}" if cap else "")
-        for plan in cm.plans_for(shape, h100):
+        for plan, plan_h200 in zip(cm.plans_for(shape, h100), cm.plans_for(shape, h200)):
             loss = "dense" if plan.shape.teacher_dim else "topk"
-            add(label + (" +teacher" if loss == "dense" else ""), plan, (model, 8192, loss))
+            add(label + (" +teacher" if loss == "dense" else ""), plan, (model, 8192, loss), plan_h200)
     s = cm.LIGER_JSD_SHAPE
     label = f"Liger JSD shape: N=8192 D=2048 teacher 4096 V={s.vocab}"
-    for plan in (cm.chunked(s, teacher="dense"), cm.fused_head(s, teacher="dense"),
-                 cm.streaming(s, teacher="dense", gpu=h100), cm.cuda(s, teacher="dense"), cm.torch_backend(s), cm.naive(s)):
-        add(label, plan, ("liger-jsd", 8192, "dense"))
+
+    def liger_plans(gpu):
+        b = cm.default_budget(gpu)
+        return (cm.chunked(s, teacher="dense", budget_bytes=b), cm.fused_head(s, teacher="dense", budget_bytes=b),
+                cm.streaming(s, teacher="dense", gpu=gpu), cm.cuda(s, teacher="dense", budget_bytes=b),
+                cm.torch_backend(s), cm.naive(s))
+
+    for plan, plan_h200 in zip(liger_plans(h100), liger_plans(h200)):
+        add(label, plan, ("liger-jsd", 8192, "dense"), plan_h200)
     peers = [f"{impl} on {model} N={tokens} {loss}: " + (f"{v[1] * 1e3:.1f} ms ({v[0]})" if v[2] == "ok" else v[2])
              for (model, tokens, loss, impl), v in measured.items() if impl in PEER_ROWS]
     lines.append("")

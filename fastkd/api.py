@@ -144,11 +144,11 @@ def _budget() -> int:
     return budget
 
 
-def _path(backend: str, vocab: int, buffers: int) -> str:
+def _path(backend: str, vocab: int, buffers: int, device: torch.device) -> str:
     """``"auto"``'s chunked path gives way to the streaming kernels when the memory budget cannot
     hold a 64-row chunk of its float32 buffers."""
     row_bytes = vocab * 4 * buffers
-    budget = chunked.budget_bytes(_budget(), row_bytes, torch.device("cuda"))
+    budget = chunked.budget_bytes(_budget(), row_bytes, device)
     if backend == "chunked" and budget < chunked.ROW_ALIGN * row_bytes:
         return "triton"
     return backend
@@ -261,7 +261,7 @@ def topk_kd_loss(
     ids = torch.where(counted.unsqueeze(1), ids, -1)  # ignored rows: no teacher data is read
 
     op_dtype = operand_dtype(hidden.device, hidden, weight, bias)
-    backend = _path(backend, vocab, 1) if opts["impl"] == "auto" else backend
+    backend = _path(backend, vocab, 1, hidden.device) if opts["impl"] == "auto" else backend
     with chunked.no_autocast(hidden.device):
         if backend == "triton":
             h, w, b = _streaming_operands(op_dtype, hidden2, weight, bias)
@@ -381,7 +381,7 @@ def kd_loss(
 
     op_dtype = operand_dtype(hidden.device, hidden, weight, bias, teacher_hidden2, teacher_weight,
                              teacher_bias)
-    backend = _path(backend, vocab, 2) if opts["impl"] == "auto" else backend
+    backend = _path(backend, vocab, 2, hidden.device) if opts["impl"] == "auto" else backend
     grads_in_forward = _grads_in_forward(opts["reduction"], hidden, weight, bias)
     with chunked.no_autocast(hidden.device):
         if backend == "triton":

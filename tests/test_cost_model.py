@@ -171,7 +171,7 @@ def test_targets_are_judged_where_stated():
             assert cm.verdict(plan, h100).startswith(expected)
         assert cm.verdict(cm.chunked(cm.Shape(model, 4096, d, v, softcap=cap)), h100) == ""
         assert cm.verdict(cm.chunked(shape), cm.GPUS["H200"]) == ""
-    liger = cm.chunked(cm.LIGER_JSD_SHAPE, teacher="dense")
+    liger = cm.chunked(cm.LIGER_JSD_SHAPE, teacher="dense", budget_bytes=cm.default_budget(h100))
     expected = "meets" if liger.bound(h100) * 1e3 <= 30.0 else "MISSES"
     assert cm.verdict(liger, h100).startswith(expected)
 
@@ -195,3 +195,26 @@ def test_results_table_is_spliced_between_markers(tmp_path):
     target.write_text(f"head\n{report.BEGIN}\nold\n{report.END}\ntail\n")
     report.write(target, "new table")
     assert target.read_text() == f"head\n{report.BEGIN}\nnew table\n{report.END}\ntail\n"
+
+
+def test_default_budget_follows_the_card():
+    """fastkd's default chunk budget, as the model takes it: 1/64 of the card's memory within
+    [512 MiB, 2 GiB], the same rule as fastkd.backends.chunked.budget_bytes."""
+    from dataclasses import replace
+    from unittest import mock
+
+    import torch
+    from fastkd.backends import chunked as engine
+
+    h100 = cm.GPUS["H100"]
+    for memory in (24 * 10**9, 78 * cm.GiB, 139 * cm.GiB):
+        gpu = replace(h100, memory=memory)
+        props = mock.Mock(total_memory=memory)
+        engine._gpu_budget.cache_clear()
+        with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+                mock.patch.object(torch.cuda, "get_device_properties", lambda _device: props):
+            assert engine.budget_bytes(None, 4 * 128256, torch.device("cuda", 0)) == cm.default_budget(gpu)
+    engine._gpu_budget.cache_clear()
+    assert cm.default_budget(replace(h100, memory=24 * 10**9)) == 512 * 2**20
+    assert cm.default_budget(cm.GPUS["H200"]) == 2 * cm.GiB
+    assert 1.2 * cm.GiB < cm.default_budget(h100) < 1.25 * cm.GiB

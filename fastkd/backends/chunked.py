@@ -44,6 +44,7 @@ float64 throughout (references, gradcheck).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -64,21 +65,38 @@ EPILOGUES = ("torch", "triton", "cuda", "fused")
 _OUT_MIN_NUMEL = 1 << 16
 
 
-# The default memory budget (``fastkd.config.chunk_bytes = None``): on a GPU 512 MiB of chunk
-# blocks (1024 rows of Llama-3's vocabulary in float32); on the CPU the blocks of CPU_CHUNK_ROWS
-# rows, at most 512 MiB. A CPU GEMM runs near its peak from about 256 rows, and memory
-# is what a CPU run has least of next to its speed (tall chunks gain nothing there).
+# The default memory budget (``fastkd.config.chunk_bytes = None``). On a GPU, 1/64 of its memory,
+# at least 512 MiB and at most 2 GiB: 512 MiB on a 24 GB card (1024 rows of Llama-3's vocabulary
+# in float32), 1.25 GiB on an 80 GB H100, 2 GiB on an H200. The cost model (``python -m bench
+# --model``, "chunked engine against its memory budget") puts the dW read and write per chunk
+# and the GEMMs' efficiency at small heights behind the gain from 512 MiB to 1-2 GiB, and none
+# above 2 GiB. It depends on the card, not on what is free, so the chunking (and the summation
+# order of dW) is the same on every call. On the CPU the blocks of CPU_CHUNK_ROWS rows, at most
+# 512 MiB: a CPU GEMM runs near its peak from about 256 rows; taller chunks cost memory and gain
+# nothing there.
 DEFAULT_BUDGET = 512 * 2**20
+MAX_GPU_BUDGET = 2 * 2**30
+GPU_BUDGET_FRACTION = 64
 CPU_CHUNK_ROWS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_budget(index: Optional[int]) -> int:
+    device = index if index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(min(MAX_GPU_BUDGET, max(DEFAULT_BUDGET, total // GPU_BUDGET_FRACTION)))
 
 
 def budget_bytes(chunk_bytes: Optional[int], row_bytes: int, device: torch.device) -> int:
     """``chunk_bytes`` when set (> 0); ``None`` or 0: the default for ``device`` given the bytes one
-    row of a path's blocks takes (``row_bytes``)."""
+    row of a path's blocks takes (``row_bytes``), as described above."""
     if chunk_bytes:
         return int(chunk_bytes)
-    if torch.device(device).type == "cpu":
+    device = torch.device(device)
+    if device.type == "cpu":
         return int(min(DEFAULT_BUDGET, CPU_CHUNK_ROWS * max(1, row_bytes)))
+    if device.type == "cuda" and torch.cuda.is_available():
+        return _gpu_budget(device.index)
     return DEFAULT_BUDGET
 
 
