@@ -262,7 +262,7 @@ def default_budget(gpu: Gpu) -> int:
 def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
             byte_level: bool = False, epilogue: str = "triton") -> Plan:
     """The chunked engine (default on CUDA), summing reduction: per chunk of rows (``budget_bytes``
-    of fp32 logits buffers, rows rounded down to ``ROW_ALIGN``), the logits GEMM
+    of fp32 logits buffers and the 16-bit ``dz``, rows rounded down to ``ROW_ALIGN``), the logits GEMM
     (bf16 x bf16 -> fp32 buffer), a stats epilogue reading the fp32 logits, a grad epilogue
     reading them again and writing bf16 ``dz`` (the Triton epilogues' ``out=``), then
     ``dh = dz·W`` and ``dW += dzᵀ·h`` (fp32 accumulator). ``teacher="dense"|"topk"``: the online
@@ -278,7 +278,8 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     dt = shape.teacher_dim if teacher else None
     buffers = 2 if teacher else 1
-    rows = chunk_rows(n, v, budget_bytes, 4 * buffers, multiple=ROW_ALIGN)
+    # the budget holds the fp32 buffers and dz in the operand dtype (fastkd.backends.chunked._Pass)
+    rows = chunk_rows(n, v, budget_bytes, 4 * buffers + e, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
     in_place = epilogue == "cuda"
     kernels = []
@@ -309,7 +310,7 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
     base = "cuda" if in_place else "chunked"
     name = f"byte ({base})" if byte_level else {None: base, "dense": f"{base} online dense",
                                                    "topk": f"{base} online top-k"}[teacher]
-    return Plan(name, shape, kernels, extra={"chunk_rows": rows, "buffer_bytes": rows * v * 4 * buffers})
+    return Plan(name, shape, kernels, extra={"chunk_rows": rows, "buffer_bytes": rows * v * (4 * buffers + e)})
 
 
 def cuda(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES) -> Plan:

@@ -146,8 +146,8 @@ def _budget() -> int:
 
 def _path(backend: str, vocab: int, buffers: int, device: torch.device) -> str:
     """``"auto"``'s chunked path gives way to the streaming kernels when the memory budget cannot
-    hold a 64-row chunk of its float32 buffers."""
-    row_bytes = vocab * 4 * buffers
+    hold a 64-row chunk of its float32 buffers and 16-bit ``dz``."""
+    row_bytes = vocab * (4 * buffers + 2)
     budget = chunked.budget_bytes(_budget(), row_bytes, device)
     if backend == "chunked" and budget < chunked.ROW_ALIGN * row_bytes:
         return "triton"

@@ -276,10 +276,13 @@ class _Pass:
         self.counted = counted_rows(labels, self.n_rows, ignore_index, hidden.device)
         self.safe_labels = None if labels is None else torch.where(self.counted, labels, 0).long().contiguous()
         acc_bytes = torch.finfo(self.head.acc).bits // 8
-        # the provider's own chunk x V scratch blocks count against the same budget
-        blocks = buffers + self.ep.scratch_blocks(divergence, general)
-        self.step = chunk_rows(self.n_rows, self.vocab, acc_bytes, chunk_bytes, buffers=blocks,
-                               device=hidden.device)
+        # Everything of chunk x V the plan holds counts against the one budget: the logits
+        # buffers, the provider's own scratch blocks, and on tensor cores dz in the operand dtype
+        # (written there by the provider, or rounded from its float32 dz by grad_operand).
+        element_bytes = acc_bytes * (buffers + self.ep.scratch_blocks(divergence, general))
+        if self.head.tensor_cores:
+            element_bytes += torch.finfo(operand).bits // 8
+        self.step = chunk_rows(self.n_rows, self.vocab, element_bytes, chunk_bytes, device=hidden.device)
         shape = (min(self.step, self.n_rows), self.vocab)
         self.buffers = [torch.empty(shape, dtype=self.head.acc, device=hidden.device) for _ in range(buffers)]
         self.out = None  # a dz buffer in the operand dtype for providers that write into one
