@@ -81,10 +81,11 @@ class TrainConfig:
     token_fraction: float = _doc("train on this fraction of each batch's tokens, in (0, 1]", 1.0)
     token_select: Optional[str] = _doc(
         "how tokens are chosen when token_fraction < 1: teacher_entropy (the teacher's most uncertain; "
-        "from a cache or teacher_url free, so 50% of the tokens cost ~50% of the loss; an online teacher "
-        "adds its head's forward on all rows) | entropy (the student's most uncertain) | divergence "
-        "(farthest from the teacher); both score every row with the student head's forward first, ~83% "
-        "of the loss at 50% (None: teacher_entropy; sft: entropy, its only criterion)", None)
+        "free from a cache or teacher_url, so 50% of the tokens cost 50% of the loss FLOPs; an online "
+        "teacher adds its head's forward on all rows) | entropy (the student's most uncertain) | "
+        "divergence (farthest from the teacher); these two score every row with the loss's forward "
+        "first: ~83% of the loss at 0.5 with a cache, ~100% online (None: teacher_entropy; sft: entropy, "
+        "its only criterion; docs/train.md)", None)
     impl: str = _doc("fastkd backend: auto | torch | triton | cuda", "auto")
 
     # --- on-policy rollouts ----------------------------------------------------------------------
