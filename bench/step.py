@@ -185,21 +185,25 @@ def token_selection(args) -> None:
             with torch.no_grad():
                 t = hidden_and_head(teacher, input_ids=input_ids)
             teacher_rows = dict(t, hidden=t["hidden"][:, :-1])
+        begin = time.process_time()  # the loss alone: scoring, gathering, its three GEMMs (grads in forward)
         loss, _ = selected_kd_loss(dict(s, hidden=s["hidden"][:, :-1]), labels, teacher_rows, options=options,
                                    token_fraction=fraction, token_select=criterion)
+        loss_seconds = time.process_time() - begin
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss_seconds
 
     print(f"one training step, CPU fp32, {args.threads} thread(s): student D 256, teacher D 384, V {vocab}, "
           f"{batch}x{seq - 1} rows ({counted} counted), top-k K {topk}, reverse KL, impl torch")
     print(f"{'teacher':<8} {'token_select':<16} {'fraction':>8} {'kept':>6} {'head GFLOP':>11} "
-          f"{'of f=1.0':>9} {'step s':>8} {'of f=1.0':>9}")
-    print(f"(step s: CPU seconds of this process, median of {args.steps} interleaved rounds)")
+          f"{'of f=1.0':>9} {'loss s':>8} {'of f=1.0':>9} {'step s':>8} {'of f=1.0':>9}")
+    print(f"(seconds: CPU time of this process, median of {args.steps} interleaved rounds; loss: selection and "
+          "the loss with its gradients; step: forward, loss, backward, AdamW)")
     rows = []
     settings = [(1.0, "-")] + [(0.5, c) for c in CRITERIA]
     for kind in ("top-k", "online"):
-        flops, times = [], [[] for _ in settings]
+        flops, times, loss_times = [], [[] for _ in settings], [[] for _ in settings]
         for fraction, criterion in settings:
             select = criterion if fraction < 1 else "teacher_entropy"  # (not used at 1.0)
             step(kind, fraction, select)  # warm-up
@@ -209,15 +213,18 @@ def token_selection(args) -> None:
         for _ in range(args.steps):  # interleaved rounds: a drifting machine load hits every setting alike
             for i, (fraction, criterion) in enumerate(settings):
                 begin = time.process_time()  # this process's CPU time: other processes' load does not count
-                step(kind, fraction, criterion if fraction < 1 else "teacher_entropy")
+                loss_times[i].append(step(kind, fraction, criterion if fraction < 1 else "teacher_entropy"))
                 times[i].append(time.process_time() - begin)
         medians = [sorted(t)[len(t) // 2] for t in times]
-        for (fraction, criterion), head, seconds, spread in zip(settings, flops, medians, times):
+        loss_medians = [sorted(t)[len(t) // 2] for t in loss_times]
+        for i, (fraction, criterion) in enumerate(settings):
             kept = counted if fraction == 1 else math.ceil(fraction * counted)
             rows.append({"teacher": kind, "token_select": criterion, "token_fraction": fraction, "kept_rows": kept,
-                         "head_flops": head, "step_s": seconds, "step_s_all": spread})
-            print(f"{kind:<8} {criterion:<16} {fraction:>8.1f} {kept:>6} {head / 1e9:>11.2f} "
-                  f"{head / flops[0]:>8.0%} {seconds:>8.3f} {seconds / medians[0]:>8.0%}")
+                         "head_flops": flops[i], "loss_s": loss_medians[i], "step_s": medians[i],
+                         "loss_s_all": loss_times[i], "step_s_all": times[i]})
+            print(f"{kind:<8} {criterion:<16} {fraction:>8.1f} {kept:>6} {flops[i] / 1e9:>11.2f} "
+                  f"{flops[i] / flops[0]:>8.0%} {loss_medians[i]:>8.3f} {loss_medians[i] / loss_medians[0]:>8.0%} "
+                  f"{medians[i]:>8.3f} {medians[i] / medians[0]:>8.0%}")
     record = {"benchmark": "step-token-selection", "date": datetime.date.today().isoformat(), "device": "cpu",
               "threads": args.threads, "torch": torch.__version__, "fastkd": fastkd.__version__, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -236,6 +236,45 @@ def test_kept_rows_loss_and_gradients_match_float64(assets, tmp_path, monkeypatc
         assert relative_error(grads[name], p.grad.double()) < 1e-4, name
 
 
+def test_sft_keeps_the_most_uncertain_rows_and_trains_on_them_alone(assets, tmp_path, monkeypatch):
+    """sft (CE only) selects by the student's entropy at τ = 1, then the CE of the kept rows."""
+    from fastkd.integrations import hidden_and_head
+
+    trainer = Trainer(config(assets, tmp_path, "online", mode="sft", teacher=None, temperature=1.0,
+                             token_fraction=FRACTION))
+    batch = trainer._to_device(trainer._next_batch())
+    counted = (batch["labels"][:, 1:] != -100).reshape(-1)
+    chosen = []
+    original = selection.top_rows
+    monkeypatch.setattr(selection, "top_rows", lambda *args: chosen.append(original(*args)) or chosen[-1])
+    loss, _, _ = trainer._loss_rows(trainer.student, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.student.named_parameters()}
+    trainer.student.zero_grad(set_to_none=True)
+    (index,) = chosen
+    assert index.numel() == math.ceil(FRACTION * int(counted.sum())) == int(trainer._kept_rows(batch))
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        lp = trainer.student(**inputs).logits[:, :-1].double().log_softmax(-1)
+    ref = (-(lp.exp() * lp).sum(-1)).reshape(-1).masked_fill(~counted, -math.inf)
+    kept = torch.zeros_like(counted)
+    kept[index] = True
+    assert ref[kept].min() >= ref[~kept & counted].max() - 1e-5 * ref[counted].abs().max()
+
+    s = hidden_and_head(trainer.student, **inputs)
+    hidden = s["hidden"][:, :-1].reshape(-1, s["hidden"].shape[-1])[index].double()
+    logits = hidden @ s["weight"].double().T
+    ref_loss = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1)[index], reduction="sum")
+    ref_loss.backward()
+    assert abs(float(loss.detach()) - float(ref_loss.detach())) <= 1e-5 * float(ref_loss.detach())
+    for name, p in trainer.student.named_parameters():
+        assert relative_error(grads[name], p.grad.double()) < 1e-4, name
+    trainer.student.zero_grad(set_to_none=True)
+    # the scoring forward on all rows, then logits, dh and dW of the kept rows
+    assert head_rows(trainer, batch)[0] == counted.numel() + 3 * index.numel()
+
+
 # ----------------------------------------------------------------------------------------------
 # the head GEMMs see only the kept rows
 # ----------------------------------------------------------------------------------------------

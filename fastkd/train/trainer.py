@@ -333,11 +333,12 @@ class Trainer:
     def _loss_rows(self, model, batch: dict, on_policy: bool = False) -> tuple[Tensor, Optional[Tensor], Tensor]:
         """Per-row loss ``(N,)`` and per-row statistics (None for CE only), and the counted mask.
 
-        The KD losses return instead the *sum* of their rows (a summing reduction: the loss makes
-        its gradients in the forward, three GEMMs, no recomputation) and the statistics of the
-        rows trained on. With token selection (``token_fraction < 1``) the kept rows are chosen
-        first and gathered *before* the loss, so its GEMMs run on them alone
-        (:mod:`fastkd.train.selection`: the cost of each ``token_select`` criterion).
+        The KD losses, and the CE of sft with token selection, return instead the *sum* of their
+        rows (a summing reduction: the loss makes its gradients in the forward, three GEMMs, no
+        recomputation) and the statistics of the rows trained on. With token selection
+        (``token_fraction < 1``) the kept rows are chosen first and gathered *before* the loss, so
+        its GEMMs run on them alone (:mod:`fastkd.train.selection`: the cost of each
+        ``token_select`` criterion).
         """
         cfg = self.config
         if cfg.mode == "cross_tokenizer":
@@ -349,9 +350,16 @@ class Trainer:
         counted = labels.reshape(-1) != -100
         s = hidden_and_head(model, vocab_size=self.shared_vocab, **inputs)
         hidden = s["hidden"][:, :-1]
-        if cfg.mode == "sft":
+        if cfg.mode == "sft" and cfg.token_fraction >= 1:
             rows, stats = _fused_ce(hidden, s, labels, cfg.impl, ce_weight=cfg.ce_weight, reduction="none",
                                     return_stats=True)
+            return rows, stats, counted
+        if cfg.mode == "sft":  # the CE alone: a top-k loss with an empty set, the kept rows gathered first
+            empty = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
+            rows, stats = selection.selected_kd_loss(
+                dict(s, hidden=hidden), labels, {"ids": empty, "logprobs": torch.zeros(empty.shape, device=labels.device)},
+                options=dict(ce_weight=cfg.ce_weight, kd_weight=0.0, impl=cfg.impl), token_fraction=cfg.token_fraction,
+                token_select="entropy")
             return rows, stats, counted
         if self.server is not None:  # the teacher's top-k from the server, like a cache's
             with torch.no_grad():
@@ -390,20 +398,11 @@ class Trainer:
                             reduction="none", **teacher, **options)
         return rows, None, batch["labels"].reshape(-1) != -100
 
-    def _kept(self, stats, counted: Tensor) -> Tensor:
-        """Flat indices of the top ``token_fraction`` of the counted rows by the student's entropy
-        (per-row losses: mode sft, whose only criterion it is)."""
-        return selection.top_rows(stats.entropy, counted, self.config.token_fraction)
-
     def _select(self, rows: Tensor, stats, counted: Tensor) -> Tensor:
-        """0/1 weights of the rows trained on, for losses with per-row values (CE only, bytes):
-        the counted ones, or the top ``token_fraction`` of them (:meth:`_kept`)."""
-        keep = counted.to(rows.dtype)
-        if self.config.token_fraction >= 1:
-            return keep
-        keep = torch.zeros_like(keep)
-        keep[self._kept(stats, counted)] = 1
-        return keep
+        """0/1 weights of the rows trained on, for losses with per-row values (CE only and bytes,
+        at ``token_fraction`` 1): the counted ones. With token selection every loss comes summed
+        over its kept rows (:mod:`fastkd.train.selection`)."""
+        return counted.to(rows.dtype)
 
     # ------------------------------------------------------------------------------------------
     # training
