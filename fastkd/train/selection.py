@@ -18,6 +18,9 @@ costs depends on the criterion (``token_select``), counted in LM-head GEMMs of `
 - ``divergence``: the row's divergence from the teacher, from the same scoring pass as ``entropy``
   (the same cost).
 
+(Mode sft, CE only, selects by ``entropy``: the trainer passes an empty top-k set and
+``kd_weight=0``.)
+
 The entropy from K log-probs ``q_S`` (``V`` the vocabulary, ``r = 1 − Σ_S q`` the exact tail mass;
 masses rounded above 1 are rescaled to 1, no tail) treats the tail as *spread* evenly over the
 ``V − |S|`` ids outside S::

@@ -356,10 +356,11 @@ class Trainer:
             return rows, stats, counted
         if cfg.mode == "sft":  # the CE alone: a top-k loss with an empty set, the kept rows gathered first
             empty = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
+            no_teacher = {"ids": empty, "logprobs": torch.zeros(empty.shape, device=labels.device)}
             rows, stats = selection.selected_kd_loss(
-                dict(s, hidden=hidden), labels, {"ids": empty, "logprobs": torch.zeros(empty.shape, device=labels.device)},
-                options=dict(ce_weight=cfg.ce_weight, kd_weight=0.0, impl=cfg.impl), token_fraction=cfg.token_fraction,
-                token_select="entropy")
+                dict(s, hidden=hidden), labels, no_teacher, options=dict(ce_weight=cfg.ce_weight, kd_weight=0.0,
+                                                                         impl=cfg.impl),
+                token_fraction=cfg.token_fraction, token_select="entropy")
             return rows, stats, counted
         if self.server is not None:  # the teacher's top-k from the server, like a cache's
             with torch.no_grad():
