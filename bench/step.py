@@ -8,12 +8,20 @@ reports tokens/s and peak memory at each batch size, and the largest batch that 
 
     python bench/step.py                 # GPU: Qwen2.5-1.5B shape, bf16, seq 4096, cap 24 GB
     python bench/step.py --tiny          # CPU-sized model, to check the harness anywhere
+    python bench/step.py --token-selection   # CPU: loss FLOPs and step time per token_select
+
+``--token-selection`` runs the trainer's loss path (:func:`fastkd.train.selection.selected_kd_loss`)
+for one training step of a tiny student (forward, loss, backward, AdamW) at ``token_fraction`` 1.0
+and 0.5 for each ``token_select`` criterion, against a top-k teacher (cache/server) and an online
+teacher model, and prints the LM-head FLOPs counted on the aten matmuls (:class:`HeadGemms`) as a
+fraction of those at 1.0, with the median step time.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import time
 from pathlib import Path
 
@@ -86,6 +94,145 @@ def run(model, batch: int, seq: int, topk: int, fused: bool, steps: int, device:
     return row
 
 
+_GEMMS = {"mm": 0, "bmm": 0, "matmul": 0, "addmm": 1, "baddbmm": 1}  # index of the first factor
+_PATCHED = [(torch, name) for name in _GEMMS] + [(torch.Tensor, name) for name in
+                                                  ("mm", "bmm", "matmul", "addmm", "addmm_", "baddbmm", "__matmul__")]
+
+
+class HeadGemms:
+    """Counts the matrix products with a dimension of size ``vocab`` (the LM-head GEMMs: logits,
+    ``dh``, ``dW``, a teacher's logits) while active: ``flops`` (2·m·k·n each), ``calls`` and
+    ``most_rows``, the most rows one of them saw (its dimension that is neither ``vocab`` nor one of
+    ``hidden_sizes``). It wraps ``torch.mm``/``addmm``/``bmm``/``matmul``/``@`` (also inside
+    fastkd's custom ops, which a dispatch mode cannot see into): the torch backend and the chunked
+    plan's torch epilogue make every GEMM that way; Triton/CUDA kernels are not counted."""
+
+    def __init__(self, vocab: int, hidden_sizes: tuple = ()):
+        self.vocab, self.hidden_sizes = vocab, hidden_sizes
+        self.flops, self.calls, self.most_rows = 0, 0, 0
+        self._saved = []
+
+    def _count(self, name: str, args) -> None:
+        first = _GEMMS.get(name.rstrip("_").strip("_"), 0)
+        a, b = args[first], args[first + 1]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
+            return
+        dims = [a.shape[-2], a.shape[-1], b.shape[-1]]
+        if self.vocab not in dims or 1 in dims:  # not a head GEMM, or a batch of row dot products
+            return
+        batch = max(a.shape[:-2].numel(), b.shape[:-2].numel())
+        self.flops += 2 * batch * dims[0] * dims[1] * dims[2]
+        self.calls += 1
+        dims.remove(self.vocab)
+        for size in self.hidden_sizes:
+            if size in dims:
+                dims.remove(size)
+                break
+        if len(dims) == 1:
+            self.most_rows = max(self.most_rows, dims[0])
+
+    def __enter__(self) -> "HeadGemms":
+        for owner, name in _PATCHED:
+            original = getattr(owner, name)
+            self._saved.append((owner, name, original))
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                self._count(_name, args)
+                return _original(*args, **kwargs)
+
+            setattr(owner, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+
+def token_selection(args) -> None:
+    """One training step per (teacher kind, token_select, token_fraction): head FLOPs and time."""
+    from fastkd.integrations import hidden_and_head
+    from fastkd.train.selection import CRITERIA, selected_kd_loss
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.set_num_threads(args.threads)
+    vocab, batch, seq, topk = 32768, 2, args.seq or 256, args.topk
+    student = build_student(True, torch.float32, "cpu", checkpointing=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        teacher = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=384, intermediate_size=1024,
+                                               num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                               tie_word_embeddings=False)).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels = input_ids[:, 1:].clone()
+    if args.padding:  # rows that are not counted (they still reach the loss at token_fraction 1.0)
+        labels[:, -int(args.padding * (seq - 1)):] = -100
+    counted = int((labels != -100).sum())
+    start = torch.randint(0, vocab, (batch, seq - 1, 1), generator=gen)
+    cached = {"ids": (start + torch.arange(topk) * (vocab // topk)) % vocab,
+              "logprobs": torch.log_softmax(torch.randn(batch, seq - 1, topk + 1, generator=gen) * 3, -1)[..., :topk]}
+    options = dict(divergence="reverse_kl", beta=0.5, tail="bucket", temperature=1.0, ce_weight=0.0, kd_weight=1.0,
+                   impl="torch")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+
+    def step(kind: str, fraction: float, criterion: str):
+        s = hidden_and_head(student, input_ids=input_ids)
+        if kind == "top-k":
+            teacher_rows = cached
+        else:
+            with torch.no_grad():
+                t = hidden_and_head(teacher, input_ids=input_ids)
+            teacher_rows = dict(t, hidden=t["hidden"][:, :-1])
+        begin = time.process_time()  # the loss alone: scoring, gathering, its three GEMMs (grads in forward)
+        loss, _ = selected_kd_loss(dict(s, hidden=s["hidden"][:, :-1]), labels, teacher_rows, options=options,
+                                   token_fraction=fraction, token_select=criterion)
+        loss_seconds = time.process_time() - begin
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_seconds
+
+    print(f"one training step, CPU fp32, {args.threads} thread(s): student D 256, teacher D 384, V {vocab}, "
+          f"{batch}x{seq - 1} rows ({counted} counted), top-k K {topk}, reverse KL, impl torch")
+    print(f"{'teacher':<8} {'token_select':<16} {'fraction':>8} {'kept':>6} {'head GFLOP':>11} "
+          f"{'of f=1.0':>9} {'loss s':>8} {'of f=1.0':>9} {'step s':>8} {'of f=1.0':>9}")
+    print(f"(seconds: CPU time of this process, median of {args.steps} interleaved rounds; loss: selection and "
+          "the loss with its gradients; step: forward, loss, backward, AdamW)")
+    rows = []
+    settings = [(1.0, "-")] + [(0.5, c) for c in CRITERIA]
+    for kind in ("top-k", "online"):
+        flops, times, loss_times = [], [[] for _ in settings], [[] for _ in settings]
+        for fraction, criterion in settings:
+            select = criterion if fraction < 1 else "teacher_entropy"  # (not used at 1.0)
+            step(kind, fraction, select)  # warm-up
+            with HeadGemms(vocab) as gemms:
+                step(kind, fraction, select)
+            flops.append(gemms.flops)
+        for _ in range(args.steps):  # interleaved rounds: a drifting machine load hits every setting alike
+            for i, (fraction, criterion) in enumerate(settings):
+                begin = time.process_time()  # this process's CPU time: other processes' load does not count
+                loss_times[i].append(step(kind, fraction, criterion if fraction < 1 else "teacher_entropy"))
+                times[i].append(time.process_time() - begin)
+        medians = [sorted(t)[len(t) // 2] for t in times]
+        loss_medians = [sorted(t)[len(t) // 2] for t in loss_times]
+        for i, (fraction, criterion) in enumerate(settings):
+            kept = counted if fraction == 1 else math.ceil(fraction * counted)
+            rows.append({"teacher": kind, "token_select": criterion, "token_fraction": fraction, "kept_rows": kept,
+                         "head_flops": flops[i], "loss_s": loss_medians[i], "step_s": medians[i],
+                         "loss_s_all": loss_times[i], "step_s_all": times[i]})
+            print(f"{kind:<8} {criterion:<16} {fraction:>8.1f} {kept:>6} {flops[i] / 1e9:>11.2f} "
+                  f"{flops[i] / flops[0]:>8.0%} {loss_medians[i]:>8.3f} {loss_medians[i] / loss_medians[0]:>8.0%} "
+                  f"{medians[i]:>8.3f} {medians[i] / medians[0]:>8.0%}")
+    record = {"benchmark": "step-token-selection", "date": datetime.date.today().isoformat(), "device": "cpu",
+              "threads": args.threads, "torch": torch.__version__, "fastkd": fastkd.__version__, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"step-token-selection-cpu-{record['date']}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU-sized student (checks the harness)")
@@ -96,7 +243,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--token-selection", action="store_true",
+                        help="CPU: head FLOPs and step time at token_fraction 1.0 and 0.5 per token_select")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="--token-selection: CPU threads (1: CPU time is the work, not the waiting)")
+    parser.add_argument("--padding", type=float, default=0.0,
+                        help="--token-selection: fraction of each sequence's rows that are not counted")
     args = parser.parse_args()
+    if args.token_selection:
+        fastkd.config.check_values = False
+        return token_selection(args)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fastkd.config.check_values = False  # no host sync inside the timed steps

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..api import kd_loss, topk_kd_loss
 from ..integrations.hf import hidden_and_head
 from . import checkpoint as ckpt
+from . import selection
 from .config import TrainConfig
 from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler, cross_items, example_items,
                    load_texts, pack_items, pad_token_id, text_items)
@@ -332,11 +333,12 @@ class Trainer:
     def _loss_rows(self, model, batch: dict, on_policy: bool = False) -> tuple[Tensor, Optional[Tensor], Tensor]:
         """Per-row loss ``(N,)`` and per-row statistics (None for CE only), and the counted mask.
 
-        The KD losses return instead the *sum* of their rows (a summing reduction: the loss makes
-        its gradients in the forward, three GEMMs, no recomputation) and the statistics of the
-        rows trained on. With token selection (``token_fraction < 1``) every row is first scored
-        without gradients (the head's forward only), and the kept rows are gathered *before* the
-        loss, so its GEMMs run on them alone.
+        The KD losses, and the CE of sft with token selection, return instead the *sum* of their
+        rows (a summing reduction: the loss makes its gradients in the forward, three GEMMs, no
+        recomputation) and the statistics of the rows trained on. With token selection
+        (``token_fraction < 1``) the kept rows are chosen first and gathered *before* the loss, so
+        its GEMMs run on them alone (:mod:`fastkd.train.selection`: the cost of each
+        ``token_select`` criterion).
         """
         cfg = self.config
         if cfg.mode == "cross_tokenizer":
@@ -348,46 +350,33 @@ class Trainer:
         counted = labels.reshape(-1) != -100
         s = hidden_and_head(model, vocab_size=self.shared_vocab, **inputs)
         hidden = s["hidden"][:, :-1]
-        if cfg.mode == "sft":
+        if cfg.mode == "sft" and cfg.token_fraction >= 1:
             rows, stats = _fused_ce(hidden, s, labels, cfg.impl, ce_weight=cfg.ce_weight, reduction="none",
                                     return_stats=True)
             return rows, stats, counted
-        options = self._options(on_policy)
+        if cfg.mode == "sft":  # the CE alone: a top-k loss with an empty set, the kept rows gathered first
+            empty = torch.full((*labels.shape, 1), -1, dtype=torch.int64, device=labels.device)
+            no_teacher = {"ids": empty, "logprobs": torch.zeros(empty.shape, device=labels.device)}
+            rows, stats = selection.selected_kd_loss(
+                dict(s, hidden=hidden), labels, no_teacher, options=dict(ce_weight=cfg.ce_weight, kd_weight=0.0,
+                                                                         impl=cfg.impl),
+                token_fraction=cfg.token_fraction, token_select="entropy")
+            return rows, stats, counted
         if self.server is not None:  # the teacher's top-k from the server, like a cache's
             with torch.no_grad():
                 batch["teacher_ids"], batch["teacher_logprobs"] = self.server.topk_logprobs(
                     batch["input_ids"], batch["attention_mask"])
-        n_rows = counted.shape[0]
-        rows_of = lambda x: x.reshape(n_rows, -1)  # noqa: E731  (flattened rows, then gathered)
         if "teacher_ids" in batch:
-            teacher = (rows_of(batch["teacher_ids"][:, :-1]), rows_of(batch["teacher_logprobs"][:, :-1]))
-            loss_fn, extra = topk_kd_loss, {}
+            teacher = {"ids": batch["teacher_ids"][:, :-1], "logprobs": batch["teacher_logprobs"][:, :-1]}
         else:
             with torch.no_grad():
                 t = hidden_and_head(self.teacher, vocab_size=self.shared_vocab, **inputs)
-            topk, topk_from = cfg.resolved_topk
-            teacher = (rows_of(t["hidden"][:, :-1]),)
-            loss_fn = lambda h, w, th, **kw: kd_loss(h, w, th, t["weight"], **kw)  # noqa: E731
-            extra = dict(topk=topk, topk_from=topk_from, teacher_bias=t["bias"], teacher_softcap=t["softcap"])
-
-        def call(index: Optional[Tensor], reduction: str):
-            picked = [rows_of(hidden), labels.reshape(-1), *teacher]
-            if index is not None:
-                picked = [x[index] for x in picked]
-            h, lab, *rest = picked
-            return loss_fn(h, s["weight"], *rest, labels=lab, bias=s["bias"], softcap=s["softcap"],
-                           reduction=reduction, return_stats=True, **options, **extra)
-
-        if cfg.token_fraction >= 1:
-            rows, stats = call(None, "sum")
-            return rows, stats, counted
-        with torch.no_grad():
-            _scores, score_stats = call(None, "none")
-        index = self._kept(score_stats, counted)
-        if index.numel() == 0:  # nothing counted: a zero loss that still has a graph
-            rows, stats = call(torch.zeros(1, dtype=torch.long, device=counted.device), "sum")
-            return rows * 0.0, None, counted
-        rows, stats = call(index, "sum")
+            teacher = dict(t, hidden=t["hidden"][:, :-1])
+        topk, topk_from = cfg.resolved_topk
+        rows, stats = selection.selected_kd_loss(
+            dict(s, hidden=hidden), labels, teacher, options=self._options(on_policy),
+            token_fraction=cfg.token_fraction, token_select=cfg.resolved_token_select, topk=topk,
+            topk_from=topk_from)
         return rows, stats, counted
 
     def _byte_rows(self, model, batch: dict, options: dict, student: Optional[dict] = None):
@@ -410,24 +399,11 @@ class Trainer:
                             reduction="none", **teacher, **options)
         return rows, None, batch["labels"].reshape(-1) != -100
 
-    def _kept(self, stats, counted: Tensor) -> Tensor:
-        """Flat indices of the top ``token_fraction`` of the counted rows by the student's entropy
-        or by the divergence (ties broken arbitrarily)."""
-        cfg = self.config
-        score = (stats.entropy if cfg.token_select == "entropy" else stats.kd).reshape(-1).float()
-        score = score.masked_fill(~counted, float("-inf"))
-        k = math.ceil(cfg.token_fraction * int(counted.sum()))
-        return score.topk(k, sorted=False).indices
-
     def _select(self, rows: Tensor, stats, counted: Tensor) -> Tensor:
-        """0/1 weights of the rows trained on, for losses with per-row values (CE only, bytes):
-        the counted ones, or the top ``token_fraction`` of them (:meth:`_kept`)."""
-        keep = counted.to(rows.dtype)
-        if self.config.token_fraction >= 1:
-            return keep
-        keep = torch.zeros_like(keep)
-        keep[self._kept(stats, counted)] = 1
-        return keep
+        """0/1 weights of the rows trained on, for losses with per-row values (CE only and bytes,
+        at ``token_fraction`` 1): the counted ones. With token selection every loss comes summed
+        over its kept rows (:mod:`fastkd.train.selection`)."""
+        return counted.to(rows.dtype)
 
     # ------------------------------------------------------------------------------------------
     # training
