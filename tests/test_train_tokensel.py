@@ -336,3 +336,16 @@ def test_token_select_defaults():
     for cfg in (online, sft):
         cfg.validate()
     assert online.resolved_token_select == "teacher_entropy" and sft.resolved_token_select == "entropy"
+
+
+def test_resume_compares_the_criterion_a_run_used():
+    """Runs saved when token_select defaulted to "entropy" resume when no token was selected
+    (token_fraction 1); a run that selected with another criterion than this one would is refused."""
+    from fastkd.train.trainer import _selection
+
+    old_default = {"mode": "offline", "token_fraction": 1.0, "token_select": "entropy"}
+    assert _selection(old_default) is None
+    assert _selection({"mode": "offline", "token_fraction": 1.0, "token_select": None}) is None
+    assert _selection({"mode": "offline", "token_fraction": 0.5, "token_select": None}) == "teacher_entropy"
+    assert _selection({"mode": "sft", "token_fraction": 0.5, "token_select": None}) == "entropy"
+    assert _selection({"mode": "offline", "token_fraction": 0.5, "token_select": "entropy"}) == "entropy"

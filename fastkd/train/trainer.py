@@ -43,6 +43,16 @@ from .data import (CachedCrossItems, CausalCollator, CrossCollator, OrderSampler
 from .guard import NonFiniteGuard, check_finite_weights
 
 
+def _selection(settings: dict) -> Optional[str]:
+    """The criterion a run's token selection used (None when every token was kept), from its
+    settings: runs saved before ``token_select`` defaulted to None stored "entropy", which, with
+    ``token_fraction`` 1, selected nothing and must resume as before."""
+    if settings.get("token_fraction", 1.0) >= 1:
+        return None
+    chosen = settings.get("token_select")
+    return chosen or ("entropy" if settings.get("mode") == "sft" else "teacher_entropy")
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped a run after a step; ``checkpoint`` holds that step (resume from it)."""
 
@@ -703,7 +713,10 @@ class Trainer:
             raise ValueError(f"resume: {path} was written by {trainer['processes']} processes, this run has "
                              f"{self.acc.num_processes}; an exact resume needs the same number")
         resumable = _RESUMABLE | ({"max_steps"} if cfg.lr_schedule == "constant" else set())
-        changed = [k for k, v in trainer["config"].items() if k not in resumable and getattr(cfg, k, None) != v]
+        changed = [k for k, v in trainer["config"].items()
+                   if k not in resumable and k != "token_select" and getattr(cfg, k, None) != v]
+        if _selection(trainer["config"]) != _selection(cfg.to_dict()):
+            changed.append("token_select")
         if changed:
             raise ValueError(f"resume: {path} was trained with other settings ({', '.join(sorted(changed))}); "
                              "use a new output_dir or resume=never")
