@@ -3,8 +3,8 @@
 - ``test_ci_subset_compiles_and_fits``: the CI subset (top-k, dense, online top-k and byte drivers,
   bf16) compiled for sm_90, sm_89 and sm_80 in a subprocess without the interpreter; every rule
   must hold, and every kernel the drivers launch must have been compiled for every target.
-- ``test_a_broken_rule_names_kernel_target_and_number``: the sm_89 backward compiled with three
-  pipeline stages (the configuration that did not launch on an RTX 4090) must be reported.
+- ``test_a_broken_rule_names_kernel_target_and_number``: an sm_89 backward too large for an RTX
+  4090's 99 KB (64 x 256 tiles, three pipeline stages: 112 KB) must be reported.
 - The rules and the recording on synthetic figures (fast, no compiler).
 - ``test_csrc_resources``: ``nvcc -Xptxas -v`` over csrc/ for the three targets.
 """
@@ -57,7 +57,7 @@ def test_ci_subset_compiles_and_fits(tmp_path):
 _BROKEN = """
 import sys
 from fastkd.backends import compile_lane as cl, launch_configs as lc
-lc._GPU[("backward", 86, "16")] = lc.Tiles(64, 128, 64, 8, 3)   # what launched before: 3 stages
+lc._GPU[("backward", 86, "16")] = lc.Tiles(64, 256, 64, 8, 3)   # 112 KB of shared memory
 found = []
 for job in cl.collect(["topk"], ["bf16"], [89], [64]):
     if job.kernel == "backward_kernel":
@@ -72,7 +72,8 @@ def test_a_broken_rule_names_kernel_target_and_number():
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if "shared memory" in line]
     assert lines, run.stdout
-    assert "backward_kernel[" in lines[0] and "s3]" in lines[0] and "on sm_89" in lines[0]
+    assert "backward_kernel[" in lines[0] and "BN=256" in lines[0] and "s3]" in lines[0]
+    assert "on sm_89" in lines[0]
     needed = float(lines[0].split("needs ")[1].split(" KB")[0])
     assert needed > 99, lines[0]
 
