@@ -310,9 +310,12 @@ def cuda(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHU
 
 
 # The fused head (``fastkd.backends.triton_fused_head``, opt-in ``chunked_epilogue="fused"``):
-# the logits GEMM's program tile, and the float32 partials it writes per (row, tile).
+# the columns of one partial-statistics tile, the float32 partials it writes per (row, tile), and
+# the logits GEMM's program tile on sm_90 (rows, columns: ``head_config(90, bf16, wide=True)``,
+# which the model's cases get: no CE term; its epilogue runs on two 128-column halves).
 FUSED_TILE = 128
 FUSED_PARTIALS = 6
+FUSED_PROGRAM = (128, 256)
 
 
 def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES) -> Plan:
@@ -323,7 +326,9 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
     - fused logits GEMM: ``2·c·V·D`` tensor FLOPs, reads ``h_c`` and W, writes the 16-bit tile
       and ``FUSED_PARTIALS`` float32 partials per (row, ``FUSED_TILE``-column tile) plus the
       tile bounds of S (top-k; the dense teacher: the partials only); one exp per element
-      (+ tanh with a softcap) in its epilogue; L2 traffic of 128 x 128 program tiles;
+      (+ tanh with a softcap) in its epilogue; L2 traffic of ``FUSED_PROGRAM`` (128 x 256)
+      program tiles: each W element read from L2 once per 128 rows, each h element once per 256
+      columns;
     - top-k: a torch combine reading the partials (``c·V/128·24`` B), a grad pass reading the
       tile (2 B) and the per-tile max and bounds, writing dz (2 B);
     - dense teacher: the teacher's fused GEMM likewise, a divergence pass reading both tiles
@@ -345,8 +350,8 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
             head = gemm(name, c, v, width, in_bytes=e, out_bytes=2, count=count,
                         logit_passes=c / n if name == "fused logits GEMM" else 0.0,
                         extra_read=c * tiles * partials * 4)
-            head.l2_bytes = c * v * width * e * (2 / FUSED_TILE)
-            head.programs = math.ceil(c / FUSED_TILE) * tiles
+            head.l2_bytes = c * v * width * e * (1 / FUSED_PROGRAM[0] + 1 / FUSED_PROGRAM[1])
+            head.programs = math.ceil(c / FUSED_PROGRAM[0]) * math.ceil(v / FUSED_PROGRAM[1])
             head.sfu_ops = (1 if dense else 1 + cap) * c * v
             kernels.append(head)
         if dense:

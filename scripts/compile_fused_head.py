@@ -11,6 +11,7 @@ operands — has no HGMMA (sm_90) / HMMA (sm_80/89) instruction.
     python scripts/compile_fused_head.py                  # bf16 and fp16 operands, 3 targets
     python scripts/compile_fused_head.py --dtypes fp32    # float32 operands (chunked_epilogue="fused")
     python scripts/compile_fused_head.py --dtypes bf16 --targets 90 --vocab 151936 --dim 1536
+    python scripts/compile_fused_head.py --wide-flags --targets 90   # every flag set of the wide tile
 
 Each run compiles into a fresh temporary Triton cache, so the seconds are real compile times.
 """
@@ -51,6 +52,13 @@ def tensor_core_ops(cubin: bytes) -> dict:
     return {op: len(re.findall(rf"\b{op}\.", sass)) for op in ("HGMMA", "HMMA")}
 
 
+def _flags(constexprs: dict) -> str:
+    """The boolean flags a launch sets, e.g. ``BIAS,CAP,SET,TAIL``."""
+    names = [k.replace("HAS_", "").replace("WITH_", "") for k, v in constexprs.items()
+             if v is True and k.startswith(("HAS_", "WITH_", "SEPARATE_", "GRAD"))]
+    return ",".join(names) or "-"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
@@ -58,15 +66,19 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--wide-flags", action="store_true",
+                        help="compile every flag set the wide sm_90 tile takes (wide_specs), "
+                             "instead of one chunk's launches")
     args = parser.parse_args(argv)
     failures = []
     print(f"{'kernel':18s} {'dtype':5s} {'sm':>3s} {'compile_s':>9s} {'regs':>5s} {'spill_B':>7s} "
-          f"{'shared_B':>8s} {'warps':>5s} {'stages':>6s} {'HGMMA':>5s} {'HMMA':>5s}  tile")
+          f"{'shared_B':>8s} {'warps':>5s} {'stages':>6s} {'HGMMA':>5s} {'HMMA':>5s}  tile  flags")
     total = time.perf_counter()
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         for cc in args.targets:
-            for spec in triton_fused_head.compile_specs(cc, args.vocab, args.dim, args.k, dtype):
+            specs = triton_fused_head.wide_specs if args.wide_flags else triton_fused_head.compile_specs
+            for spec in specs(cc, args.vocab, args.dim, args.k, dtype):
                 start = time.perf_counter()
                 src = ASTSource(spec["kernel"], spec["signature"], spec["constexprs"], spec["attrs"])
                 compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=spec["options"])
@@ -80,8 +92,8 @@ def main(argv=None) -> int:
                 c = spec["constexprs"]
                 tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}" + (f"x{c['BLOCK_D']}" if "BLOCK_D" in c else "")
                 print(f"{spec['name']:18s} {dname:5s} {cc:3d} {seconds:9.2f} {regs:5d} {spills:7d} "
-                      f"{shared:8d} {warps:5d} {stages!s:>6s} {ops['HGMMA']:5d} {ops['HMMA']:5d}  {tile}",
-                      flush=True)
+                      f"{shared:8d} {warps:5d} {stages!s:>6s} {ops['HGMMA']:5d} {ops['HMMA']:5d}  {tile}"
+                      f"  {_flags(c)}", flush=True)
                 where = f"{spec['name']} ({dname}, sm_{cc})"
                 if spills:
                     failures.append(f"{where}: {spills} bytes of register spills")

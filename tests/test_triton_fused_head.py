@@ -212,15 +212,24 @@ def test_bad_arguments_raise_before_any_kernel():
 
 
 def test_compile_specs_follow_the_target():
-    """The recorded launches carry each target's configuration (stages: 4 on sm_90, else 3); the
-    gradient pass walks the partials' 128-column tiles."""
+    """The recorded launches carry each target's configuration (stages: 4 on sm_90, else 3; the
+    wide 128×256 tile on sm_90 for the flag sets ``wide_flags`` admits, nowhere else); partials
+    and the gradient pass always walk 128-column tiles."""
     for cc, stages in ((90, 4), (89, 3), (80, 3)):
         specs = fh.compile_specs(cc=cc, vocab=1000, dim=256, k=8)
-        assert [s["name"] for s in specs] == ["head_stats_kernel", "head_grad_kernel",
-                                              "dense_pair_kernel", "dense_pair_kernel"]
-        stats, grad = (s["constexprs"] for s in specs[:2])
-        assert specs[0]["options"]["num_stages"] == stages
-        assert stats["BLOCK_N"] // stats["SPLIT"] == grad["BLOCK_N"] == 128
+        assert [s["name"] for s in specs] == ["head_stats_kernel"] * 4 + [
+            "head_grad_kernel", "dense_pair_kernel", "dense_pair_kernel"]
+        heads = [s["constexprs"] for s in specs[:4]]
+        grad = specs[4]["constexprs"]
+        # every option with CE, the backward's values-at-S pass, the forward without CE, a teacher
+        wide = [not c["WITH_CE"] and (c["WITH_TAIL"] or not c["HAS_SET"]) for c in heads]
+        assert wide == [False, False, True, True]
+        for spec, c, w in zip(specs, heads, wide):
+            assert c["BLOCK_N"] == (256 if w and cc == 90 else 128), (cc, c)
+            assert c["BLOCK_N"] // c["SPLIT"] == grad["BLOCK_N"] == 128
+            assert spec["options"]["num_stages"] == stages
+    assert not fh.wide_flags(True, False, False) and not fh.wide_flags(True, True, True)
+    assert fh.wide_flags(True, True, False) and fh.wide_flags(False, False, False)
 
 
 def test_kernels_compile_for_sm90_sm89():

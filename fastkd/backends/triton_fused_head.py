@@ -13,7 +13,8 @@ writes the tile once in 16 bits, so per chunk:
                              sum_t  = Σ_tile e^{z−m_t}
                              tail_t = Σ_{tile∖S} e^{z−m_t}          (membership, not subtraction)
                              ent_t  = Σ_tile e^{z−m_t}·(z − m_t)    (for E_p[z], the entropy)
-                             mce_t, sce_t: the same max/sum on s = softcap(x) (CE at τ ≠ 1)
+                             mce_t, sce_t: the same max/sum on s = softcap(x) = τ·z (CE at
+                                           τ ≠ 1): τ·m_t and Σ_tile e^{τ·(z−m_t)}
                            the values z at S (in the sorted order of S), the CE target s[label],
                            and the tile as ``y = z − m_t`` in float16 (float32 for float32
                            operands). y ≤ 0 and its rounding error |y|·2⁻¹¹ is smallest for the
@@ -41,21 +42,19 @@ three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
 
 With the cost model (``bench/model.py``, ``python -m bench --model``, row "chunked, fused head
 (opt-in)": 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s, L2 12 TB/s assumed), N = 8192, top-k reverse
-KL, the bound over the three bare GEMMs (unfused plan → fused plan; in brackets the fused plan
-if its GEMM moved as few L2 bytes as cuBLAS's 256-wide tiles):
+KL, the bound over the three bare GEMMs (unfused plan → fused plan with 128×128 program tiles →
+with the wide 128×256 tile it now gets on sm_90, ``head_config(wide=True)``):
 
                    Llama-3-8B             Qwen2.5-1.5B           Gemma-2-2B
-    H100           1.19 → 1.15 [1.05]     1.51 → 1.24 [1.14]     1.67 → 1.27 [1.17]
-    H200           1.08 → 1.13 [1.04]     1.27 → 1.19 [1.10]     1.37 → 1.16 [1.06]
+    H100           1.19 → 1.15 → 1.05     1.51 → 1.24 → 1.14     1.67 → 1.27 → 1.17
+    H200           1.08 → 1.13 → 1.04     1.27 → 1.19 → 1.10     1.37 → 1.16 → 1.06
 
-≤ 1.10 is met only in the bracketed what-if for Llama-3 (both GPUs) and Qwen/Gemma on the H200.
-What is left: (1) the fused GEMM's 128×128 program tiles read operands from L2 twice as often as
-256-wide tiles, which under the model's 12 TB/s L2 makes GEMM 1 L2-bound (11.2 ms against 8.7 ms
-of tensor work at Llama's shape); a 128×256 tile with the epilogue on two halves (``SPLIT=2``) is
-implemented but spills on sm_90 today; (2) the grad pass's 2 + 2 B per element is inherent to any
-plan that materialises dz (1.3–2.5 ms on the H100), heavy next to Qwen's thin GEMMs (D = 1536);
-(3) Gemma's float32 dW accumulator (V×D read and written per chunk) is HBM-bound at 1024-row
-chunks: a larger ``chunk_bytes`` helps.
+The wide tile reads 3/256 operand bytes per FLOP from L2 instead of 4/256, so GEMM 1 is no longer
+L2-bound (Llama: 8.4 ms of L2 traffic under 8.7 ms of tensor work, was 11.2 ms). ≤ 1.10 is met
+for Llama-3 (both GPUs) and Qwen/Gemma on the H200. What is left on the H100: the grad pass's
+2 + 2 B per element (1.3–2.5 ms), heavy next to Qwen's thin GEMMs (D = 1536) and Gemma's wide
+vocabulary; and Gemma's float32 dW accumulator (V×D read and written per chunk), HBM-bound at
+1024-row chunks (a larger ``chunk_bytes`` helps).
 
 Scope: the offline top-k teacher (``topk_kd_loss``: every divergence and tail mode, CE, softcap, τ,
 ``reduction`` summing (gradients in the forward) or ``"none"`` (one recomputation in the
@@ -66,9 +65,12 @@ state); and the online dense teacher (``kd_loss(topk=None)``): both heads' GEMMs
 of ``w`` (so ``kd`` and ``W``), then ``dz = kd_scale·(w − p·W) + CE``, × softcap' — over the formulas
 of ``triton_epilogue._dense_terms``. The divergence itself is then computed from the 16-bit tiles
 (error ≈ |z − m_t|·2⁻¹¹ per logit, far inside what 16-bit logits give plain PyTorch). At Liger's
-dense JSD shape (student D 2048, teacher D 4096, V 128256, N 8192) the model gives 33.4 → 29.8 ms on
-the H100 (the ≤ 30 ms goal, barely; 1.37× that case's floor, not ≈ 1.1×: the teacher's GEMM is
-L2-bound at 128×128 tiles and the two passes move 4 + 6 B per logit). Not fused: the online top-k
+dense JSD shape (student D 2048, teacher D 4096, V 128256, N 8192) the model gives 33.4 → 29.8 ms
+(128×128 tiles) → 26.0 ms (the wide tile, both heads without CE) on the H100, 1.20× that case's
+floor (not ≈ 1.1×: the two passes move 4 + 6 B per logit); 23.9 ms (1.10×) on the H200. The
+heads run the wide tile only without a CE term (``wide_flags``); with CE they keep 128×128.
+Before this, the heads without a set did not compile for the GPU at all (float32 stand-ins for
+the set's pointers; see ``head_stats``). Not fused: the online top-k
 teacher's forward (S is chosen with ``torch.topk`` over the teacher's full float32 logits; a
 selection kernel over 16-bit tiles is not built), which runs cuBLAS and the Triton epilogues.
 
@@ -116,50 +118,59 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
                    WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
                    WITH_STATS: tl.constexpr, SUB_N: tl.constexpr):
     """Partial-statistics tile ``t`` (columns ``v0 + [0, SUB_N)``) of the float32 accumulator
-    ``acc (BLOCK_M, SUB_N)``, ordered so that at most two tile-sized values are live."""
+    ``acc (BLOCK_M, SUB_N)``, ordered to keep one tile-sized value live: the accumulator becomes
+    ``y = z − m_t`` (stored at once) and the statistics are reductions of it (the CE max and sum
+    from ``τ·y``), then ``e^y``, from which S is removed for the tail after the values at S are
+    read. The wide sm_90 tile (128 registers of accumulator per thread) fits only so."""
     cols = v0 + tl.arange(0, SUB_N)
     col_mask = cols < V
     row_mask = row_mask & ((rows64 * 0 + t) < n_tiles)  # a split's second half may lie past V
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    s = _softcap(acc, cap, HAS_CAP)
+    acc = _softcap(acc, cap, HAS_CAP)  # s
     part_row = part_ptr + rows64 * stride_part + t
     part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
     if WITH_CE:
         label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
         here = row_mask & (label >= v0) & (label < v0 + SUB_N)
-        target = tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        target = tl.sum(tl.where(cols[None, :] == label[:, None], acc, 0.0), axis=1)
         tl.store(target_ptr + rows64, target, mask=here)
-        if SEPARATE_CE:
-            s_m = tl.where(col_mask[None, :], s, _MASKED)
-            m_ce = tl.max(s_m, axis=1)
-            tl.store(part_row + _PMCE * part_stride, m_ce, mask=row_mask)
-            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
-                     mask=row_mask)
-    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
-    m = tl.max(z, axis=1)
-    y = z - m[:, None]
-    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols[None, :],
-             tl.maximum(y, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
-    e = tl.exp(y)
+    acc = tl.where(col_mask[None, :], acc * inv_temp, _MASKED)  # z
+    m = tl.max(acc, axis=1)
+    acc = acc - m[:, None]  # y
     tl.store(part_row + _PM * part_stride, m, mask=row_mask)
-    tl.store(part_row + _PSUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
-    if WITH_STATS:
-        tl.store(part_row + _PENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
+    first_row = tl.min(rows64, axis=0)  # int32 offsets from the program's first row and column
+    tile_offs = (rows64 - first_row).to(tl.int32)[:, None] * stride_tile + tl.arange(0, SUB_N)[None, :]
+    tl.store(tile_ptr + first_row * stride_tile + v0 + tile_offs,
+             tl.maximum(acc, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    if WITH_CE:
+        if SEPARATE_CE:  # s = τ·z: max s = τ·m_t, s − max s = τ·y (τ > 0)
+            temp = 1.0 / inv_temp
+            tl.store(part_row + _PMCE * part_stride, m * temp, mask=row_mask)
+            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(acc * temp), axis=1),
+                     mask=row_mask)
     if HAS_SET:
         lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
         hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
         for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·SUB_N/V ids per row per tile: 0 or 1
             has = (lo + j) < hi
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
-            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
-            zj = tl.sum(tl.where(hit, y, 0.0), axis=1) + m
+            zj = tl.sum(tl.where(cols[None, :] == idj[:, None], acc, 0.0), axis=1) + m
             tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
-            if WITH_TAIL:
-                e = tl.where(hit, 0.0, e)  # S leaves the tail by membership, not by subtraction
+    if WITH_STATS:
+        tl.store(part_row + _PENT * part_stride, tl.sum(tl.exp(acc) * acc, axis=1), mask=row_mask)
+    acc = tl.exp(acc)  # e^{z − m_t}
+    tl.store(part_row + _PSUM * part_stride, tl.sum(acc, axis=1), mask=row_mask)
     if WITH_TAIL:
-        tl.store(part_row + _PTAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
+        if HAS_SET:
+            lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
+            hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
+            for j in range(0, tl.max(hi - lo, axis=0)):  # S leaves the tail by membership
+                has = (lo + j) < hi
+                idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+                acc = tl.where(cols[None, :] == idj[:, None], 0.0, acc)
+        tl.store(part_row + _PTAIL * part_stride, tl.sum(acc, axis=1), mask=row_mask)
 
 
 @triton.jit
@@ -341,24 +352,40 @@ INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=16, SPLIT=2)
 _SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dict:
+def head_config(cc: int, operand: torch.dtype, interpreter: bool = False,
+                wide: bool = False) -> dict:
     """Launch configuration of ``head_stats_kernel`` for compute capability ``cc`` (e.g. 90, 89,
     80) and the operand dtype, from the target alone (no GPU query).
 
     16-bit operands: 128×128 program tiles, BLOCK_D 64, 8 warps, grouped by 8 row tiles; 4 stages
     on sm_90 (wgmma; 4 × 32 KB of 227 KB), 3 on sm_80 (163 KB) and sm_86/89 (99 KB per block).
-    float32 operands (IEEE dot, CUDA cores; 128 rows spill on sm_90): 64×128, BLOCK_D 32, 2 stages.
-    ``SPLIT=2`` (the epilogue on two column halves, partials per half) lets a 256-wide tile keep a
-    128-wide epilogue: with ``BLOCK_N=256`` it would halve the GEMM's L2 traffic on sm_90, but it
-    spills there today (376 B at 128×256, 255 registers; ``scripts/compile_fused_head.py``), so no
-    target uses it yet; the interpreter tests run it."""
+    ``wide`` on sm_90 (see ``_WIDE``): 128×256 program tiles whose epilogue runs on two 128-column
+    halves (``SPLIT=2``, partials still per 128 columns), 4 stages (4 × 48 KB = 193 KB): each W
+    tile is reused by 256 columns' worth of h, so GEMM 1 reads 3/256 instead of 4/256 operand
+    bytes per FLOP from L2. It needs 255 registers with its epilogue (the accumulator alone is 128
+    per thread), so it is used only for the flag sets ``scripts/compile_fused_head.py --wide-flags``
+    compiles without a spill.
+    float32 operands (IEEE dot, CUDA cores; 128 rows spill on sm_90): 64×128, BLOCK_D 32, 2 stages."""
     if interpreter:
         return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
     if operand == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, GROUP_M=8, SPLIT=1, num_warps=8,
                     num_stages=2)
+    if wide and cc >= 90:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, GROUP_M=8, SPLIT=2, num_warps=8,
+                    num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, SPLIT=1, num_warps=8,
                 num_stages=4 if cc >= 90 else 3)
+
+
+def wide_flags(has_set: bool, with_tail: bool, with_ce: bool) -> bool:
+    """Whether a launch with these flags gets the wide sm_90 tile (``head_config(wide=True)``):
+    no CE term, and either the bucket tail with its set (the offline top-k forward) or no set
+    (the online dense teacher's two heads). Every other flag (bias, softcap, statistics) free:
+    ``scripts/compile_fused_head.py --wide-flags`` compiles them all. The others (the recomputing
+    backward's values-at-S pass, ``tail="renormalize"``, CE mixing) spill a few bytes at 128×256
+    and keep 128×128."""
+    return not with_ce and (with_tail or not has_set)
 
 
 def grad_config(block_n: int, interpreter: bool = False) -> dict:
@@ -392,12 +419,12 @@ def _launch(kernel, grid, device, args, meta) -> None:
         kernel[grid](*args, **meta)
 
 
-def _config(device: torch.device, operand: torch.dtype) -> dict:
+def _config(device: torch.device, operand: torch.dtype, wide: bool) -> dict:
     if _RECORDED is not None and _RECORD_CC is not None:
-        return head_config(_RECORD_CC, operand)
+        return head_config(_RECORD_CC, operand, wide=wide)
     if _interpreted(device):
         return head_config(0, operand, interpreter=True)
-    return head_config(_cc(device), operand)
+    return head_config(_cc(device), operand, wide=wide)
 
 
 def tile_bounds(sorted_ids: Tensor, n_tiles: int, block_n: int) -> Tensor:
@@ -440,7 +467,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
         _check_2d("sorted_ids", sorted_ids, (c, k), (torch.int32,), device)
     if with_ce:
         _check_2d("labels", labels, (c,), (torch.int32, torch.int64), device)
-    cfg = _config(device, hidden.dtype)
+    cfg = _config(device, hidden.dtype, wide_flags(k > 0, with_tail, with_ce))
     bn = cfg["BLOCK_N"] // cfg["SPLIT"]  # columns per partial-statistics tile
     n_tiles = triton.cdiv(vocab, bn)
     if tile is None:
@@ -454,9 +481,12 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     bounds = tile_bounds(sorted_ids, n_tiles, bn) if has_set else None
     if c == 0:
         return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
-    ids = sorted_ids if has_set else zs
-    bnd = bounds if has_set else zs
-    args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else zs, tile,
+    # int32 stand-ins without a set or labels: with float32 ones the launch without a set (the
+    # online teacher's heads) failed to compile for the GPU (TypeError on the set's loop bounds)
+    unused = torch.zeros((c, 1), dtype=torch.int32, device=device)
+    ids = sorted_ids if has_set else unused
+    bnd = bounds if has_set else unused
+    args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else unused, tile,
             partials, zs, target,
             c, vocab, d, n_tiles,
             hidden.stride(0), weight.stride(0), ids.stride(0), bnd.stride(0), tile.stride(0),
@@ -578,7 +608,9 @@ def recording(cc: int = 90):
 def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """The launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats; dz
-    written as ``dtype`` when 16-bit; the dense pair's divergence and gradient modes for JSD),
+    written as ``dtype`` when 16-bit; the dense pair's divergence and gradient modes for JSD), the
+    recomputing backward's statistics pass, the forward without CE and the online teacher's head
+    (the last two: the wide tile on sm_90),
     configured for ``cc``, as the dicts
     ``triton_epilogue.compile_specs`` gives. Recorded on CPU tensors: nothing runs."""
     from .triton_epilogue import _compile_spec
@@ -591,12 +623,37 @@ def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 6
     vec = torch.zeros(rows, dtype=torch.float32)
     with recording(cc) as launches:
         chunk = head_stats(hidden, weight, bias, ids, labels, 0.5, 30.0, True, True, True, True)
+        # the recomputing backward's pass (values at S only) and the offline forward without CE:
+        # on sm_90 the second is the wide tile (``wide_flags``), the first never is
+        head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, False, False, False, False)
+        head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, True, False, False, True)
+        head_stats(hidden, weight, None, None, None, 0.5, 30.0, False, False, False, False)  # a teacher
         out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
         head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
                   True, True, out)
         state = torch.zeros((6, rows), dtype=torch.float32)
         dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True)  # JSD: every term
         dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True, out=out)
+    return [_compile_spec(*launch) for launch in launches]
+
+
+def wide_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
+               dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Every ``head_stats_kernel`` flag set that ``wide_flags`` sends to the wide sm_90 tile (bias,
+    softcap and statistics on or off; with the set and its tail, or without a set), recorded for
+    ``cc`` as ``compile_specs`` records them (``scripts/compile_fused_head.py --wide-flags``)."""
+    from .triton_epilogue import _compile_spec
+    rows = 2
+    hidden = torch.zeros((rows, dim), dtype=dtype)
+    weight = torch.zeros((vocab, dim), dtype=dtype)
+    ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
+    with recording(cc) as launches:
+        for with_bias in (False, True):
+            bias = torch.zeros(vocab, dtype=torch.float32) if with_bias else None
+            for cap in (0.0, 30.0):
+                for stats in (False, True):
+                    head_stats(hidden, weight, bias, ids, None, 0.5, cap, True, False, False, stats)
+                    head_stats(hidden, weight, bias, None, None, 0.5, cap, False, False, False, stats)
     return [_compile_spec(*launch) for launch in launches]
 
 
