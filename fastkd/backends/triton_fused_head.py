@@ -156,6 +156,7 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
         for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·SUB_N/V ids per row per tile: 0 or 1
             has = (lo + j) < hi
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+            # an unused slot (id V) meets a masked column: its value is garbage, never read
             zj = tl.sum(tl.where(cols[None, :] == idj[:, None], acc, 0.0), axis=1) + m
             tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
     if WITH_STATS:
