@@ -316,9 +316,16 @@ def cuda(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHU
 FUSED_TILE = 128
 FUSED_PARTIALS = 6
 FUSED_PROGRAM = (128, 256)
+# ``grad_in_gemms`` (``triton_fused_head.GRAD_IN_GEMMS``): the output tile of the two gradient
+# GEMMs that make dz from the tile (rows or vocabulary x D: 128 x 256 on sm_90, ``gemm_config``),
+# so dz is made once per 256 columns of D; and the fp32 operations that make one dz element
+# (tile + m_t, x τ, − lse, x dense scale, the set's select, the cast; + 3 for softcap').
+FUSED_GRAD_TILE = (128, 256)
+FUSED_GRAD_FP32 = 8
 
 
-def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES) -> Plan:
+def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
+               grad_in_gemms: bool = False) -> Plan:
     """The chunked plan with the fused head (opt-in, ``fastkd.config.chunked_epilogue="fused"``),
     summing reduction, 16-bit operands. Per chunk of ``c`` rows (the budget over 16-bit tiles:
     2 B per element, 4 B with the dense teacher's second tile):
@@ -334,11 +341,20 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
     - dense teacher: the teacher's fused GEMM likewise, a divergence pass reading both tiles
       (4 B), a grad pass reading both and writing dz (6 B);
     - dh and dW GEMMs as in :func:`chunked` (16-bit dz, fp32 dW accumulated across chunks).
+
+    ``grad_in_gemms`` (top-k only; opt-in ``triton_fused_head.GRAD_IN_GEMMS``): no grad pass and
+    no dz; the two gradient GEMMs read the 16-bit tile as their dz operand (plus the tile max
+    and bounds) and make each dz element again for every ``FUSED_GRAD_TILE`` columns of D: one
+    exp and ``FUSED_GRAD_FP32`` (+3 with a softcap) fp32 operations each time, on the CUDA
+    cores beside the tensor cores (the roofline lets them overlap: a lower bound); L2 traffic of
+    ``FUSED_GRAD_TILE`` (128 x 256) output tiles.
     """
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     dense = teacher == "dense"
     if teacher not in (None, "dense"):
         raise ValueError(f"teacher must be None or 'dense', got {teacher!r}")
+    if dense and grad_in_gemms:
+        raise ValueError("grad_in_gemms is built for the top-k plan only (teacher=None)")
     rows = chunk_rows(n, v, budget_bytes, 4 if dense else 2, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
     tiles = math.ceil(v / FUSED_TILE)
@@ -359,17 +375,29 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
             kernels.append(rowwise("grad pass", c, v, read=4, write=e, sfu=3, count=count))
         else:
             kernels.append(rowwise("combine", c, tiles, read=FUSED_PARTIALS * 4, write=0, sfu=2, count=count))
-            grad = rowwise("grad pass", c, v, read=2, write=e, sfu=1 + cap, count=count)
-            grad.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
-            kernels.append(grad)
-        kernels.append(gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count))
+            if not grad_in_gemms:
+                grad = rowwise("grad pass", c, v, read=2, write=e, sfu=1 + cap, count=count)
+                grad.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
+                kernels.append(grad)
         first = 1 if index == 0 else 0
-        kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, accumulate=True,
-                            count=count - first))
+        grads = [gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count),
+                 gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, accumulate=True, count=count - first)]
         if first:
-            kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
+            grads.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
+        if grad_in_gemms:  # the tile is the dz operand; dz made per FUSED_GRAD_TILE[1] columns of D
+            tile_rows, tile_d = FUSED_GRAD_TILE
+            remade = math.ceil(d / tile_d)
+            for k, outer in zip(grads, (c, v, v)):
+                k.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
+                k.l2_bytes = c * v * d * e * (1 / tile_rows + 1 / tile_d)
+                k.sfu_ops = remade * c * v
+                k.fp32_flops = remade * (FUSED_GRAD_FP32 + 3 * cap) * c * v
+                k.programs = math.ceil(outer / tile_rows) * remade
+        kernels.extend(grads)
     kernels = [k for k in kernels if k.count]
     name = ("chunked online dense" if dense else "chunked") + ", fused head (opt-in)"
+    if grad_in_gemms:
+        name += ", dz in the GEMMs"
     return Plan(name, shape, kernels, extra={"chunk_rows": rows})
 
 

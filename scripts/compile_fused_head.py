@@ -1,12 +1,12 @@
 """Compile the fused head's kernels (fastkd/backends/triton_fused_head.py) for the GPU, no GPU needed.
 
-For each operand dtype and target (sm_90, sm_89, sm_80) it compiles the two launches of a chunk
+For each operand dtype and target (sm_90, sm_89, sm_80) it compiles the launches of a chunk
 (``triton_fused_head.compile_specs(cc, ...)``: the configuration each target gets) with Triton's
 compiler and the ptxas Triton ships, and prints compile seconds, registers, local memory (spills),
 shared memory per block and the tensor-core instructions in the SASS (``cuobjdump -sass``). Exits 1
 when a kernel spills, needs more shared memory than the target allows per block or more registers
-than a block can have, takes longer than 60 s to compile, or — the statistics kernel with 16-bit
-operands — has no HGMMA (sm_90) / HMMA (sm_80/89) instruction.
+than a block can have, takes longer than 60 s to compile, or — the statistics kernel and the
+gradient GEMMs with 16-bit operands — has no HGMMA (sm_90) / HMMA (sm_80/89) instruction.
 
     python scripts/compile_fused_head.py                  # bf16 and fp16 operands, 3 targets
     python scripts/compile_fused_head.py --dtypes fp32    # float32 operands (chunked_epilogue="fused")
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                 warps = spec["options"]["num_warps"]
                 stages = spec["options"].get("num_stages", "-")
                 c = spec["constexprs"]
-                tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}" + (f"x{c['BLOCK_D']}" if "BLOCK_D" in c else "")
+                tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_V", "BLOCK_N", "BLOCK_D",
+                                                    "BLOCK_K", "BLOCK_C") if k in c)
                 print(f"{spec['name']:18s} {dname:5s} {cc:3d} {seconds:9.2f} {regs:5d} {spills:7d} "
                       f"{shared:8d} {warps:5d} {stages!s:>6s} {ops['HGMMA']:5d} {ops['HMMA']:5d}  {tile}"
                       f"  {_flags(c)}", flush=True)
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
                     failures.append(f"{where}: {regs} registers x {32 * warps} threads > {REGISTERS_PER_SM}")
                 if seconds > MAX_COMPILE_S:
                     failures.append(f"{where}: compiled in {seconds:.0f} s > {MAX_COMPILE_S:.0f} s")
-                if spec["name"] == "head_stats_kernel" and dtype != torch.float32:
+                gemms = ("head_stats_kernel", "head_dh_kernel", "head_dw_kernel")
+                if spec["name"] in gemms and dtype != torch.float32:
                     want = "HGMMA" if cc >= 90 else "HMMA"
                     if ops[want] == 0:
                         failures.append(f"{where}: no {want} instruction in the SASS")

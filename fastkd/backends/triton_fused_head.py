@@ -27,6 +27,11 @@ writes the tile once in 16 bits, so per chunk:
                            with ``triton_epilogue.topk_grad``'s semantics: values set on S, the dense
                            part off S, CE, the softcap derivative, ignored rows exact zeros.
     5. dh = dz·W, dW += dzᵀ·h  as the plan (``chunked._Grads``), on tensor cores.
+    4–5 with ``GRAD_IN_GEMMS`` (opt-in, top-k): head_dh_kernel and head_dw_kernel, Triton GEMMs
+                           whose dz operand tiles are made in registers from y and m_t (the
+                           grad pass's formulas, ``_grad_tile``) for every 256 columns of D:
+                           no grad pass, no dz in memory; dW (float32) and db added to in their
+                           epilogues.
 
 **Bytes and FLOPs per element of C×V outside the GEMM main loops** (16-bit operands; the floor's
 three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
@@ -55,6 +60,13 @@ for Llama-3 (both GPUs) and Qwen/Gemma on the H200. What is left on the H100: th
 2 + 2 B per element (1.3–2.5 ms), heavy next to Qwen's thin GEMMs (D = 1536) and Gemma's wide
 vocabulary; and Gemma's float32 dW accumulator (V×D read and written per chunk), HBM-bound at
 1024-row chunks (a larger ``chunk_bytes`` helps).
+
+With ``GRAD_IN_GEMMS`` the grad pass is gone and the bound is 1.00 / 1.01 / 1.09 (H100) and
+1.00 / 1.00 / 1.00 (H200) — if the exp and the ~8 float32 operations per dz element, made again
+for every 256 columns of D (16× at Llama's D), overlap the tensor cores as the roofline lets
+them (they need 4.0 ms of MUFU and 2.0 ms of CUDA-core time beside 8.7 ms of tensor work per
+gradient GEMM at Llama's shape), and if these Triton GEMMs run as fast as cuBLAS: no GPU has
+timed them, so it is off by default.
 
 Scope: the offline top-k teacher (``topk_kd_loss``: every divergence and tail mode, CE, softcap, τ,
 ``reduction`` summing (gradients in the forward) or ``"none"`` (one recomputation in the
@@ -232,42 +244,28 @@ def head_stats_kernel(
 
 
 @triton.jit
-def head_grad_kernel(
-    # pointers
-    tile_ptr, part_ptr, out_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
-    # shapes
-    C, V,
-    # strides
-    stride_tile, stride_part, stride_out, stride_ids, stride_bounds, stride_values,
-    # meta
-    temp, cap,
-    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dz over one (BLOCK_M, BLOCK_N) tile from y = z − m_t: values set on S, the dense part off
-    S, the CE term, × softcap'. ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale,
-    CE lse, CE scale."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    v0 = pid_n * BLOCK_N
-    cols = v0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < C
-    col_mask = cols < V
-    rows64 = rows.to(tl.int64)
+def _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+               rows64, row_mask, cols, col_mask, t, C,
+               stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp, cap,
+               HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr,
+               WITH_CE: tl.constexpr):
+    """dz (float32) at ``rows × cols``, columns within partial tile ``t``, from y = z − m_t:
+    values set on S, the dense part off S, the CE term, × softcap'; zero outside the masks.
+    ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale, CE lse, CE scale."""
     mask = row_mask[:, None] & col_mask[None, :]
     y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols[None, :], mask=mask, other=0.0)
-    m = tl.load(part_ptr + rows64 * stride_part + pid_n, mask=row_mask, other=0.0)
+    m = tl.load(part_ptr + rows64 * stride_part + t, mask=row_mask, other=0.0)
     z = y.to(tl.float32) + m[:, None]
     s = z * temp
     kd_lse = tl.load(row_ptr + rows64, mask=row_mask, other=0.0)
-    g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if WITH_TAIL:
         dense = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
         g = tl.where(dense[:, None] != 0.0, dense[:, None] * tl.exp(z - kd_lse[:, None]), 0.0)
+    else:
+        g = z * 0.0
     if HAS_SET:
-        lo = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n, mask=row_mask, other=0)
-        hi = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n + 1, mask=row_mask, other=0)
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
         for j in range(0, tl.max(hi - lo, axis=0)):  # set, not add: a huge G_T cannot cancel on S
             has = (lo + j) < hi
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
@@ -283,8 +281,143 @@ def head_grad_kernel(
     if HAS_CAP:
         r = s / cap
         g = g * (1.0 - r * r)
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def head_grad_kernel(
+    # pointers
+    tile_ptr, part_ptr, out_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V,
+    # strides
+    stride_tile, stride_part, stride_out, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dz over one (BLOCK_M, BLOCK_N) tile (``_grad_tile``) into ``out``."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    g = _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+                   rows64, row_mask, cols, col_mask, pid_n, C,
+                   stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp, cap,
+                   HAS_CAP, WITH_TAIL, HAS_SET, WITH_CE)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
-             g.to(out_ptr.dtype.element_ty), mask=mask)
+             g.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def head_dh_kernel(
+    # pointers
+    tile_ptr, part_ptr, w_ptr, dh_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V, D,
+    # strides
+    stride_tile, stride_part, stride_w, stride_dh, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dh (BLOCK_M, BLOCK_N) = dz · W over the vocabulary, each dz tile made in registers from
+    the stored tile (``_grad_tile``; BLOCK_K divides the partial tiles' TILE_N) and never
+    written: the A operand of the dot."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < C
+    rows64 = rows.to(tl.int64)
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = dcols < D
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, V, BLOCK_K):
+        cols = k0 + kk
+        col_mask = cols < V
+        g = _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+                       rows64, row_mask, cols, col_mask, k0 // TILE_N, C,
+                       stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp,
+                       cap, HAS_CAP, WITH_TAIL, HAS_SET, WITH_CE)
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dcols[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+    tl.store(dh_ptr + rows64[:, None] * stride_dh + dcols[None, :], acc.to(dh_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _add_store(dw_ptr, acc, cols64, col_mask, d0, D, stride_dw, ACCUMULATE: tl.constexpr,
+               WIDTH: tl.constexpr):
+    """``dw[cols, d0 + [0, WIDTH)] (+)= acc``, float32."""
+    dcols = d0 + tl.arange(0, WIDTH)
+    mask = col_mask[:, None] & (dcols < D)[None, :]
+    ptrs = dw_ptr + cols64[:, None] * stride_dw + dcols[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def head_dw_kernel(
+    # pointers
+    tile_ptr, part_ptr, h_ptr, dw_ptr, db_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V, D,
+    # strides
+    stride_tile, stride_part, stride_h, stride_dw, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WITH_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dW (BLOCK_V, BLOCK_N) (+)= dzᵀ · h over the chunk's rows in float32 (``ACCUMULATE``: added
+    to what ``dw`` holds), each dz tile made in registers from the stored tile (BLOCK_V divides
+    TILE_N); the programs of the first D block also add db += Σ_rows dz."""
+    pid_v = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols64 = cols.to(tl.int64)
+    t = (pid_v * BLOCK_V) // TILE_N
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = dcols < D
+    rr = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for r0 in range(0, C, BLOCK_C):
+        rows = r0 + rr
+        row_mask = rows < C
+        rows64 = rows.to(tl.int64)
+        g = _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+                       rows64, row_mask, cols, col_mask, t, C,
+                       stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp,
+                       cap, HAS_CAP, WITH_TAIL, HAS_SET, WITH_CE)
+        h = tl.load(h_ptr + rows64[:, None] * stride_h + dcols[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        g = g.to(h.dtype)
+        acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION)
+        if WITH_BIAS:
+            db += tl.sum(g.to(tl.float32), axis=0)
+    # the float32 dW tile read and written in two column halves (one more accumulator-sized
+    # tile would not fit the registers at BLOCK_N 256)
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_V, 2, BLOCK_N // 2)), (0, 2, 1)))
+    _add_store(dw_ptr, left, cols64, col_mask, pid_n * BLOCK_N, D, stride_dw, ACCUMULATE,
+               BLOCK_N // 2)
+    _add_store(dw_ptr, right, cols64, col_mask, pid_n * BLOCK_N + BLOCK_N // 2, D, stride_dw,
+               ACCUMULATE, BLOCK_N // 2)
+    if WITH_BIAS:
+        if pid_n == 0:  # db is zero-filled before the first chunk: always added to
+            db += tl.load(db_ptr + cols64, mask=col_mask, other=0.0)
+            tl.store(db_ptr + cols64, db, mask=col_mask)
 
 
 @triton.jit
@@ -394,6 +527,29 @@ def grad_config(block_n: int, interpreter: bool = False) -> dict:
     if interpreter:
         return dict(BLOCK_M=8, BLOCK_N=block_n, num_warps=4)
     return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4)
+
+
+def gemm_config(cc: int, operand: torch.dtype, tile_n: int, interpreter: bool = False) -> tuple[dict, dict]:
+    """``(dh, dW)`` launch configurations of ``head_dh_kernel`` and ``head_dw_kernel`` (the
+    gradient GEMMs that make dz from the tile, ``GRAD_IN_GEMMS``): the vocabulary step (BLOCK_K,
+    BLOCK_V) divides the partial tiles' ``tile_n`` columns. 16-bit operands: 8 warps; sm_90
+    128×256 output tiles (rows or vocabulary × D), 3 stages, steps of 32; sm_80/86/89 128×128,
+    3 stages (2 on sm_86/89: 99 KB per block), dh's step 32 (64 spills), dW's 64. float32
+    operands: 64×64, 2 stages. The wider tiles spill with more than 32-deep steps (the dz tile
+    is live next to the accumulator)."""
+    step = min(64, tile_n)
+    if interpreter:
+        return (dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=step, num_warps=4, num_stages=1),
+                dict(BLOCK_V=step, BLOCK_N=16, BLOCK_C=8, num_warps=4, num_stages=1))
+    if operand == torch.float32:
+        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+                dict(BLOCK_V=64, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=2))
+    if cc >= 90:  # 256 columns of D per program: dz made half as often, half the L2 reads of W/h
+        return (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=min(32, tile_n), num_warps=8, num_stages=3),
+                dict(BLOCK_V=min(128, tile_n), BLOCK_N=256, BLOCK_C=32, num_warps=8, num_stages=3))
+    stages = 3 if cc == 80 else 2
+    return (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(32, tile_n), num_warps=8, num_stages=stages),
+            dict(BLOCK_V=min(128, tile_n), BLOCK_N=128, BLOCK_C=64, num_warps=8, num_stages=stages))
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -559,6 +715,63 @@ def head_grad(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Opt
     return out
 
 
+# Whether the fused plan makes dz inside its gradient GEMMs (``head_dh_kernel``, ``head_dw_kernel``:
+# no gradient pass, no dz written) instead of the gradient pass and torch's GEMMs. Off by default:
+# the cost model (``bench/model.py``, ``fused_head(grad_in_gemms=True)``) shows it at the floor, but
+# no GPU has timed these Triton GEMMs against cuBLAS yet.
+GRAD_IN_GEMMS = False
+
+
+def head_grad_gemms(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Optional[Tensor],
+                    kd_lse: Tensor, dense_scale: Optional[Tensor], lse_ce: Optional[Tensor],
+                    ce_scale: Optional[Tensor], labels: Optional[Tensor], temperature: float,
+                    cap: float, with_tail: bool, with_ce: bool, weight: Tensor, hidden: Tensor,
+                    dh: Tensor, dw: Tensor, db: Optional[Tensor], accumulate: bool) -> None:
+    """``dh = dz·W`` into ``dh (C, D)`` and ``dw (V, D)`` float32 (+)= ``dzᵀ·h`` (``accumulate``),
+    ``db (V,)`` float32 += Σ_rows dz, with dz made from the chunk's tile inside both GEMMs (the
+    arguments of ``head_grad``; ``weight (V, D)``, ``hidden (C, D)`` in the operand dtype)."""
+    tile = chunk.tile
+    c, vocab = tile.shape
+    device = tile.device
+    dim = weight.shape[1]
+    k = 0 if sorted_ids is None else sorted_ids.shape[1]
+    _check_operands(hidden, weight, None)
+    _check_2d("dh", dh, (c, dim), (torch.float16, torch.bfloat16, torch.float32), device)
+    _check_2d("dw", dw, (vocab, dim), (torch.float32,), device)
+    if db is not None:
+        _check_2d("db", db, (vocab,), (torch.float32,), device)
+    if c == 0:
+        return
+    zero = kd_lse.new_zeros(c)
+    rows = torch.stack([kd_lse, dense_scale if with_tail else zero, lse_ce if with_ce else zero,
+                        ce_scale if with_ce else zero]).to(torch.float32).contiguous()
+    has_set = k > 0
+    unused = torch.zeros((c, 1), dtype=torch.int32, device=device)
+    ids = sorted_ids if has_set else unused
+    bnd = chunk.bounds if has_set else unused
+    values = sorted_values.to(torch.float32).contiguous() if has_set else rows
+    n_tiles = chunk.partials.shape[2]
+    if _RECORDED is not None and _RECORD_CC is not None:
+        dh_cfg, dw_cfg = gemm_config(_RECORD_CC, hidden.dtype, chunk.block_n)
+    elif _interpreted(device):
+        dh_cfg, dw_cfg = gemm_config(0, hidden.dtype, chunk.block_n, interpreter=True)
+    else:
+        dh_cfg, dw_cfg = gemm_config(_cc(device), hidden.dtype, chunk.block_n)
+    flags = dict(HAS_CAP=bool(cap), WITH_TAIL=bool(with_tail), HAS_SET=has_set,
+                 WITH_CE=bool(with_ce), PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+                 TILE_N=chunk.block_n)
+    common = (ids, bnd, values, rows, labels if with_ce else unused)
+    strides = (ids.stride(0), bnd.stride(0), values.stride(0))
+    meta = (float(temperature), float(cap) if cap else 1.0)
+    _launch(head_dh_kernel, (triton.cdiv(c, dh_cfg["BLOCK_M"]), triton.cdiv(dim, dh_cfg["BLOCK_N"])),
+            device, (tile, chunk.partials, weight, dh) + common + (c, vocab, dim, tile.stride(0), n_tiles,
+                     weight.stride(0), dh.stride(0)) + strides + meta, dict(flags, **dh_cfg))
+    _launch(head_dw_kernel, (triton.cdiv(vocab, dw_cfg["BLOCK_V"]), triton.cdiv(dim, dw_cfg["BLOCK_N"])),
+            device, (tile, chunk.partials, hidden, dw, dw if db is None else db) + common
+            + (c, vocab, dim, tile.stride(0), n_tiles, hidden.stride(0), dw.stride(0)) + strides + meta,
+            dict(flags, ACCUMULATE=bool(accumulate), WITH_BIAS=db is not None, **dw_cfg))
+
+
 # ------------------------------------------------------------------------------------------------
 # argument checks (before any kernel runs)
 # ------------------------------------------------------------------------------------------------
@@ -609,7 +822,8 @@ def recording(cc: int = 90):
 def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """The launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats; dz
-    written as ``dtype`` when 16-bit; the dense pair's divergence and gradient modes for JSD), the
+    written as ``dtype`` when 16-bit; the gradient GEMMs that make dz themselves; the dense pair's
+    divergence and gradient modes for JSD), the
     recomputing backward's statistics pass, the forward without CE and the online teacher's head
     (the last two: the wide tile on sm_90),
     configured for ``cc``, as the dicts
@@ -632,6 +846,9 @@ def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 6
         out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
         head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
                   True, True, out)
+        head_grad_gemms(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
+                        True, True, weight, hidden, torch.zeros((rows, dim), dtype=dtype),
+                        torch.zeros((vocab, dim)), bias, accumulate=True)
         state = torch.zeros((6, rows), dtype=torch.float32)
         dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True)  # JSD: every term
         dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True, out=out)
@@ -708,18 +925,28 @@ class _FusedPass:
             return self.out[: rows.stop - rows.start]
         return chunk.tile.view(torch.bfloat16) if self.operand == torch.bfloat16 else chunk.tile
 
-    def grad(self, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid, kd_lse, dense,
-             topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail, use_ce):
+    def grad(self, grads, hidden, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid,
+             kd_lse, dense, topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail,
+             use_ce):
+        """A chunk's dz into ``grads`` (``chunked._Grads``): the gradient pass then the plan's
+        GEMMs, or, with ``GRAD_IN_GEMMS`` and a weight gradient, dz made inside the two Triton
+        gradient GEMMs (``head_grad_gemms``)."""
         on_topk = kd_scale.unsqueeze(1) * (
             topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
         on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(torch.float32)
-        out = self.dz_buffer(chunk, rows)
-        return head_grad(chunk, sorted_ids, on_topk, kd_lse.to(torch.float32),
-                         (kd_scale * dense).to(torch.float32) if with_tail else None,
-                         lse_ce.to(torch.float32) if use_ce else None,
-                         ce_scale.to(torch.float32) if use_ce else None,
-                         self.labels(rows) if use_ce else None, temperature, softcap or 0.0,
-                         with_tail, use_ce, out)
+        args = (sorted_ids, on_topk, kd_lse.to(torch.float32),
+                (kd_scale * dense).to(torch.float32) if with_tail else None,
+                lse_ce.to(torch.float32) if use_ce else None,
+                ce_scale.to(torch.float32) if use_ce else None,
+                self.labels(rows) if use_ce else None, temperature, softcap or 0.0, with_tail, use_ce)
+        if GRAD_IN_GEMMS and grads.weight is not None:
+            h_k = hidden[rows].detach().to(self.operand).contiguous()
+            head_grad_gemms(chunk, *args, self.weight_k, h_k, grads.hidden[rows], grads.weight,
+                            grads.bias, accumulate=not grads.first)
+            grads.first = False
+            return
+        dz = head_grad(chunk, *args, self.dz_buffer(chunk, rows))
+        grads.add(rows, dz, self.head.cast(hidden[rows]))
 
 
 def _unsort(sorted_values: Tensor, perm: Tensor) -> Tensor:
@@ -768,10 +995,9 @@ def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, di
             topk_mass = dv.masked_logsumexp(topk_logits, valid_c).sub(lse_c).exp()
             stats[rows] = torch.stack([lse_c - mean_z_c, lse_c, topk_mass], dim=1)
         if grads is not None:
-            dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse, dense,
-                         topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature, softcap,
-                         with_tail, use_ce)
-            grads.add(rows, dz, ps.head.cast(hidden[rows]))
+            ps.grad(grads, hidden, chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse,
+                    dense, topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature,
+                    softcap, with_tail, use_ce)
     state[:, chunked._LSE_CE] = lse_ce
     zero = torch.zeros((), **f)
     kd_rows = torch.where(counted, kd_rows, zero)
@@ -804,11 +1030,11 @@ def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, t
         sorted_ids, perm = sorted_topk_ids(ids_c, ps.vocab)
         chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
         topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
-        dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, topk_weights[rows].to(acc), valid_c,
-                     state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF],
-                     state[rows, chunked._TOPK_COEF], kd_scale[rows], state[rows, chunked._LSE_CE],
-                     ce_scale[rows], temperature, softcap, with_tail, use_ce)
-        grads.add(rows, dz, ps.head.cast(hidden[rows]))
+        ps.grad(grads, hidden, chunk, rows, sorted_ids, perm, topk_logits,
+                topk_weights[rows].to(acc), valid_c, state[rows, chunked._KD_LSE],
+                state[rows, chunked._DENSE_COEF], state[rows, chunked._TOPK_COEF], kd_scale[rows],
+                state[rows, chunked._LSE_CE], ce_scale[rows], temperature, softcap, with_tail,
+                use_ce)
     return grads.result()
 
 
