@@ -319,12 +319,22 @@ def cuda(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHU
 
 
 # The fused head (``fastkd.backends.triton_fused_head``, opt-in ``chunked_epilogue="fused"``):
-# the logits GEMM's program tile, and the float32 partials it writes per (row, tile).
+# the columns of one partial-statistics tile, the float32 partials it writes per (row, tile), and
+# the logits GEMM's program tile on sm_90 (rows, columns: ``head_config(90, bf16, wide=True)``,
+# which the model's cases get: no CE term; its epilogue runs on two 128-column halves).
 FUSED_TILE = 128
 FUSED_PARTIALS = 6
+FUSED_PROGRAM = (128, 256)
+# ``grad_in_gemms`` (``triton_fused_head.GRAD_IN_GEMMS``): the output tile of the two gradient
+# GEMMs that make dz from the tile (rows or vocabulary x D: 128 x 256 on sm_90, ``gemm_config``),
+# so dz is made once per 256 columns of D; and the fp32 operations that make one dz element
+# (tile + m_t, x τ, − lse, x dense scale, the set's select, the cast; + 3 for softcap').
+FUSED_GRAD_TILE = (128, 256)
+FUSED_GRAD_FP32 = 8
 
 
-def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES) -> Plan:
+def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
+               grad_in_gemms: bool = False) -> Plan:
     """The chunked plan with the fused head (opt-in, ``fastkd.config.chunked_epilogue="fused"``),
     summing reduction, 16-bit operands. Per chunk of ``c`` rows (the budget over 16-bit tiles:
     2 B per element, 4 B with the dense teacher's second tile):
@@ -332,17 +342,28 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
     - fused logits GEMM: ``2·c·V·D`` tensor FLOPs, reads ``h_c`` and W, writes the 16-bit tile
       and ``FUSED_PARTIALS`` float32 partials per (row, ``FUSED_TILE``-column tile) plus the
       tile bounds of S (top-k; the dense teacher: the partials only); one exp per element
-      (+ tanh with a softcap) in its epilogue; L2 traffic of 128 x 128 program tiles;
+      (+ tanh with a softcap) in its epilogue; L2 traffic of ``FUSED_PROGRAM`` (128 x 256)
+      program tiles: each W element read from L2 once per 128 rows, each h element once per 256
+      columns;
     - top-k: a torch combine reading the partials (``c·V/128·24`` B), a grad pass reading the
       tile (2 B) and the per-tile max and bounds, writing dz (2 B);
     - dense teacher: the teacher's fused GEMM likewise, a divergence pass reading both tiles
       (4 B), a grad pass reading both and writing dz (6 B);
     - dh and dW GEMMs as in :func:`chunked` (16-bit dz, fp32 dW accumulated across chunks).
+
+    ``grad_in_gemms`` (top-k only; opt-in ``triton_fused_head.GRAD_IN_GEMMS``): no grad pass and
+    no dz; the two gradient GEMMs read the 16-bit tile as their dz operand (plus the tile max
+    and bounds) and make each dz element again for every ``FUSED_GRAD_TILE`` columns of D: one
+    exp and ``FUSED_GRAD_FP32`` (+3 with a softcap) fp32 operations each time, on the CUDA
+    cores beside the tensor cores (the roofline lets them overlap: a lower bound); L2 traffic of
+    ``FUSED_GRAD_TILE`` (128 x 256) output tiles.
     """
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     dense = teacher == "dense"
     if teacher not in (None, "dense"):
         raise ValueError(f"teacher must be None or 'dense', got {teacher!r}")
+    if dense and grad_in_gemms:
+        raise ValueError("grad_in_gemms is built for the top-k plan only (teacher=None)")
     rows = chunk_rows(n, v, budget_bytes, 4 if dense else 2, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
     tiles = math.ceil(v / FUSED_TILE)
@@ -354,8 +375,8 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
             head = gemm(name, c, v, width, in_bytes=e, out_bytes=2, count=count,
                         logit_passes=c / n if name == "fused logits GEMM" else 0.0,
                         extra_read=c * tiles * partials * 4)
-            head.l2_bytes = c * v * width * e * (2 / FUSED_TILE)
-            head.programs = math.ceil(c / FUSED_TILE) * tiles
+            head.l2_bytes = c * v * width * e * (1 / FUSED_PROGRAM[0] + 1 / FUSED_PROGRAM[1])
+            head.programs = math.ceil(c / FUSED_PROGRAM[0]) * math.ceil(v / FUSED_PROGRAM[1])
             head.sfu_ops = (1 if dense else 1 + cap) * c * v
             kernels.append(head)
         if dense:
@@ -363,17 +384,29 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
             kernels.append(rowwise("grad pass", c, v, read=4, write=e, sfu=3, count=count))
         else:
             kernels.append(rowwise("combine", c, tiles, read=FUSED_PARTIALS * 4, write=0, sfu=2, count=count))
-            grad = rowwise("grad pass", c, v, read=2, write=e, sfu=1 + cap, count=count)
-            grad.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
-            kernels.append(grad)
-        kernels.append(gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count))
+            if not grad_in_gemms:
+                grad = rowwise("grad pass", c, v, read=2, write=e, sfu=1 + cap, count=count)
+                grad.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
+                kernels.append(grad)
         first = 1 if index == 0 else 0
-        kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, accumulate=True,
-                            count=count - first))
+        grads = [gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count),
+                 gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, accumulate=True, count=count - first)]
         if first:
-            kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
+            grads.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
+        if grad_in_gemms:  # the tile is the dz operand; dz made per FUSED_GRAD_TILE[1] columns of D
+            tile_rows, tile_d = FUSED_GRAD_TILE
+            remade = math.ceil(d / tile_d)
+            for k, outer in zip(grads, (c, v, v)):
+                k.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
+                k.l2_bytes = c * v * d * e * (1 / tile_rows + 1 / tile_d)
+                k.sfu_ops = remade * c * v
+                k.fp32_flops = remade * (FUSED_GRAD_FP32 + 3 * cap) * c * v
+                k.programs = math.ceil(outer / tile_rows) * remade
+        kernels.extend(grads)
     kernels = [k for k in kernels if k.count]
     name = ("chunked online dense" if dense else "chunked") + ", fused head (opt-in)"
+    if grad_in_gemms:
+        name += ", dz in the GEMMs"
     return Plan(name, shape, kernels, extra={"chunk_rows": rows})
 
 

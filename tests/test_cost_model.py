@@ -105,13 +105,36 @@ def test_fused_head_bytes_per_element_by_hand():
     outside = by_name("fused logits GEMM") - 2 * (256 * d + v * d) * 2 + by_name("combine") + by_name("grad pass")
     assert outside / (n * v) == pytest.approx(6 + 60 / 128)
     head = next(k for k in plan.kernels if k.name == "fused logits GEMM")
-    assert head.l2_bytes == 256 * v * d * 2 * 2 / 128 and head.programs == 2 * tiles
+    # 128 x 256 program tiles: W re-read once per 128 rows, h once per 256 columns
+    assert head.l2_bytes == 256 * v * d * 2 * (1 / 128 + 1 / 256) and head.programs == 2 * (v // 256)
     online = cm.fused_head(cm.Shape("toy", n, d, v, teacher_dim=96), teacher="dense", budget_bytes=v * 4 * 256)
     assert online.extra["chunk_rows"] == 256 and online.path == "chunked online dense, fused head (opt-in)"
     passes = sum(k.count * k.hbm_bytes for k in online.kernels if k.name in ("divergence pass", "grad pass"))
     assert passes == (4 + 4 + 2) * n * v
     with pytest.raises(ValueError, match="teacher"):
         cm.fused_head(shape, teacher="topk")
+
+
+def test_fused_head_with_dz_in_the_gradient_gemms_by_hand():
+    n, d, v = 512, 320, 1024                # D = 2 blocks of 256 columns (dz made twice); 8 tiles
+    shape = cm.Shape("toy", n, d, v, softcap=30.0)
+    plain = cm.fused_head(shape, budget_bytes=v * 2 * 256)
+    plan = cm.fused_head(shape, budget_bytes=v * 2 * 256, grad_in_gemms=True)
+    assert plan.path == "chunked, fused head (opt-in), dz in the GEMMs"
+    assert plan.total("tc_flops") == 6 * n * d * v and plan.extra["chunk_rows"] == 256
+    assert not [k for k in plan.kernels if k.name == "grad pass"]       # no pass, no dz written
+    by_name = lambda p, name: sum(k.count * k.hbm_bytes for k in p.kernels if k.name == name)
+    tiles = v // 128
+    # dh and dW read the tile as their dz operand (as they read dz) plus the tile max and bounds
+    for name in ("dh GEMM", "dW GEMM"):
+        assert by_name(plan, name) - by_name(plain, name) == n * tiles * 2 * 4
+    dh = next(k for k in plan.kernels if k.name == "dh GEMM")
+    assert dh.sfu_ops == 2 * 256 * v                                  # one exp per element, twice
+    assert dh.fp32_flops == 2 * (8 + 3) * 256 * v                      # + softcap'
+    assert dh.l2_bytes == 256 * v * d * 2 * (1 / 128 + 1 / 256)
+    assert dh.programs == (256 // 128) * 2
+    with pytest.raises(ValueError, match="grad_in_gemms"):
+        cm.fused_head(shape, teacher="dense", grad_in_gemms=True)
 
 
 def test_streaming_plan_by_hand():

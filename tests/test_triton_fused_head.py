@@ -127,8 +127,12 @@ def _reference(compute, hidden, weight, bias, ids, logprobs, labels, grad_rows, 
     return loss.detach(), h.grad, w.grad, None if b is None else b.grad
 
 
+@pytest.mark.parametrize("grad_in_gemms", [False, True], ids=["grad-pass", "dz-in-gemms"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fused_plan_matches_reference(case):
+def test_fused_plan_matches_reference(case, grad_in_gemms, monkeypatch):
+    """Both ways to the gradients: the gradient pass then the plan's GEMMs, and dz made inside
+    the Triton gradient GEMMs (``GRAD_IN_GEMMS``)."""
+    monkeypatch.setattr(fh, "GRAD_IN_GEMMS", grad_in_gemms)
     name, dtype, dist, *_rest, with_bias = case
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     hidden, weight, bias, ids, logprobs, labels, grad_rows = _problem(dist, dtype, gen)
@@ -212,21 +216,35 @@ def test_bad_arguments_raise_before_any_kernel():
 
 
 def test_compile_specs_follow_the_target():
-    """The recorded launches carry each target's configuration (stages: 4 on sm_90, else 3); the
-    gradient pass walks the partials' 128-column tiles."""
+    """The recorded launches carry each target's configuration (stages: 4 on sm_90, else 3; the
+    wide 128×256 tile on sm_90 for the flag sets ``wide_flags`` admits, nowhere else); partials,
+    the gradient pass and the gradient GEMMs' vocabulary steps always walk 128-column tiles."""
     for cc, stages in ((90, 4), (89, 3), (80, 3)):
         specs = fh.compile_specs(cc=cc, vocab=1000, dim=256, k=8)
-        assert [s["name"] for s in specs] == ["head_stats_kernel", "head_grad_kernel",
-                                              "dense_pair_kernel", "dense_pair_kernel"]
-        stats, grad = (s["constexprs"] for s in specs[:2])
-        assert specs[0]["options"]["num_stages"] == stages
-        assert stats["BLOCK_N"] // stats["SPLIT"] == grad["BLOCK_N"] == 128
+        assert [s["name"] for s in specs] == ["head_stats_kernel"] * 4 + [
+            "head_grad_kernel", "head_dh_kernel", "head_dw_kernel", "dense_pair_kernel",
+            "dense_pair_kernel"]
+        dh, dw = (s["constexprs"] for s in specs[5:7])
+        assert dh["TILE_N"] == dw["TILE_N"] == 128 and 128 % dh["BLOCK_K"] == 128 % dw["BLOCK_V"] == 0
+        assert dh["BLOCK_N"] == dw["BLOCK_N"] == (256 if cc == 90 else 128)
+        heads = [s["constexprs"] for s in specs[:4]]
+        grad = specs[4]["constexprs"]
+        # every option with CE, the backward's values-at-S pass, the forward without CE, a teacher
+        wide = [not c["WITH_CE"] and (c["WITH_TAIL"] or not c["HAS_SET"]) for c in heads]
+        assert wide == [False, False, True, True]
+        for spec, c, w in zip(specs, heads, wide):
+            assert c["BLOCK_N"] == (256 if w and cc == 90 else 128), (cc, c)
+            assert c["BLOCK_N"] // c["SPLIT"] == grad["BLOCK_N"] == 128
+            assert spec["options"]["num_stages"] == stages
+    assert not fh.wide_flags(True, False, False) and not fh.wide_flags(True, True, True)
+    assert fh.wide_flags(True, True, False) and fh.wide_flags(False, False, False)
 
 
 def test_kernels_compile_for_sm90_sm89():
     """``scripts/compile_fused_head.py --dtypes bf16 --targets 90 89`` (sm_80 and fp16: the script
-    without arguments, ~75 s): HGMMA on sm_90 and HMMA on sm_89 in the stats kernel's SASS, no
-    spills, shared memory within each target's limit, compiled in < 60 s (no GPU needed)."""
+    without arguments, ~80 s): HGMMA on sm_90 and HMMA on sm_89 in the SASS of the stats kernel
+    and of the gradient GEMMs, no spills, shared memory within each target's limit, compiled in
+    < 60 s (no GPU needed)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("TRITON_INTERPRET", None)
@@ -410,3 +428,37 @@ def test_fused_plan_on_gpu_at_llama_vocab(dtype, monkeypatch):
     for i, (what, r) in enumerate((("loss", ref), ("d hidden", ref_h.grad), ("d weight", ref_w.grad))):
         err, base = rel_error(results["fused"][i], r), rel_error(results["triton"][i], r)
         assert err <= max(FACTOR * base, floor), f"{what}: {err:.2e} (unfused plan {base:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gradient_gemms_make_dz_from_the_tile(dtype):
+    """``head_grad_gemms`` (dz made inside the dh and dW GEMMs, never written) against the
+    gradient pass into float32 followed by float64 GEMMs on dz rounded to the operand dtype:
+    dh, dW written then accumulated, db; odd C, V and D so every loop has a partial step;
+    an ignored row (zero scales and values) contributes nothing."""
+    gen = torch.Generator().manual_seed(17)
+    c, vocab, dim, k = 13, 101, 24, 4
+    h = torch.randn(c, dim, generator=gen).to(dtype)
+    w = (torch.randn(vocab, dim, generator=gen) * 0.7).to(dtype)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
+    sorted_ids = ids.sort(dim=1).values.to(torch.int32)
+    labels = torch.randint(0, vocab, (c,), generator=gen)
+    values = torch.randn(c, k, generator=gen)
+    kd_lse, dense, lse_ce, ce = (torch.randn(c, generator=gen) for _ in range(4))
+    dense[3] = ce[3] = 0.0
+    values[3] = 0.0
+    args = (sorted_ids, values, kd_lse, dense, lse_ce, ce, labels, 1.7, 9.0, True, True)
+    chunk = fh.head_stats(h, w, None, sorted_ids, labels, 1 / 1.7, 9.0, True, True, True, False)
+    dz = fh.head_grad(chunk, *args, torch.empty(c, vocab)).to(dtype).double()
+    previous = torch.randn(vocab, dim, generator=gen)
+    dh, dw, db = torch.empty(c, dim, dtype=dtype), previous.clone(), torch.ones(vocab)
+    fh.head_grad_gemms(chunk, *args, w, h, dh, dw, db, accumulate=True)
+    ref_dh = dz @ w.double()
+    ref_dw = previous.double() + dz.T @ h.double()
+    floor = FLOOR[dtype]
+    assert rel_error(dh, ref_dh) <= floor, f"dh: {rel_error(dh, ref_dh):.2e}"
+    assert rel_error(dw, ref_dw) <= floor, f"dW accumulated: {rel_error(dw, ref_dw):.2e}"
+    assert rel_error(db, 1.0 + dz.sum(0)) <= floor, f"db: {rel_error(db, 1.0 + dz.sum(0)):.2e}"
+    assert (dh[3] == 0).all(), "ignored row's dh not exactly zero"
+    fh.head_grad_gemms(chunk, *args, w, h, dh, dw, None, accumulate=False)
+    assert rel_error(dw, dz.T @ h.double()) <= floor, "dW written (first chunk)"

@@ -13,7 +13,8 @@ writes the tile once in 16 bits, so per chunk:
                              sum_t  = Σ_tile e^{z−m_t}
                              tail_t = Σ_{tile∖S} e^{z−m_t}          (membership, not subtraction)
                              ent_t  = Σ_tile e^{z−m_t}·(z − m_t)    (for E_p[z], the entropy)
-                             mce_t, sce_t: the same max/sum on s = softcap(x) (CE at τ ≠ 1)
+                             mce_t, sce_t: the same max/sum on s = softcap(x) = τ·z (CE at
+                                           τ ≠ 1): τ·m_t and Σ_tile e^{τ·(z−m_t)}
                            the values z at S (in the sorted order of S), the CE target s[label],
                            and the tile as ``y = z − m_t`` in float16 (float32 for float32
                            operands). y ≤ 0 and its rounding error |y|·2⁻¹¹ is smallest for the
@@ -26,6 +27,11 @@ writes the tile once in 16 bits, so per chunk:
                            with ``triton_epilogue.topk_grad``'s semantics: values set on S, the dense
                            part off S, CE, the softcap derivative, ignored rows exact zeros.
     5. dh = dz·W, dW += dzᵀ·h  as the plan (``chunked._Grads``), on tensor cores.
+    4–5 with ``GRAD_IN_GEMMS`` (opt-in, top-k): head_dh_kernel and head_dw_kernel, Triton GEMMs
+                           whose dz operand tiles are made in registers from y and m_t (the
+                           grad pass's formulas, ``_grad_tile``) for every 256 columns of D:
+                           no grad pass, no dz in memory; dW (float32) and db added to in their
+                           epilogues.
 
 **Bytes and FLOPs per element of C×V outside the GEMM main loops** (16-bit operands; the floor's
 three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
@@ -41,21 +47,26 @@ three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
 
 With the cost model (``bench/model.py``, ``python -m bench --model``, row "chunked, fused head
 (opt-in)": 989 TFLOP/s bf16, HBM 3.35 / 4.8 TB/s, L2 12 TB/s assumed), N = 8192, top-k reverse
-KL, the bound over the three bare GEMMs (unfused plan → fused plan; in brackets the fused plan
-if its GEMM moved as few L2 bytes as cuBLAS's 256-wide tiles):
+KL, the bound over the three bare GEMMs (unfused plan → fused plan with 128×128 program tiles →
+with the wide 128×256 tile it now gets on sm_90, ``head_config(wide=True)``):
 
                    Llama-3-8B             Qwen2.5-1.5B           Gemma-2-2B
-    H100           1.19 → 1.15 [1.05]     1.51 → 1.24 [1.14]     1.67 → 1.27 [1.17]
-    H200           1.08 → 1.13 [1.04]     1.27 → 1.19 [1.10]     1.37 → 1.16 [1.06]
+    H100           1.19 → 1.15 → 1.05     1.51 → 1.24 → 1.14     1.67 → 1.27 → 1.17
+    H200           1.08 → 1.13 → 1.04     1.27 → 1.19 → 1.10     1.37 → 1.16 → 1.06
 
-≤ 1.10 is met only in the bracketed what-if for Llama-3 (both GPUs) and Qwen/Gemma on the H200.
-What is left: (1) the fused GEMM's 128×128 program tiles read operands from L2 twice as often as
-256-wide tiles, which under the model's 12 TB/s L2 makes GEMM 1 L2-bound (11.2 ms against 8.7 ms
-of tensor work at Llama's shape); a 128×256 tile with the epilogue on two halves (``SPLIT=2``) is
-implemented but spills on sm_90 today; (2) the grad pass's 2 + 2 B per element is inherent to any
-plan that materialises dz (1.3–2.5 ms on the H100), heavy next to Qwen's thin GEMMs (D = 1536);
-(3) Gemma's float32 dW accumulator (V×D read and written per chunk) is HBM-bound at 1024-row
-chunks: a larger ``chunk_bytes`` helps.
+The wide tile reads 3/256 operand bytes per FLOP from L2 instead of 4/256, so GEMM 1 is no longer
+L2-bound (Llama: 8.4 ms of L2 traffic under 8.7 ms of tensor work, was 11.2 ms). ≤ 1.10 is met
+for Llama-3 (both GPUs) and Qwen/Gemma on the H200. What is left on the H100: the grad pass's
+2 + 2 B per element (1.3–2.5 ms), heavy next to Qwen's thin GEMMs (D = 1536) and Gemma's wide
+vocabulary; and Gemma's float32 dW accumulator (V×D read and written per chunk), HBM-bound at
+1024-row chunks (a larger ``chunk_bytes`` helps).
+
+With ``GRAD_IN_GEMMS`` the grad pass is gone and the bound is 1.00 / 1.01 / 1.09 (H100) and
+1.00 / 1.00 / 1.00 (H200) — if the exp and the ~8 float32 operations per dz element, made again
+for every 256 columns of D (16× at Llama's D), overlap the tensor cores as the roofline lets
+them (they need 4.0 ms of MUFU and 2.0 ms of CUDA-core time beside 8.7 ms of tensor work per
+gradient GEMM at Llama's shape), and if these Triton GEMMs run as fast as cuBLAS: no GPU has
+timed them, so it is off by default.
 
 Scope: the offline top-k teacher (``topk_kd_loss``: every divergence and tail mode, CE, softcap, τ,
 ``reduction`` summing (gradients in the forward) or ``"none"`` (one recomputation in the
@@ -66,9 +77,12 @@ state); and the online dense teacher (``kd_loss(topk=None)``): both heads' GEMMs
 of ``w`` (so ``kd`` and ``W``), then ``dz = kd_scale·(w − p·W) + CE``, × softcap' — over the formulas
 of ``triton_epilogue._dense_terms``. The divergence itself is then computed from the 16-bit tiles
 (error ≈ |z − m_t|·2⁻¹¹ per logit, far inside what 16-bit logits give plain PyTorch). At Liger's
-dense JSD shape (student D 2048, teacher D 4096, V 128256, N 8192) the model gives 33.4 → 29.8 ms on
-the H100 (the ≤ 30 ms goal, barely; 1.37× that case's floor, not ≈ 1.1×: the teacher's GEMM is
-L2-bound at 128×128 tiles and the two passes move 4 + 6 B per logit). Not fused: the online top-k
+dense JSD shape (student D 2048, teacher D 4096, V 128256, N 8192) the model gives 33.4 → 29.8 ms
+(128×128 tiles) → 26.0 ms (the wide tile, both heads without CE) on the H100, 1.20× that case's
+floor (not ≈ 1.1×: the two passes move 4 + 6 B per logit); 23.9 ms (1.10×) on the H200. The
+heads run the wide tile only without a CE term (``wide_flags``); with CE they keep 128×128.
+Before this, the heads without a set did not compile for the GPU at all (float32 stand-ins for
+the set's pointers; see ``head_stats``). Not fused: the online top-k
 teacher's forward (S is chosen with ``torch.topk`` over the teacher's full float32 logits; a
 selection kernel over 16-bit tiles is not built), which runs cuBLAS and the Triton epilogues.
 
@@ -116,50 +130,60 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
                    WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
                    WITH_STATS: tl.constexpr, SUB_N: tl.constexpr):
     """Partial-statistics tile ``t`` (columns ``v0 + [0, SUB_N)``) of the float32 accumulator
-    ``acc (BLOCK_M, SUB_N)``, ordered so that at most two tile-sized values are live."""
+    ``acc (BLOCK_M, SUB_N)``, ordered to keep one tile-sized value live: the accumulator becomes
+    ``y = z − m_t`` (stored at once) and the statistics are reductions of it (the CE max and sum
+    from ``τ·y``), then ``e^y``, from which S is removed for the tail after the values at S are
+    read. The wide sm_90 tile (128 registers of accumulator per thread) fits only so."""
     cols = v0 + tl.arange(0, SUB_N)
     col_mask = cols < V
     row_mask = row_mask & ((rows64 * 0 + t) < n_tiles)  # a split's second half may lie past V
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    s = _softcap(acc, cap, HAS_CAP)
+    acc = _softcap(acc, cap, HAS_CAP)  # s
     part_row = part_ptr + rows64 * stride_part + t
     part_stride = C * stride_part  # the 6 partial planes, (C, n_tiles) each, one after another
     if WITH_CE:
         label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
         here = row_mask & (label >= v0) & (label < v0 + SUB_N)
-        target = tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+        target = tl.sum(tl.where(cols[None, :] == label[:, None], acc, 0.0), axis=1)
         tl.store(target_ptr + rows64, target, mask=here)
-        if SEPARATE_CE:
-            s_m = tl.where(col_mask[None, :], s, _MASKED)
-            m_ce = tl.max(s_m, axis=1)
-            tl.store(part_row + _PMCE * part_stride, m_ce, mask=row_mask)
-            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(s_m - m_ce[:, None]), axis=1),
-                     mask=row_mask)
-    z = tl.where(col_mask[None, :], s * inv_temp, _MASKED)
-    m = tl.max(z, axis=1)
-    y = z - m[:, None]
-    tl.store(tile_ptr + rows64[:, None] * stride_tile + cols[None, :],
-             tl.maximum(y, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
-    e = tl.exp(y)
+    acc = tl.where(col_mask[None, :], acc * inv_temp, _MASKED)  # z
+    m = tl.max(acc, axis=1)
+    acc = acc - m[:, None]  # y
     tl.store(part_row + _PM * part_stride, m, mask=row_mask)
-    tl.store(part_row + _PSUM * part_stride, tl.sum(e, axis=1), mask=row_mask)
-    if WITH_STATS:
-        tl.store(part_row + _PENT * part_stride, tl.sum(e * y, axis=1), mask=row_mask)
+    first_row = tl.min(rows64, axis=0)  # int32 offsets from the program's first row and column
+    tile_offs = (rows64 - first_row).to(tl.int32)[:, None] * stride_tile + tl.arange(0, SUB_N)[None, :]
+    tl.store(tile_ptr + first_row * stride_tile + v0 + tile_offs,
+             tl.maximum(acc, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    if WITH_CE:
+        if SEPARATE_CE:  # s = τ·z: max s = τ·m_t, s − max s = τ·y (τ > 0)
+            temp = 1.0 / inv_temp
+            tl.store(part_row + _PMCE * part_stride, m * temp, mask=row_mask)
+            tl.store(part_row + _PSCE * part_stride, tl.sum(tl.exp(acc * temp), axis=1),
+                     mask=row_mask)
     if HAS_SET:
         lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
         hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
         for j in range(0, tl.max(hi - lo, axis=0)):  # ~K·SUB_N/V ids per row per tile: 0 or 1
             has = (lo + j) < hi
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
-            hit = (cols[None, :] == idj[:, None]) & col_mask[None, :]
-            zj = tl.sum(tl.where(hit, y, 0.0), axis=1) + m
+            # an unused slot (id V) meets a masked column: its value is garbage, never read
+            zj = tl.sum(tl.where(cols[None, :] == idj[:, None], acc, 0.0), axis=1) + m
             tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
-            if WITH_TAIL:
-                e = tl.where(hit, 0.0, e)  # S leaves the tail by membership, not by subtraction
+    if WITH_STATS:
+        tl.store(part_row + _PENT * part_stride, tl.sum(tl.exp(acc) * acc, axis=1), mask=row_mask)
+    acc = tl.exp(acc)  # e^{z − m_t}
+    tl.store(part_row + _PSUM * part_stride, tl.sum(acc, axis=1), mask=row_mask)
     if WITH_TAIL:
-        tl.store(part_row + _PTAIL * part_stride, tl.sum(e, axis=1), mask=row_mask)
+        if HAS_SET:
+            lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
+            hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
+            for j in range(0, tl.max(hi - lo, axis=0)):  # S leaves the tail by membership
+                has = (lo + j) < hi
+                idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
+                acc = tl.where(cols[None, :] == idj[:, None], 0.0, acc)
+        tl.store(part_row + _PTAIL * part_stride, tl.sum(acc, axis=1), mask=row_mask)
 
 
 @triton.jit
@@ -220,42 +244,28 @@ def head_stats_kernel(
 
 
 @triton.jit
-def head_grad_kernel(
-    # pointers
-    tile_ptr, part_ptr, out_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
-    # shapes
-    C, V,
-    # strides
-    stride_tile, stride_part, stride_out, stride_ids, stride_bounds, stride_values,
-    # meta
-    temp, cap,
-    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dz over one (BLOCK_M, BLOCK_N) tile from y = z − m_t: values set on S, the dense part off
-    S, the CE term, × softcap'. ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale,
-    CE lse, CE scale."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    v0 = pid_n * BLOCK_N
-    cols = v0 + tl.arange(0, BLOCK_N)
-    row_mask = rows < C
-    col_mask = cols < V
-    rows64 = rows.to(tl.int64)
+def _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+               rows64, row_mask, cols, col_mask, t, C,
+               stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp, cap,
+               HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr,
+               WITH_CE: tl.constexpr):
+    """dz (float32) at ``rows × cols``, columns within partial tile ``t``, from y = z − m_t:
+    values set on S, the dense part off S, the CE term, × softcap'; zero outside the masks.
+    ``row_ptr`` holds 4 float32 planes of C: kd_lse, dense scale, CE lse, CE scale."""
     mask = row_mask[:, None] & col_mask[None, :]
     y = tl.load(tile_ptr + rows64[:, None] * stride_tile + cols[None, :], mask=mask, other=0.0)
-    m = tl.load(part_ptr + rows64 * stride_part + pid_n, mask=row_mask, other=0.0)
+    m = tl.load(part_ptr + rows64 * stride_part + t, mask=row_mask, other=0.0)
     z = y.to(tl.float32) + m[:, None]
     s = z * temp
     kd_lse = tl.load(row_ptr + rows64, mask=row_mask, other=0.0)
-    g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if WITH_TAIL:
         dense = tl.load(row_ptr + C + rows64, mask=row_mask, other=0.0)
         g = tl.where(dense[:, None] != 0.0, dense[:, None] * tl.exp(z - kd_lse[:, None]), 0.0)
+    else:
+        g = z * 0.0
     if HAS_SET:
-        lo = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n, mask=row_mask, other=0)
-        hi = tl.load(bounds_ptr + rows64 * stride_bounds + pid_n + 1, mask=row_mask, other=0)
+        lo = tl.load(bounds_ptr + rows64 * stride_bounds + t, mask=row_mask, other=0)
+        hi = tl.load(bounds_ptr + rows64 * stride_bounds + t + 1, mask=row_mask, other=0)
         for j in range(0, tl.max(hi - lo, axis=0)):  # set, not add: a huge G_T cannot cancel on S
             has = (lo + j) < hi
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
@@ -271,8 +281,143 @@ def head_grad_kernel(
     if HAS_CAP:
         r = s / cap
         g = g * (1.0 - r * r)
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def head_grad_kernel(
+    # pointers
+    tile_ptr, part_ptr, out_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V,
+    # strides
+    stride_tile, stride_part, stride_out, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dz over one (BLOCK_M, BLOCK_N) tile (``_grad_tile``) into ``out``."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    col_mask = cols < V
+    rows64 = rows.to(tl.int64)
+    g = _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+                   rows64, row_mask, cols, col_mask, pid_n, C,
+                   stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp, cap,
+                   HAS_CAP, WITH_TAIL, HAS_SET, WITH_CE)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
-             g.to(out_ptr.dtype.element_ty), mask=mask)
+             g.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def head_dh_kernel(
+    # pointers
+    tile_ptr, part_ptr, w_ptr, dh_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V, D,
+    # strides
+    stride_tile, stride_part, stride_w, stride_dh, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    PRECISION: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dh (BLOCK_M, BLOCK_N) = dz · W over the vocabulary, each dz tile made in registers from
+    the stored tile (``_grad_tile``; BLOCK_K divides the partial tiles' TILE_N) and never
+    written: the A operand of the dot."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < C
+    rows64 = rows.to(tl.int64)
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = dcols < D
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, V, BLOCK_K):
+        cols = k0 + kk
+        col_mask = cols < V
+        g = _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+                       rows64, row_mask, cols, col_mask, k0 // TILE_N, C,
+                       stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp,
+                       cap, HAS_CAP, WITH_TAIL, HAS_SET, WITH_CE)
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dcols[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=PRECISION)
+    tl.store(dh_ptr + rows64[:, None] * stride_dh + dcols[None, :], acc.to(dh_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _add_store(dw_ptr, acc, cols64, col_mask, d0, D, stride_dw, ACCUMULATE: tl.constexpr,
+               WIDTH: tl.constexpr):
+    """``dw[cols, d0 + [0, WIDTH)] (+)= acc``, float32."""
+    dcols = d0 + tl.arange(0, WIDTH)
+    mask = col_mask[:, None] & (dcols < D)[None, :]
+    ptrs = dw_ptr + cols64[:, None] * stride_dw + dcols[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def head_dw_kernel(
+    # pointers
+    tile_ptr, part_ptr, h_ptr, dw_ptr, db_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+    # shapes
+    C, V, D,
+    # strides
+    stride_tile, stride_part, stride_h, stride_dw, stride_ids, stride_bounds, stride_values,
+    # meta
+    temp, cap,
+    HAS_CAP: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_SET: tl.constexpr, WITH_CE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WITH_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dW (BLOCK_V, BLOCK_N) (+)= dzᵀ · h over the chunk's rows in float32 (``ACCUMULATE``: added
+    to what ``dw`` holds), each dz tile made in registers from the stored tile (BLOCK_V divides
+    TILE_N); the programs of the first D block also add db += Σ_rows dz."""
+    pid_v = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols64 = cols.to(tl.int64)
+    t = (pid_v * BLOCK_V) // TILE_N
+    dcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_mask = dcols < D
+    rr = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for r0 in range(0, C, BLOCK_C):
+        rows = r0 + rr
+        row_mask = rows < C
+        rows64 = rows.to(tl.int64)
+        g = _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, labels_ptr,
+                       rows64, row_mask, cols, col_mask, t, C,
+                       stride_tile, stride_part, stride_ids, stride_bounds, stride_values, temp,
+                       cap, HAS_CAP, WITH_TAIL, HAS_SET, WITH_CE)
+        h = tl.load(h_ptr + rows64[:, None] * stride_h + dcols[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        g = g.to(h.dtype)
+        acc = tl.dot(tl.trans(g), h, acc, input_precision=PRECISION)
+        if WITH_BIAS:
+            db += tl.sum(g.to(tl.float32), axis=0)
+    # the float32 dW tile read and written in two column halves (one more accumulator-sized
+    # tile would not fit the registers at BLOCK_N 256)
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_V, 2, BLOCK_N // 2)), (0, 2, 1)))
+    _add_store(dw_ptr, left, cols64, col_mask, pid_n * BLOCK_N, D, stride_dw, ACCUMULATE,
+               BLOCK_N // 2)
+    _add_store(dw_ptr, right, cols64, col_mask, pid_n * BLOCK_N + BLOCK_N // 2, D, stride_dw,
+               ACCUMULATE, BLOCK_N // 2)
+    if WITH_BIAS:
+        if pid_n == 0:  # db is zero-filled before the first chunk: always added to
+            db += tl.load(db_ptr + cols64, mask=col_mask, other=0.0)
+            tl.store(db_ptr + cols64, db, mask=col_mask)
 
 
 @triton.jit
@@ -341,24 +486,40 @@ INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=16, SPLIT=2)
 _SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
-def head_config(cc: int, operand: torch.dtype, interpreter: bool = False) -> dict:
+def head_config(cc: int, operand: torch.dtype, interpreter: bool = False,
+                wide: bool = False) -> dict:
     """Launch configuration of ``head_stats_kernel`` for compute capability ``cc`` (e.g. 90, 89,
     80) and the operand dtype, from the target alone (no GPU query).
 
     16-bit operands: 128×128 program tiles, BLOCK_D 64, 8 warps, grouped by 8 row tiles; 4 stages
     on sm_90 (wgmma; 4 × 32 KB of 227 KB), 3 on sm_80 (163 KB) and sm_86/89 (99 KB per block).
-    float32 operands (IEEE dot, CUDA cores; 128 rows spill on sm_90): 64×128, BLOCK_D 32, 2 stages.
-    ``SPLIT=2`` (the epilogue on two column halves, partials per half) lets a 256-wide tile keep a
-    128-wide epilogue: with ``BLOCK_N=256`` it would halve the GEMM's L2 traffic on sm_90, but it
-    spills there today (376 B at 128×256, 255 registers; ``scripts/compile_fused_head.py``), so no
-    target uses it yet; the interpreter tests run it."""
+    ``wide`` on sm_90 (see ``_WIDE``): 128×256 program tiles whose epilogue runs on two 128-column
+    halves (``SPLIT=2``, partials still per 128 columns), 4 stages (4 × 48 KB = 193 KB): each W
+    tile is reused by 256 columns' worth of h, so GEMM 1 reads 3/256 instead of 4/256 operand
+    bytes per FLOP from L2. It needs 255 registers with its epilogue (the accumulator alone is 128
+    per thread), so it is used only for the flag sets ``scripts/compile_fused_head.py --wide-flags``
+    compiles without a spill.
+    float32 operands (IEEE dot, CUDA cores; 128 rows spill on sm_90): 64×128, BLOCK_D 32, 2 stages."""
     if interpreter:
         return dict(INTERPRETER_TILES, GROUP_M=2, num_warps=4, num_stages=1)
     if operand == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, GROUP_M=8, SPLIT=1, num_warps=8,
                     num_stages=2)
+    if wide and cc >= 90:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, GROUP_M=8, SPLIT=2, num_warps=8,
+                    num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, SPLIT=1, num_warps=8,
                 num_stages=4 if cc >= 90 else 3)
+
+
+def wide_flags(has_set: bool, with_tail: bool, with_ce: bool) -> bool:
+    """Whether a launch with these flags gets the wide sm_90 tile (``head_config(wide=True)``):
+    no CE term, and either the bucket tail with its set (the offline top-k forward) or no set
+    (the online dense teacher's two heads). Every other flag (bias, softcap, statistics) free:
+    ``scripts/compile_fused_head.py --wide-flags`` compiles them all. The others (the recomputing
+    backward's values-at-S pass, ``tail="renormalize"``, CE mixing) spill a few bytes at 128×256
+    and keep 128×128."""
+    return not with_ce and (with_tail or not has_set)
 
 
 def grad_config(block_n: int, interpreter: bool = False) -> dict:
@@ -366,6 +527,29 @@ def grad_config(block_n: int, interpreter: bool = False) -> dict:
     if interpreter:
         return dict(BLOCK_M=8, BLOCK_N=block_n, num_warps=4)
     return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4)
+
+
+def gemm_config(cc: int, operand: torch.dtype, tile_n: int, interpreter: bool = False) -> tuple[dict, dict]:
+    """``(dh, dW)`` launch configurations of ``head_dh_kernel`` and ``head_dw_kernel`` (the
+    gradient GEMMs that make dz from the tile, ``GRAD_IN_GEMMS``): the vocabulary step (BLOCK_K,
+    BLOCK_V) divides the partial tiles' ``tile_n`` columns. 16-bit operands: 8 warps; sm_90
+    128×256 output tiles (rows or vocabulary × D), 3 stages, steps of 32; sm_80/86/89 128×128,
+    3 stages (2 on sm_86/89: 99 KB per block), dh's step 32 (64 spills), dW's 64. float32
+    operands: 64×64, 2 stages. The wider tiles spill with more than 32-deep steps (the dz tile
+    is live next to the accumulator)."""
+    step = min(64, tile_n)
+    if interpreter:
+        return (dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=step, num_warps=4, num_stages=1),
+                dict(BLOCK_V=step, BLOCK_N=16, BLOCK_C=8, num_warps=4, num_stages=1))
+    if operand == torch.float32:
+        return (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+                dict(BLOCK_V=64, BLOCK_N=64, BLOCK_C=32, num_warps=8, num_stages=2))
+    if cc >= 90:  # 256 columns of D per program: dz made half as often, half the L2 reads of W/h
+        return (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=min(32, tile_n), num_warps=8, num_stages=3),
+                dict(BLOCK_V=min(128, tile_n), BLOCK_N=256, BLOCK_C=32, num_warps=8, num_stages=3))
+    stages = 3 if cc == 80 else 2
+    return (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(32, tile_n), num_warps=8, num_stages=stages),
+            dict(BLOCK_V=min(128, tile_n), BLOCK_N=128, BLOCK_C=64, num_warps=8, num_stages=stages))
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -392,12 +576,12 @@ def _launch(kernel, grid, device, args, meta) -> None:
         kernel[grid](*args, **meta)
 
 
-def _config(device: torch.device, operand: torch.dtype) -> dict:
+def _config(device: torch.device, operand: torch.dtype, wide: bool) -> dict:
     if _RECORDED is not None and _RECORD_CC is not None:
-        return head_config(_RECORD_CC, operand)
+        return head_config(_RECORD_CC, operand, wide=wide)
     if _interpreted(device):
         return head_config(0, operand, interpreter=True)
-    return head_config(_cc(device), operand)
+    return head_config(_cc(device), operand, wide=wide)
 
 
 def tile_bounds(sorted_ids: Tensor, n_tiles: int, block_n: int) -> Tensor:
@@ -440,7 +624,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
         _check_2d("sorted_ids", sorted_ids, (c, k), (torch.int32,), device)
     if with_ce:
         _check_2d("labels", labels, (c,), (torch.int32, torch.int64), device)
-    cfg = _config(device, hidden.dtype)
+    cfg = _config(device, hidden.dtype, wide_flags(k > 0, with_tail, with_ce))
     bn = cfg["BLOCK_N"] // cfg["SPLIT"]  # columns per partial-statistics tile
     n_tiles = triton.cdiv(vocab, bn)
     if tile is None:
@@ -454,9 +638,12 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     bounds = tile_bounds(sorted_ids, n_tiles, bn) if has_set else None
     if c == 0:
         return HeadChunk(tile, partials, zs[:, :k], target, bn, bounds)
-    ids = sorted_ids if has_set else zs
-    bnd = bounds if has_set else zs
-    args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else zs, tile,
+    # int32 stand-ins without a set or labels: with float32 ones the launch without a set (the
+    # online teacher's heads) failed to compile for the GPU (TypeError on the set's loop bounds)
+    unused = torch.zeros((c, 1), dtype=torch.int32, device=device)
+    ids = sorted_ids if has_set else unused
+    bnd = bounds if has_set else unused
+    args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else unused, tile,
             partials, zs, target,
             c, vocab, d, n_tiles,
             hidden.stride(0), weight.stride(0), ids.stride(0), bnd.stride(0), tile.stride(0),
@@ -528,6 +715,63 @@ def head_grad(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Opt
     return out
 
 
+# Whether the fused plan makes dz inside its gradient GEMMs (``head_dh_kernel``, ``head_dw_kernel``:
+# no gradient pass, no dz written) instead of the gradient pass and torch's GEMMs. Off by default:
+# the cost model (``bench/model.py``, ``fused_head(grad_in_gemms=True)``) shows it at the floor, but
+# no GPU has timed these Triton GEMMs against cuBLAS yet.
+GRAD_IN_GEMMS = False
+
+
+def head_grad_gemms(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Optional[Tensor],
+                    kd_lse: Tensor, dense_scale: Optional[Tensor], lse_ce: Optional[Tensor],
+                    ce_scale: Optional[Tensor], labels: Optional[Tensor], temperature: float,
+                    cap: float, with_tail: bool, with_ce: bool, weight: Tensor, hidden: Tensor,
+                    dh: Tensor, dw: Tensor, db: Optional[Tensor], accumulate: bool) -> None:
+    """``dh = dz·W`` into ``dh (C, D)`` and ``dw (V, D)`` float32 (+)= ``dzᵀ·h`` (``accumulate``),
+    ``db (V,)`` float32 += Σ_rows dz, with dz made from the chunk's tile inside both GEMMs (the
+    arguments of ``head_grad``; ``weight (V, D)``, ``hidden (C, D)`` in the operand dtype)."""
+    tile = chunk.tile
+    c, vocab = tile.shape
+    device = tile.device
+    dim = weight.shape[1]
+    k = 0 if sorted_ids is None else sorted_ids.shape[1]
+    _check_operands(hidden, weight, None)
+    _check_2d("dh", dh, (c, dim), (torch.float16, torch.bfloat16, torch.float32), device)
+    _check_2d("dw", dw, (vocab, dim), (torch.float32,), device)
+    if db is not None:
+        _check_2d("db", db, (vocab,), (torch.float32,), device)
+    if c == 0:
+        return
+    zero = kd_lse.new_zeros(c)
+    rows = torch.stack([kd_lse, dense_scale if with_tail else zero, lse_ce if with_ce else zero,
+                        ce_scale if with_ce else zero]).to(torch.float32).contiguous()
+    has_set = k > 0
+    unused = torch.zeros((c, 1), dtype=torch.int32, device=device)
+    ids = sorted_ids if has_set else unused
+    bnd = chunk.bounds if has_set else unused
+    values = sorted_values.to(torch.float32).contiguous() if has_set else rows
+    n_tiles = chunk.partials.shape[2]
+    if _RECORDED is not None and _RECORD_CC is not None:
+        dh_cfg, dw_cfg = gemm_config(_RECORD_CC, hidden.dtype, chunk.block_n)
+    elif _interpreted(device):
+        dh_cfg, dw_cfg = gemm_config(0, hidden.dtype, chunk.block_n, interpreter=True)
+    else:
+        dh_cfg, dw_cfg = gemm_config(_cc(device), hidden.dtype, chunk.block_n)
+    flags = dict(HAS_CAP=bool(cap), WITH_TAIL=bool(with_tail), HAS_SET=has_set,
+                 WITH_CE=bool(with_ce), PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
+                 TILE_N=chunk.block_n)
+    common = (ids, bnd, values, rows, labels if with_ce else unused)
+    strides = (ids.stride(0), bnd.stride(0), values.stride(0))
+    meta = (float(temperature), float(cap) if cap else 1.0)
+    _launch(head_dh_kernel, (triton.cdiv(c, dh_cfg["BLOCK_M"]), triton.cdiv(dim, dh_cfg["BLOCK_N"])),
+            device, (tile, chunk.partials, weight, dh) + common + (c, vocab, dim, tile.stride(0), n_tiles,
+                     weight.stride(0), dh.stride(0)) + strides + meta, dict(flags, **dh_cfg))
+    _launch(head_dw_kernel, (triton.cdiv(vocab, dw_cfg["BLOCK_V"]), triton.cdiv(dim, dw_cfg["BLOCK_N"])),
+            device, (tile, chunk.partials, hidden, dw, dw if db is None else db) + common
+            + (c, vocab, dim, tile.stride(0), n_tiles, hidden.stride(0), dw.stride(0)) + strides + meta,
+            dict(flags, ACCUMULATE=bool(accumulate), WITH_BIAS=db is not None, **dw_cfg))
+
+
 # ------------------------------------------------------------------------------------------------
 # argument checks (before any kernel runs)
 # ------------------------------------------------------------------------------------------------
@@ -578,7 +822,10 @@ def recording(cc: int = 90):
 def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
                   dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """The launches of a chunk with every option on (bias, softcap, tail, CE at τ ≠ 1, stats; dz
-    written as ``dtype`` when 16-bit; the dense pair's divergence and gradient modes for JSD),
+    written as ``dtype`` when 16-bit; the gradient GEMMs that make dz themselves; the dense pair's
+    divergence and gradient modes for JSD), the
+    recomputing backward's statistics pass, the forward without CE and the online teacher's head
+    (the last two: the wide tile on sm_90),
     configured for ``cc``, as the dicts
     ``triton_epilogue.compile_specs`` gives. Recorded on CPU tensors: nothing runs."""
     from .triton_epilogue import _compile_spec
@@ -591,12 +838,40 @@ def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 6
     vec = torch.zeros(rows, dtype=torch.float32)
     with recording(cc) as launches:
         chunk = head_stats(hidden, weight, bias, ids, labels, 0.5, 30.0, True, True, True, True)
+        # the recomputing backward's pass (values at S only) and the offline forward without CE:
+        # on sm_90 the second is the wide tile (``wide_flags``), the first never is
+        head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, False, False, False, False)
+        head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, True, False, False, True)
+        head_stats(hidden, weight, None, None, None, 0.5, 30.0, False, False, False, False)  # a teacher
         out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
         head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
                   True, True, out)
+        head_grad_gemms(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
+                        True, True, weight, hidden, torch.zeros((rows, dim), dtype=dtype),
+                        torch.zeros((vocab, dim)), bias, accumulate=True)
         state = torch.zeros((6, rows), dtype=torch.float32)
         dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True)  # JSD: every term
         dense_pair(chunk, chunk, state, labels, 2, 0.5, 2.0, 30.0, True, out=out)
+    return [_compile_spec(*launch) for launch in launches]
+
+
+def wide_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
+               dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Every ``head_stats_kernel`` flag set that ``wide_flags`` sends to the wide sm_90 tile (bias,
+    softcap and statistics on or off; with the set and its tail, or without a set), recorded for
+    ``cc`` as ``compile_specs`` records them (``scripts/compile_fused_head.py --wide-flags``)."""
+    from .triton_epilogue import _compile_spec
+    rows = 2
+    hidden = torch.zeros((rows, dim), dtype=dtype)
+    weight = torch.zeros((vocab, dim), dtype=dtype)
+    ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
+    with recording(cc) as launches:
+        for with_bias in (False, True):
+            bias = torch.zeros(vocab, dtype=torch.float32) if with_bias else None
+            for cap in (0.0, 30.0):
+                for stats in (False, True):
+                    head_stats(hidden, weight, bias, ids, None, 0.5, cap, True, False, False, stats)
+                    head_stats(hidden, weight, bias, None, None, 0.5, cap, False, False, False, stats)
     return [_compile_spec(*launch) for launch in launches]
 
 
@@ -651,18 +926,28 @@ class _FusedPass:
             return self.out[: rows.stop - rows.start]
         return chunk.tile.view(torch.bfloat16) if self.operand == torch.bfloat16 else chunk.tile
 
-    def grad(self, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid, kd_lse, dense,
-             topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail, use_ce):
+    def grad(self, grads, hidden, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid,
+             kd_lse, dense, topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail,
+             use_ce):
+        """A chunk's dz into ``grads`` (``chunked._Grads``): the gradient pass then the plan's
+        GEMMs, or, with ``GRAD_IN_GEMMS`` and a weight gradient, dz made inside the two Triton
+        gradient GEMMs (``head_grad_gemms``)."""
         on_topk = kd_scale.unsqueeze(1) * (
             topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
         on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(torch.float32)
-        out = self.dz_buffer(chunk, rows)
-        return head_grad(chunk, sorted_ids, on_topk, kd_lse.to(torch.float32),
-                         (kd_scale * dense).to(torch.float32) if with_tail else None,
-                         lse_ce.to(torch.float32) if use_ce else None,
-                         ce_scale.to(torch.float32) if use_ce else None,
-                         self.labels(rows) if use_ce else None, temperature, softcap or 0.0,
-                         with_tail, use_ce, out)
+        args = (sorted_ids, on_topk, kd_lse.to(torch.float32),
+                (kd_scale * dense).to(torch.float32) if with_tail else None,
+                lse_ce.to(torch.float32) if use_ce else None,
+                ce_scale.to(torch.float32) if use_ce else None,
+                self.labels(rows) if use_ce else None, temperature, softcap or 0.0, with_tail, use_ce)
+        if GRAD_IN_GEMMS and grads.weight is not None:
+            h_k = hidden[rows].detach().to(self.operand).contiguous()
+            head_grad_gemms(chunk, *args, self.weight_k, h_k, grads.hidden[rows], grads.weight,
+                            grads.bias, accumulate=not grads.first)
+            grads.first = False
+            return
+        dz = head_grad(chunk, *args, self.dz_buffer(chunk, rows))
+        grads.add(rows, dz, self.head.cast(hidden[rows]))
 
 
 def _unsort(sorted_values: Tensor, perm: Tensor) -> Tensor:
@@ -711,10 +996,9 @@ def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, di
             topk_mass = dv.masked_logsumexp(topk_logits, valid_c).sub(lse_c).exp()
             stats[rows] = torch.stack([lse_c - mean_z_c, lse_c, topk_mass], dim=1)
         if grads is not None:
-            dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse, dense,
-                         topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature, softcap,
-                         with_tail, use_ce)
-            grads.add(rows, dz, ps.head.cast(hidden[rows]))
+            ps.grad(grads, hidden, chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse,
+                    dense, topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature,
+                    softcap, with_tail, use_ce)
     state[:, chunked._LSE_CE] = lse_ce
     zero = torch.zeros((), **f)
     kd_rows = torch.where(counted, kd_rows, zero)
@@ -747,11 +1031,11 @@ def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, t
         sorted_ids, perm = sorted_topk_ids(ids_c, ps.vocab)
         chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
         topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
-        dz = ps.grad(chunk, rows, sorted_ids, perm, topk_logits, topk_weights[rows].to(acc), valid_c,
-                     state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF],
-                     state[rows, chunked._TOPK_COEF], kd_scale[rows], state[rows, chunked._LSE_CE],
-                     ce_scale[rows], temperature, softcap, with_tail, use_ce)
-        grads.add(rows, dz, ps.head.cast(hidden[rows]))
+        ps.grad(grads, hidden, chunk, rows, sorted_ids, perm, topk_logits,
+                topk_weights[rows].to(acc), valid_c, state[rows, chunked._KD_LSE],
+                state[rows, chunked._DENSE_COEF], state[rows, chunked._TOPK_COEF], kd_scale[rows],
+                state[rows, chunked._LSE_CE], ce_scale[rows], temperature, softcap, with_tail,
+                use_ce)
     return grads.result()
 
 
