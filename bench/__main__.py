@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import fastkd
+import fastkd.backends.chunked
 
 from . import model as cost_model
 from .cases import CPU_MODELS, IMPLEMENTATIONS, LOSSES, MODELS, SETS, Case
@@ -84,6 +85,9 @@ def model_plan(impl: str, case: Case, device: str):
                              softcap=case.softcap, element_bytes=torch.finfo(getattr(torch, case.dtype)).bits // 8)
     teacher = "dense" if case.loss == "dense" else None
     engine = importlib.util.find_spec("fastkd.backends.chunked") is not None   # the chunked plan is in
+    # the chunk budget the run uses: the configured one, else the default of this device
+    budget = fastkd.config.chunk_bytes or (
+        fastkd.backends.chunked.budget_bytes(None, 1, torch.device(device)) if device == "cuda" else cost_model.CHUNK_BYTES)
     if impl == "fastkd-auto":
         impl = "fastkd-torch" if device == "cpu" else "fastkd-chunked"
     if impl == "fastkd-torch":
@@ -91,9 +95,13 @@ def model_plan(impl: str, case: Case, device: str):
     if impl == "fastkd-triton":
         return cost_model.streaming(shape, teacher=teacher)
     if impl == "fastkd-cuda":   # with the engine, impl="cuda" is the chunked plan with csrc epilogues
-        return cost_model.cuda(shape, teacher=teacher)
-    if impl == "fastkd-chunked":
-        return cost_model.chunked(shape, teacher=teacher)
+        return cost_model.cuda(shape, teacher=teacher, budget_bytes=budget)
+    if impl == "fastkd-chunked":   # 16-bit operands: the fused head (chunked_epilogue="auto")
+        if shape.element_bytes == 2:
+            return cost_model.fused_head(shape, teacher=teacher, budget_bytes=budget)
+        return cost_model.chunked(shape, teacher=teacher, budget_bytes=budget)
+    if impl == "fastkd-chunked-triton":
+        return cost_model.chunked(shape, teacher=teacher, budget_bytes=budget)
     if impl == "naive-hf":
         return cost_model.naive(shape)
     if impl == "naive-fp32":   # on the CPU every GEMM is fp32 work at the measured rate either way

@@ -356,9 +356,24 @@ def _trl(x: dict, case: Case):
     return step
 
 
+def _fastkd_triton_epilogues(x: dict, case: Case):
+    """``impl="chunked"`` with cuBLAS and the Triton epilogues (``chunked_epilogue="triton"``)
+    instead of the default fused head: the row that says whether the default is the right one."""
+    step = _fastkd("chunked")(x, case)
+
+    def run():
+        saved, fastkd.config.chunked_epilogue = fastkd.config.chunked_epilogue, "triton"
+        try:
+            return step()
+        finally:
+            fastkd.config.chunked_epilogue = saved
+    return run
+
+
 IMPLEMENTATIONS: dict[str, Builder] = {
     "fastkd-auto": _fastkd("auto"),
     "fastkd-chunked": _fastkd("chunked"),
+    "fastkd-chunked-triton": _fastkd_triton_epilogues,
     "fastkd-torch": _fastkd("torch"),
     "fastkd-triton": _fastkd("triton"),
     "fastkd-cuda": _fastkd("cuda"),

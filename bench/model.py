@@ -261,7 +261,8 @@ def default_budget(gpu: Gpu) -> int:
 
 def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
             byte_level: bool = False, epilogue: str = "triton") -> Plan:
-    """The chunked engine (default on CUDA), summing reduction: per chunk of rows (``budget_bytes``
+    """The chunked engine with cuBLAS and the Triton epilogues (``chunked_epilogue="triton"``, and
+    the default for float32 operands and the online top-k teacher), summing reduction: per chunk of rows (``budget_bytes``
     of fp32 logits buffers and the 16-bit ``dz``, rows rounded down to ``ROW_ALIGN``), the logits GEMM
     (bf16 x bf16 -> fp32 buffer), a stats epilogue reading the fp32 logits, a grad epilogue
     reading them again and writing bf16 ``dz`` (the Triton epilogues' ``out=``), then
@@ -307,8 +308,12 @@ def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = 
         if first:
             kernels.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
     kernels = [k for k in kernels if k.count]
+    # with 16-bit operands the default CUDA path is the fused head (fused_head(), named "chunked");
+    # this plan is its Triton-epilogue alternative (chunked_epilogue="triton", and float32 operands),
+    # except for the online top-k teacher, whose forward runs these epilogues by default
     base = "cuda" if in_place else "chunked"
-    name = f"byte ({base})" if byte_level else {None: base, "dense": f"{base} online dense",
+    suffix = "" if in_place else ", Triton epilogues"
+    name = f"byte ({base})" if byte_level else {None: base + suffix, "dense": f"{base} online dense{suffix}",
                                                    "topk": f"{base} online top-k"}[teacher]
     return Plan(name, shape, kernels, extra={"chunk_rows": rows, "buffer_bytes": rows * v * (4 * buffers + e)})
 
@@ -318,7 +323,8 @@ def cuda(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHU
     return chunked(shape, teacher=teacher, budget_bytes=budget_bytes, epilogue="cuda")
 
 
-# The fused head (``fastkd.backends.triton_fused_head``, opt-in ``chunked_epilogue="fused"``):
+# The fused head (``fastkd.backends.triton_fused_head``, the default ``chunked_epilogue="auto"``
+# for 16-bit operands):
 # the columns of one partial-statistics tile, the float32 partials it writes per (row, tile), and
 # the logits GEMM's program tile on sm_90 (rows, columns: ``head_config(90, bf16, wide=True)``,
 # which the model's cases get: no CE term; its epilogue runs on two 128-column halves).
@@ -335,7 +341,8 @@ FUSED_GRAD_FP32 = 8
 
 def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
                grad_in_gemms: bool = False) -> Plan:
-    """The chunked plan with the fused head (opt-in, ``fastkd.config.chunked_epilogue="fused"``),
+    """The chunked plan with the fused head (the default on CUDA for 16-bit operands,
+    ``fastkd.config.chunked_epilogue="auto"``),
     summing reduction, 16-bit operands. Per chunk of ``c`` rows (the budget over 16-bit tiles:
     2 B per element, 4 B with the dense teacher's second tile):
 
@@ -364,7 +371,11 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
         raise ValueError(f"teacher must be None or 'dense', got {teacher!r}")
     if dense and grad_in_gemms:
         raise ValueError("grad_in_gemms is built for the top-k plan only (teacher=None)")
-    rows = chunk_rows(n, v, budget_bytes, 4 if dense else 2, multiple=ROW_ALIGN)
+    # per row and head, as fastkd's _FusedPass counts it: the 16-bit tile, and per 128 columns the
+    # float32 partials and the two int32 bounds of S
+    heads_count = 2 if dense else 1
+    row_bytes = heads_count * (v * 2 + math.ceil(v / 128) * (FUSED_PARTIALS + 2) * 4)
+    rows = chunk_rows(n, row_bytes, budget_bytes, 1, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
     tiles = math.ceil(v / FUSED_TILE)
     heads = [("fused logits GEMM", d)] + ([("fused teacher GEMM", shape.teacher_dim)] if dense else [])
@@ -404,9 +415,9 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
                 k.programs = math.ceil(outer / tile_rows) * remade
         kernels.extend(grads)
     kernels = [k for k in kernels if k.count]
-    name = ("chunked online dense" if dense else "chunked") + ", fused head (opt-in)"
+    name = "chunked online dense" if dense else "chunked"  # the default CUDA path (16-bit operands)
     if grad_in_gemms:
-        name += ", dz in the GEMMs"
+        name += ", dz in the GEMMs (opt-in)"
     return Plan(name, shape, kernels, extra={"chunk_rows": rows})
 
 
@@ -619,10 +630,11 @@ def plans_for(shape: Shape, gpu: Gpu) -> list[Plan]:
     online = replace(shape, teacher_dim=2 * shape.dim)
     b = default_budget(gpu)
     return [
-        chunked(shape, budget_bytes=b), fused_head(shape, budget_bytes=b), streaming(shape, gpu=gpu),
+        fused_head(shape, budget_bytes=b), fused_head(shape, budget_bytes=b, grad_in_gemms=True),
+        chunked(shape, budget_bytes=b), streaming(shape, gpu=gpu),
         cuda(shape, budget_bytes=b), torch_backend(shape), naive(shape),
         chunked(shape, byte_level=True, budget_bytes=b), streaming(shape, byte_level=True, gpu=gpu),
-        chunked(online, teacher="dense", budget_bytes=b), fused_head(online, teacher="dense", budget_bytes=b),
+        fused_head(online, teacher="dense", budget_bytes=b), chunked(online, teacher="dense", budget_bytes=b),
         chunked(online, teacher="topk", budget_bytes=b), streaming(online, teacher="dense", gpu=gpu),
         streaming(online, teacher="topk", gpu=gpu), cuda(online, teacher="dense", budget_bytes=b),
     ]
@@ -701,12 +713,13 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
                    f"bf16 (Liger publishes {LIGER_JSD_MS} ms fwd+bwd on an H100)")
         out.append(HEADER)
         b = default_budget(gpu)
-        for plan in (chunked(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b),
-                     fused_head(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b),
+        for plan in (fused_head(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b),
+                     chunked(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b),
                      streaming(LIGER_JSD_SHAPE, teacher="dense", gpu=gpu),
                      cuda(LIGER_JSD_SHAPE, teacher="dense", budget_bytes=b)):
             out.append(_line(row(plan, gpu)))
-        out.append(f"\nchunked engine against its memory budget (fastkd.config.chunk_bytes; N=8192, {gpu.name}): "
+        out.append(f"\nthe default path (chunked, fused head) against its memory budget (fastkd.config.chunk_bytes; "
+                   f"N=8192, {gpu.name}): "
                    "ratio to the floor, rows per chunk")
         budgets = (256 * 2**20, 512 * 2**20, GiB, 2 * GiB, 4 * GiB)
         out.append(f"{'model':<14}{'loss':<14}" + "".join(f"{format(b / GiB, 'g') + ' GiB':>16}" for b in budgets))
@@ -716,7 +729,7 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
                 shape = Shape(model, 8192, d, v, softcap=cap, teacher_dim=2 * d if teacher else None)
                 cells = []
                 for b in budgets:
-                    plan = chunked(shape, teacher=teacher, budget_bytes=b)
+                    plan = fused_head(shape, teacher=teacher, budget_bytes=b)
                     cells.append(f"{plan.ratio(gpu):.2f} ({plan.extra['chunk_rows']})")
                 out.append(f"{model:<14}{teacher or 'top-k':<14}" + "".join(f"{c:>16}" for c in cells))
         out.append("\nvocabulary parallel (per rank; top-k K=64, N=8192; comm = bytes each rank sends; "

@@ -23,6 +23,8 @@ BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
 PATH_OF_IMPL = {
     ("fastkd-auto", "topk"): "chunked", ("fastkd-auto", "dense"): "chunked online dense",
     ("fastkd-chunked", "topk"): "chunked", ("fastkd-chunked", "dense"): "chunked online dense",
+    ("fastkd-chunked-triton", "topk"): "chunked, Triton epilogues",
+    ("fastkd-chunked-triton", "dense"): "chunked online dense, Triton epilogues",
     ("fastkd-triton", "topk"): "streaming", ("fastkd-triton", "dense"): "streaming online dense",
     ("fastkd-cuda", "topk"): "cuda", ("fastkd-cuda", "dense"): "cuda online dense",
     ("fastkd-torch", "topk"): "torch", ("naive-hf", "topk"): "naive (bf16 logits, HF)",
@@ -78,7 +80,7 @@ def table(results: list[Path] = ()) -> str:
 
     def liger_plans(gpu):
         b = cm.default_budget(gpu)
-        return (cm.chunked(s, teacher="dense", budget_bytes=b), cm.fused_head(s, teacher="dense", budget_bytes=b),
+        return (cm.fused_head(s, teacher="dense", budget_bytes=b), cm.chunked(s, teacher="dense", budget_bytes=b),
                 cm.streaming(s, teacher="dense", gpu=gpu), cm.cuda(s, teacher="dense", budget_bytes=b),
                 cm.torch_backend(s), cm.naive(s))
 

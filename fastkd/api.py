@@ -160,19 +160,17 @@ _CHUNKED_EPILOGUES = ("auto", "triton", "fused")
 
 def _epilogue(backend: str, op_dtype: torch.dtype) -> str:
     """The chunked plan's epilogue provider for ``backend``; for the default CUDA path
-    ``config.chunked_epilogue`` (``"auto"``: the Triton epilogues; the fused head is opt-in until a
-    GPU run has checked its bf16 numerics and its speed against cuBLAS)."""
+    ``config.chunked_epilogue`` (``"auto"``: the fused head for 16-bit operands, where the cost
+    model puts it below the Triton epilogues on every shape; the Triton epilogues otherwise)."""
     if backend != "chunked":
         return _EPILOGUE[backend]
     choice = config.chunked_epilogue
     if choice not in _CHUNKED_EPILOGUES:
         raise ValueError(f"fastkd.config.chunked_epilogue must be one of {_CHUNKED_EPILOGUES}, "
                          f"got {choice!r}")
-    if choice == "auto":
-        return "triton"
-    if choice == "fused" and op_dtype not in (torch.float16, torch.bfloat16):
+    if choice in ("auto", "fused") and op_dtype not in (torch.float16, torch.bfloat16):
         return "triton"  # the fused head stores 16-bit tiles: 16-bit operands only
-    return choice
+    return "fused" if choice == "auto" else choice
 
 
 def _streaming_operands(op_dtype: torch.dtype, *tensors: Optional[Tensor]):

@@ -38,13 +38,15 @@ class Config:
             the logits GEMM is a Triton kernel that finishes the row statistics in its epilogue
             and stores the logits as 16-bit tiles, which the gradient pass reads
             (``fastkd.backends.triton_fused_head``; offline top-k and online dense teachers; the
-            online top-k teacher's forward runs the Triton epilogues); ``"triton"``: cuBLAS
-            writes float32 logits and the Triton epilogues read them; ``"auto"`` (default):
-            ``"triton"``. The fused head (16-bit operands only) stays opt-in until a GPU run has
-            checked its bf16 numerics (the Triton interpreter cannot: its bf16 ``tl.dot`` is wrong)
-            and its Triton GEMM's speed against cuBLAS, which the cost model takes as equal. The fused blocks are 16-bit (2 B
-            per element: twice the rows of float32 buffers for the same ``chunk_bytes``), plus
-            per-tile partials outside the budget (≈ 0.2 B per element).
+            online top-k teacher's forward runs the Triton epilogues); 16-bit operands only
+            (float32 ones run ``"triton"``). ``"triton"``: cuBLAS writes float32 logits and the
+            Triton epilogues read them. ``"auto"`` (default): ``"fused"`` for 16-bit operands,
+            where the cost model puts it below ``"triton"`` on every shape (README, "The fused
+            head"); ``"triton"`` for float32. No GPU has run either yet: ``"triton"`` is the
+            fallback if the first GPU run finds the fused head's Triton GEMM slower than cuBLAS.
+            The fused blocks are 16-bit (2 B per element: twice the rows of float32 buffers for
+            the same ``chunk_bytes``), plus per-tile partials outside the budget (≈ 0.2 B per
+            element).
         deterministic: bit-identical gradients run to run. The ``triton`` backend then runs its
             backward without atomics (one kernel owns each row block of the hidden-state
             gradient, another each vocabulary tile of the weight gradient), at the cost of one more

@@ -255,12 +255,17 @@ def test_kernels_compile_for_sm90_sm89():
 
 
 def test_cuda_epilogue_choice(monkeypatch):
-    """``config.chunked_epilogue``: "auto" runs the Triton epilogues (the fused head is opt-in until a
-    GPU run has checked it); "fused" applies to 16-bit operands only; a bad value is refused by name."""
+    """``config.chunked_epilogue``: "auto" runs the fused head for 16-bit operands and the Triton
+    epilogues for float32; "fused" applies to 16-bit operands only; "triton" keeps cuBLAS and the
+    Triton epilogues; a bad value is refused by name."""
     from fastkd import api, config
+    assert api._epilogue("chunked", torch.bfloat16) == "fused"
+    assert api._epilogue("chunked", torch.float16) == "fused"
+    assert api._epilogue("chunked", torch.float32) == "triton"
+    assert api._epilogue("torch", torch.bfloat16) == "torch"
+    monkeypatch.setattr(config, "chunked_epilogue", "triton")
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert api._epilogue("chunked", dtype) == "triton"
-    assert api._epilogue("torch", torch.bfloat16) == "torch"
     monkeypatch.setattr(config, "chunked_epilogue", "fused")
     assert api._epilogue("chunked", torch.bfloat16) == "fused"
     assert api._epilogue("chunked", torch.float16) == "fused"

@@ -884,7 +884,7 @@ class _FusedPass:
     the chunk height (a 16-bit tile per element, plus a float32 dz block where dz cannot go in
     place: the CPU, float32 operands keep dz in the tile itself) and the reused buffers."""
 
-    def __init__(self, hidden, weight, bias, labels, ignore_index, chunk_bytes, operand):
+    def __init__(self, hidden, weight, bias, labels, ignore_index, chunk_bytes, operand, heads=1):
         from . import chunked
         from .torch_backend import counted_rows
         if operand not in (torch.float16, torch.bfloat16, torch.float32):
@@ -901,8 +901,10 @@ class _FusedPass:
         tdtype = tile_dtype(operand)
         self.in_place = self.head.tensor_cores or tdtype == torch.float32
         per_element = torch.finfo(tdtype).bits // 8 + (0 if self.in_place else 4)
-        self.step = chunked.chunk_rows(self.n_rows, self.vocab, per_element, chunk_bytes,
-                                       device=hidden.device)
+        # per row and head: the tile (and a float32 dz where not in place), and per 128-column tile
+        # the float32 partials and the two int32 bounds of S: all of it within the budget
+        row_bytes = heads * (self.vocab * per_element + triton.cdiv(self.vocab, 128) * (N_PARTIALS + 2) * 4)
+        self.step = chunked.chunk_rows(self.n_rows, row_bytes, 1, chunk_bytes, device=hidden.device)
         shape = (min(self.step, self.n_rows), self.vocab)
         self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
         self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
@@ -1094,7 +1096,7 @@ def dense_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_
                   kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype):
     """``chunked.dense_forward`` with both heads fused: same outputs."""
     from . import chunked
-    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes // 2, operand_dtype)
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype, heads=2)
     n_rows, counted, acc = ps.n_rows, ps.counted, torch.float32
     teacher_head = _teacher_operands(teacher_weight, teacher_bias, operand_dtype)
     teacher_tile = torch.empty_like(ps.tile)
@@ -1147,7 +1149,7 @@ def dense_backward(grad_rows, hidden, weight, bias, teacher_hidden, teacher_weig
                    ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype):
     """``chunked.dense_backward`` with both heads fused: each chunk's two GEMMs recomputed once."""
     from . import chunked
-    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes // 2, operand_dtype)
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype, heads=2)
     acc = torch.float32
     teacher_head = _teacher_operands(teacher_weight, teacher_bias, operand_dtype)
     teacher_tile = torch.empty_like(ps.tile)
