@@ -25,15 +25,18 @@ class Config:
         chunk_bytes: the memory budget of every row-chunked path (the chunked plan of the
             ``torch``, ``cuda`` and default CUDA paths, the byte-level ``torch`` path, the
             vocabulary-parallel losses): the chunk height is this divided by the bytes of the
-            ``chunk x V`` blocks a path keeps alive (float32 logits buffers: one for top-k, two
-            for an online teacher; the torch epilogues' scratch: none for top-k, one block for
+            ``chunk x V`` blocks a path holds (float32 logits buffers: one for top-k, two for an
+            online teacher; on tensor cores the 16-bit ``dz``; the fused head's 16-bit tiles and
+            their per-tile partials; the torch epilogues' scratch: none for top-k, one block for
             reverse KL, two for forward KL, three for JSD, two more with a softcap), rounded down
-            to a multiple of 64 rows. ``None`` (default): the device's default, 512 MiB on a GPU
-            (1024 rows of Llama-3's 128k vocabulary in float32: tall enough for the GEMMs to run
-            near peak, small next to the activations of a 24 GB card) and, on the CPU, the blocks
-            of 256 rows capped at 512 MiB (a CPU GEMM is near its peak from about 256 rows; taller
-            chunks cost memory and gain nothing there). A positive number of bytes applies on
-            every device.
+            to a multiple of 64 rows. So the extra memory of a call is this budget plus the float32
+            dW. ``None`` (default): the device's default (``fastkd.backends.chunked.budget_bytes``):
+            on a GPU 1/64 of its memory within [512 MiB, 2 GiB] (512 MiB on a 24 GB card, 1.22 GiB
+            on an 80 GB H100, 2 GiB on an H200: the cost model's gain from 512 MiB to 1–2 GiB, none
+            above), fixed per card so the chunking, and the summation order of dW, is the same on
+            every call; on the CPU 128 MiB, raised to hold 256 rows of the blocks, at most 512 MiB
+            (a CPU GEMM is near its peak from about 256 rows). A positive number of bytes applies
+            on every device.
         chunked_epilogue: the epilogues of the default CUDA path (the chunked plan). ``"fused"``:
             the logits GEMM is a Triton kernel that finishes the row statistics in its epilogue
             and stores the logits as 16-bit tiles, which the gradient pass reads

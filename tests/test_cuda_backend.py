@@ -410,8 +410,9 @@ def test_chunk_rows_follow_the_budget():
     assert cuda_backend.chunk_rows(100, 1000, 4, 1) == 1  # below one row: one row at a time
     assert fastkd.config.chunk_bytes is None  # the device default: 512 MiB on a GPU
     assert chunked.budget_bytes(None, 128256 * 4, torch.device("cuda")) == 512 * mib
-    # on the CPU 256 rows of the blocks, at most 512 MiB
-    assert chunked.budget_bytes(None, 32768 * 4 * 3, torch.device("cpu")) == 256 * 32768 * 4 * 3
+    # on the CPU 128 MiB, or 256 rows of the blocks when that is more, at most 512 MiB
+    assert chunked.budget_bytes(None, 32768 * 4 * 3, torch.device("cpu")) == 128 * mib
+    assert chunked.budget_bytes(None, 128256 * 4 * 3, torch.device("cpu")) == 256 * 128256 * 4 * 3
     assert chunked.budget_bytes(None, 256000 * 4 * 5, torch.device("cpu")) == 512 * mib
     assert chunked.budget_bytes(3000, 256000 * 4 * 5, torch.device("cpu")) == 3000
     with pytest.raises(ValueError, match="chunk budget"):
