@@ -5,14 +5,15 @@
 #   bash bench/gpu_check.sh             # on one H100/H200 with a CUDA torch, no network needed
 #   bash bench/gpu_check.sh --dry-run   # anywhere: every step but the GPU work (CPU stand-ins)
 #
-# Steps and their time budgets (each step is killed at its budget; total 470 s = 7 min 50 s):
+# Steps and their time budgets (each step is killed at its budget; total 500 s = 8 min 20 s):
 #   1. environment (nvidia-smi, versions)                                 30 s
 #   2. install the prepared wheels (peers) into a private site dir        25 s
 #   3. the GPU-marked tests: pytest -m gpu tests (103 tests)              140 s
 #   4. compute-sanitizer (memcheck) on a small subset: every backend once  60 s
 #      on a small shape, fwd+bwd, top-k and dense (bench/sanitize_case.py)
-#   5. the benchmark at the main shapes with the peers, the model's bound 120 s
-#      beside every figure: python -m bench --set gpu-main --reps 5
+#   5. the benchmark at the main shapes with the peers, the model's bound 150 s
+#      beside every figure: python -m bench --set gpu-main --reps 5 (the
+#      default fused head beside the Triton epilogues: fastkd-chunked-triton)
 #   6. bench/step.py: a training step of a Qwen2.5-1.5B-shaped student    80 s
 #   7. the table of RESULTS.md from this run's JSON (bench/report.py)      15 s
 # Everything goes to bench/results/gpu-check-<date>/ (logs, JSON, CSV, PNG) and, when $OUT is set
@@ -123,7 +124,7 @@ fi
 step gpu-tests 140 python3 -m pytest -q -x -m gpu tests
 step sanitize 60 compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
      python3 bench/sanitize_case.py
-step bench 120 python3 -m bench --set gpu-main --reps 5 --stop-on-wrong --out "$RUN"
+step bench 150 python3 -m bench --set gpu-main --reps 5 --stop-on-wrong --out "$RUN"
 step step 80 python3 bench/step.py --batches 1 2 4 --steps 2 --out "$RUN"
 if compgen -G "$RUN/bench-*.json" > /dev/null; then
   step report 15 python3 -m bench.report --results "$RUN"/bench-*.json --write bench/RESULTS.md
