@@ -86,8 +86,9 @@ def model_plan(impl: str, case: Case, device: str):
     teacher = "dense" if case.loss == "dense" else None
     engine = importlib.util.find_spec("fastkd.backends.chunked") is not None   # the chunked plan is in
     # the chunk budget the run uses: the configured one, else the default of this device
-    budget = fastkd.config.chunk_bytes or (
-        fastkd.backends.chunked.budget_bytes(None, 1, torch.device(device)) if device == "cuda" else cost_model.CHUNK_BYTES)
+    budget = fastkd.config.chunk_bytes or cost_model.CHUNK_BYTES
+    if device == "cuda" and not fastkd.config.chunk_bytes:
+        budget = fastkd.backends.chunked.budget_bytes(None, 1, torch.device(device))
     if impl == "fastkd-auto":
         impl = "fastkd-torch" if device == "cpu" else "fastkd-chunked"
     if impl == "fastkd-torch":

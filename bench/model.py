@@ -262,9 +262,9 @@ def default_budget(gpu: Gpu) -> int:
 def chunked(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
             byte_level: bool = False, epilogue: str = "triton") -> Plan:
     """The chunked engine with cuBLAS and the Triton epilogues (``chunked_epilogue="triton"``, and
-    the default for float32 operands and the online top-k teacher), summing reduction: per chunk of rows (``budget_bytes``
-    of fp32 logits buffers and the 16-bit ``dz``, rows rounded down to ``ROW_ALIGN``), the logits GEMM
-    (bf16 x bf16 -> fp32 buffer), a stats epilogue reading the fp32 logits, a grad epilogue
+    the default for float32 operands and the online top-k teacher), summing reduction: per chunk
+    of rows (``budget_bytes`` of fp32 logits buffers and the 16-bit ``dz``, rows rounded down to
+    ``ROW_ALIGN``), the logits GEMM (bf16 x bf16 -> fp32 buffer), a stats epilogue reading the fp32 logits, a grad epilogue
     reading them again and writing bf16 ``dz`` (the Triton epilogues' ``out=``), then
     ``dh = dz·W`` and ``dW += dzᵀ·h`` (fp32 accumulator). ``teacher="dense"|"topk"``: the online
     teacher's GEMM once per chunk into a second fp32 buffer; the dense loss runs three passes over
