@@ -95,6 +95,8 @@ def write_config(assets, out: Path, **values) -> Path:
                topk=16, token_fraction=0.5, token_select="entropy", impl="torch", progress=False,
                tensorboard=False, keep_checkpoints=None, seed=0)
     cfg.update(values)
+    if cfg["token_fraction"] >= 1 and "token_select" not in values:
+        del cfg["token_select"]  # nothing is selected: the setting would be refused as ignored
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(cfg), encoding="utf-8")
     return path

@@ -201,13 +201,9 @@ def reference_loss(trainer, batch, index):
                              temperature=TEMPERATURE, reduction="sum")
 
 
-@pytest.mark.parametrize("kind", ["offline", "online"])
-@pytest.mark.parametrize("criterion", selection.CRITERIA)
-def test_kept_rows_loss_and_gradients_match_float64(assets, tmp_path, monkeypatch, kind, criterion):
-    trainer = Trainer(config(assets, tmp_path, kind, token_fraction=FRACTION, token_select=criterion))
-    batch = trainer._to_device(trainer._next_batch())
-    counted = (batch["labels"][:, 1:] != -100).reshape(-1)
-    assert (~counted).any()  # padded rows: never kept, and not in the count
+def _loss_and_kept_rows(trainer, batch, monkeypatch):
+    """The trainer's loss on ``batch`` (backward run), its statistics, the student's gradients
+    (then zeroed) and the flat indices of the rows the selection kept (one selection)."""
     chosen = []
     original = selection.top_rows
     monkeypatch.setattr(selection, "top_rows", lambda *args: chosen.append(original(*args)) or chosen[-1])
@@ -215,8 +211,18 @@ def test_kept_rows_loss_and_gradients_match_float64(assets, tmp_path, monkeypatc
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.student.named_parameters()}
     trainer.student.zero_grad(set_to_none=True)
-
     (index,) = chosen
+    return loss, stats, grads, index
+
+
+@pytest.mark.parametrize("kind", ["offline", "online"])
+@pytest.mark.parametrize("criterion", selection.CRITERIA)
+def test_kept_rows_loss_and_gradients_match_float64(assets, tmp_path, monkeypatch, kind, criterion):
+    trainer = Trainer(config(assets, tmp_path, kind, token_fraction=FRACTION, token_select=criterion))
+    batch = trainer._to_device(trainer._next_batch())
+    counted = (batch["labels"][:, 1:] != -100).reshape(-1)
+    assert (~counted).any()  # padded rows: never kept, and not in the count
+    loss, stats, grads, index = _loss_and_kept_rows(trainer, batch, monkeypatch)
     n_kept = math.ceil(FRACTION * int(counted.sum()))
     assert index.numel() == n_kept == int(trainer._kept_rows(batch)) and counted[index].all()
     assert stats.kd.shape == (n_kept,)
@@ -244,14 +250,7 @@ def test_sft_keeps_the_most_uncertain_rows_and_trains_on_them_alone(assets, tmp_
                              token_fraction=FRACTION))
     batch = trainer._to_device(trainer._next_batch())
     counted = (batch["labels"][:, 1:] != -100).reshape(-1)
-    chosen = []
-    original = selection.top_rows
-    monkeypatch.setattr(selection, "top_rows", lambda *args: chosen.append(original(*args)) or chosen[-1])
-    loss, _, _ = trainer._loss_rows(trainer.student, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.student.named_parameters()}
-    trainer.student.zero_grad(set_to_none=True)
-    (index,) = chosen
+    loss, _, grads, index = _loss_and_kept_rows(trainer, batch, monkeypatch)
     assert index.numel() == math.ceil(FRACTION * int(counted.sum())) == int(trainer._kept_rows(batch))
 
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
