@@ -67,8 +67,8 @@ _OUT_MIN_NUMEL = 1 << 16
 
 # The default memory budget (``fastkd.config.chunk_bytes = None``). On a GPU, 1/64 of its memory,
 # at least 512 MiB and at most 2 GiB: 512 MiB on a 24 GB card (1024 rows of Llama-3's vocabulary
-# in float32), 1.25 GiB on an 80 GB H100, 2 GiB on an H200. The cost model (``python -m bench
-# --model``, "chunked engine against its memory budget") puts the dW read and write per chunk
+# in float32), 1.22 GiB on an H100 (78 GiB), 2 GiB on an H200. The cost model (``python -m bench
+# --model``, "the default path ... against its memory budget") puts the dW read and write per chunk
 # and the GEMMs' efficiency at small heights behind the gain from 512 MiB to 1-2 GiB, and none
 # above 2 GiB. It depends on the card, not on what is free, so the chunking (and the summation
 # order of dW) is the same on every call. On the CPU 128 MiB, raised to hold CPU_CHUNK_ROWS rows
@@ -103,6 +103,9 @@ def budget_bytes(chunk_bytes: Optional[int], row_bytes: int, device: torch.devic
     return DEFAULT_BUDGET
 
 
+_device_budget = budget_bytes  # chunk_rows' parameter of the same name hides the function there
+
+
 def chunk_rows(n_rows: int, vocab: int, element_bytes: int, budget_bytes: int, buffers: int = 1,
                device: Optional[torch.device] = None) -> int:
     """Rows per chunk: the most whose ``buffers x rows x vocab`` blocks fit in ``budget_bytes``
@@ -112,7 +115,7 @@ def chunk_rows(n_rows: int, vocab: int, element_bytes: int, budget_bytes: int, b
     ``n_rows``, and a multiple of ``ROW_ALIGN`` when at least that many fit.
     """
     if budget_bytes == 0 and device is not None:
-        budget_bytes = globals()["budget_bytes"](0, buffers * vocab * element_bytes, device)
+        budget_bytes = _device_budget(0, buffers * vocab * element_bytes, device)
     if budget_bytes <= 0:
         raise ValueError(f"the chunk budget must be a positive number of bytes, got {budget_bytes}")
     rows = budget_bytes // max(1, buffers * vocab * element_bytes)
