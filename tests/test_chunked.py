@@ -145,3 +145,25 @@ def test_auto_on_cuda_needs_mm_out_dtype(monkeypatch):
     monkeypatch.setattr(api, "_mm_has_out_dtype", lambda: False)
     assert api.resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
     assert api.resolve_impl("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+def test_torch_epilogue_scratch_follows_the_divergence(monkeypatch):
+    """The torch provider's chunk x V scratch blocks, which the plan counts against the budget:
+    reverse KL needs its p block only for the statistics (E_p[z]), and then allocates it."""
+    from fastkd.backends.torch_epilogue import TorchEpilogue
+
+    blocks = TorchEpilogue.scratch_blocks
+    assert [blocks(None, False), blocks("reverse_kl", False, False), blocks("reverse_kl", False, True),
+            blocks("forward_kl", False), blocks("jsd", False)] == [0, 0, 1, 2, 3]
+    assert [blocks(None, True), blocks("reverse_kl", True, True), blocks("jsd", True)] == [2, 2, 5]
+    made = []
+    real = TorchEpilogue._buffer
+    monkeypatch.setattr(TorchEpilogue, "_buffer", lambda self, slot, like: made.append(slot) or real(self, slot, like))
+    p = make_problem(12, 6, V, 4, seed=3, dtype=torch.float64)
+    teacher_hidden = torch.randn(12, 5, dtype=torch.float64)
+    teacher_weight = torch.randn(V, 5, dtype=torch.float64)
+    for stats in (False, True):
+        made.clear()
+        fastkd.kd_loss(p["hidden"], p["weight"], teacher_hidden, teacher_weight, divergence="reverse_kl",
+                       impl="torch", return_stats=stats)
+        assert made == (["p"] if stats else []), (stats, made)

@@ -151,7 +151,7 @@ class FunctionEpilogue:
     takes_out = True
 
     @staticmethod
-    def scratch_blocks(divergence: Optional[str], general: bool) -> int:
+    def scratch_blocks(divergence: Optional[str], general: bool, stats: bool = True) -> int:
         """No ``chunk x V`` scratch: the kernels work in registers and write ``dz`` to ``out``."""
         return 0
 
@@ -275,7 +275,7 @@ class _Pass:
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor],
                  ignore_index: int, chunk_bytes: int, epilogue: str, operand: torch.dtype, buffers: int,
-                 divergence: Optional[str] = None, general: bool = False):
+                 divergence: Optional[str] = None, general: bool = False, stats: bool = True):
         self.n_rows, self.vocab = hidden.shape[0], weight.shape[0]
         self.ep = provider(epilogue)
         self.head = _Head(weight, bias, operand)
@@ -285,7 +285,7 @@ class _Pass:
         # Everything of chunk x V the plan holds counts against the one budget: the logits
         # buffers, the provider's own scratch blocks, and on tensor cores dz in the operand dtype
         # (written there by the provider, or rounded from its float32 dz by grad_operand).
-        element_bytes = acc_bytes * (buffers + self.ep.scratch_blocks(divergence, general))
+        element_bytes = acc_bytes * (buffers + self.ep.scratch_blocks(divergence, general, stats))
         if self.head.tensor_cores:
             element_bytes += torch.finfo(operand).bits // 8
         self.step = chunk_rows(self.n_rows, self.vocab, element_bytes, chunk_bytes, device=hidden.device)
@@ -643,7 +643,7 @@ def dense_forward(
                 kd_weight, chunk_bytes, with_stats, grads_in_forward, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2,
-                   divergence, _general(softcap, temperature, ce_weight, teacher_softcap))
+                   divergence, _general(softcap, temperature, ce_weight, teacher_softcap), with_stats)
         n_rows, counted, acc = ps.n_rows, ps.counted, ps.head.acc
         teacher_head = _Head(teacher_weight, teacher_bias, operand_dtype)
         use_ce = ce_weight != 0.0
@@ -711,7 +711,7 @@ def dense_backward(
                 ignore_index, ce_weight, kd_weight, chunk_bytes, weight_grad, operand_dtype)
     with no_autocast(hidden.device):
         ps = _Pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, epilogue, operand_dtype, 2,
-                   divergence, _general(softcap, temperature, ce_weight, teacher_softcap))
+                   divergence, _general(softcap, temperature, ce_weight, teacher_softcap), False)
         acc = ps.head.acc
         teacher_head = _Head(teacher_weight, teacher_bias, operand_dtype)
         g = torch.where(ps.counted, grad_rows.to(acc), 0.0)

@@ -47,7 +47,7 @@ class CsrcEpilogue:
     takes_out = False
 
     @staticmethod
-    def scratch_blocks(divergence, general) -> int:
+    def scratch_blocks(divergence, general, stats=True) -> int:
         """The csrc epilogues work in place on the plan's buffers: no scratch."""
         return 0
 

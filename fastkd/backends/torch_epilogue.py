@@ -50,13 +50,14 @@ class TorchEpilogue:
     takes_out = True
 
     @staticmethod
-    def scratch_blocks(divergence: Optional[str], general: bool) -> int:
+    def scratch_blocks(divergence: Optional[str], general: bool, stats: bool = True) -> int:
         """``chunk x V`` blocks this provider allocates next to the plan's buffers (the plan
-        sizes its chunks with them). Fast path: none for top-k (in place), ``p`` for reverse KL,
-        ``p, q`` for forward KL, ``p, q, M`` for JSD; the general path (softcap, or CE at τ ≠ 1)
-        keeps the raw logits and makes two more (the tempered logits, or ``log p`` and
-        ``log q``)."""
-        fast = {None: 0, "reverse_kl": 1, "forward_kl": 2, "jsd": 3}[divergence]
+        sizes its chunks with them). Fast path: none for top-k (in place); for reverse KL ``p``
+        only with the statistics (``E_p[z]`` needs ``p`` and ``log p`` at once), else none (``p``
+        replaces ``log p`` in place); ``p, q`` for forward KL, ``p, q, M`` for JSD. The general
+        path (softcap, or CE at τ ≠ 1) keeps the raw logits and makes two more (the tempered
+        logits, or ``log p`` and ``log q``)."""
+        fast = {None: 0, "reverse_kl": 1 if stats and not general else 0, "forward_kl": 2, "jsd": 3}[divergence]
         return fast + (2 if general else 0)
 
     def __init__(self):
@@ -205,6 +206,15 @@ class TorchEpilogue:
                          lse: Tensor, teacher_lse: Tensor, kd: Tensor, wsum: Tensor) -> None:
         log_p, log_q = self._log_probs(student, teacher, inv_temp, cap, teacher_cap, lse, teacher_lse)
         divergence = _KINDS[kind]
+        if divergence == "reverse_kl" and not (self._fast and self._mean_z is not None):
+            # no E_p[z] to make: log p - log q over log q, then p over log p, no scratch block
+            ratio = torch.sub(log_p, log_q, out=log_q)
+            probs = log_p.exp_()
+            kd.copy_(_rowdot(probs, ratio))
+            wsum.copy_(kd)
+            self._carry = (probs, ratio)
+            self._mean_z = None
+            return
         probs = torch.exp(log_p, out=self._buffer("p", log_p))
         if self._fast and self._mean_z is not None:
             mean_z, row_lse = self._mean_z
