@@ -28,9 +28,9 @@ class Config:
             ``chunk x V`` blocks a path holds (float32 logits buffers: one for top-k, two for an
             online teacher; on tensor cores the 16-bit ``dz``; the fused head's 16-bit tiles and
             their per-tile partials; the torch epilogues' scratch: none for top-k, one block for
-            reverse KL, two for forward KL, three for JSD, two more with a softcap), rounded down
-            to a multiple of 64 rows. So the extra memory of a call is this budget plus the float32
-            dW. ``None`` (default): the device's default (``fastkd.backends.chunked.budget_bytes``):
+            reverse KL with statistics (none without), two for forward KL, three for JSD, two
+            more with a softcap), rounded down to a multiple of 64 rows. So the extra memory of a
+            call is this budget plus the float32 dW. ``None`` (default): the device's default (``fastkd.backends.chunked.budget_bytes``):
             on a GPU 1/64 of its memory within [512 MiB, 2 GiB] (512 MiB on a 24 GB card, 1.22 GiB
             on an 80 GB H100, 2 GiB on an H200: the cost model's gain from 512 MiB to 1–2 GiB, none
             above), fixed per card so the chunking, and the summation order of dW, is the same on
