@@ -271,9 +271,19 @@ def _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, lab
             idj = tl.load(ids_ptr + rows64 * stride_ids + lo + j, mask=has, other=-1)
             val = tl.load(values_ptr + rows64 * stride_values + lo + j, mask=has, other=0.0)
             g = tl.where(cols[None, :] == idj[:, None], val[:, None], g)
+    g = _ce_and_softcap(g, s, cols, rows64, row_mask, row_ptr + 2 * C, C, labels_ptr, cap,
+                        WITH_CE, HAS_CAP)
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def _ce_and_softcap(g, s, cols, rows64, row_mask, ce_ptr, C, labels_ptr, cap,
+                    WITH_CE: tl.constexpr, HAS_CAP: tl.constexpr):
+    """``g`` plus the CE term ``ce_scale · (softmax(s) − onehot(label))`` (``ce_ptr``: the CE lse
+    plane, the CE scale plane C further), then times ``softcap'`` (``s`` the capped logits)."""
     if WITH_CE:
-        lse_ce = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
-        ce_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
+        lse_ce = tl.load(ce_ptr + rows64, mask=row_mask, other=0.0)
+        ce_scale = tl.load(ce_ptr + C + rows64, mask=row_mask, other=0.0)
         label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
         onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
         g += tl.where(ce_scale[:, None] != 0.0,
@@ -281,7 +291,7 @@ def _grad_tile(tile_ptr, part_ptr, ids_ptr, bounds_ptr, values_ptr, row_ptr, lab
     if HAS_CAP:
         r = s / cap
         g = g * (1.0 - r * r)
-    return tl.where(mask, g, 0.0)
+    return g
 
 
 @triton.jit
@@ -458,17 +468,8 @@ def dense_pair_kernel(
         wsum = tl.load(row_ptr + 2 * C + rows64, mask=row_mask, other=0.0)
         kd_scale = tl.load(row_ptr + 3 * C + rows64, mask=row_mask, other=0.0)
         g = tl.where(kd_scale[:, None] != 0.0, kd_scale[:, None] * (w - p * wsum[:, None]), 0.0)
-        s = z * temp
-        if WITH_CE:
-            lse_ce = tl.load(row_ptr + 4 * C + rows64, mask=row_mask, other=0.0)
-            ce_scale = tl.load(row_ptr + 5 * C + rows64, mask=row_mask, other=0.0)
-            label = tl.load(labels_ptr + rows64, mask=row_mask, other=-1).to(tl.int32)
-            onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
-            g += tl.where(ce_scale[:, None] != 0.0,
-                          ce_scale[:, None] * (tl.exp(s - lse_ce[:, None]) - onehot), 0.0)
-        if HAS_CAP:
-            r = s / cap
-            g = g * (1.0 - r * r)
+        g = _ce_and_softcap(g, z * temp, cols, rows64, row_mask, row_ptr + 4 * C, C, labels_ptr, cap,
+                            WITH_CE, HAS_CAP)
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
                  g.to(out_ptr.dtype.element_ty), mask=mask)
     else:
