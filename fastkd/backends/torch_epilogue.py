@@ -11,13 +11,15 @@ are DESIGN.md §1 through ``fastkd.divergences``; per row, on the logits buffer 
 - ``topk_grad``: ``dz = dense_scale · exp(z − kd_lse)`` off S (zero without a tail), the given
   values set on S, plus ``ce_scale · (softmax(s) − onehot(label))``, times ``softcap'(x)``;
 - ``dense_stats`` / ``dense_divergence`` / ``dense_grad``: both heads' log-sum-exps, the per-row
-  divergence and ``W = Σ_v w_v``, then ``dz = kd_scale · (w − p·W) + CE``, times ``softcap'``.
+  divergence and ``W = Σ_v w_v / Σ_v p_v`` (= Σ w in exact arithmetic; divided by the Σp actually
+  computed so that Σ_v dz_v is 0 in floating point too), then ``dz = kd_scale · (w − p·W) + CE``,
+  times ``softcap'``.
 
 Unlike the GPU providers, this one is allowed to **reuse the buffer between the calls of one
 chunk** (``keeps_logits = False``): the plan gathers what it needs from the raw logits first and
 always calls the stats epilogue before the gradient epilogue of the same chunk. Without softcap
 (and without CE, or at τ = 1) that lets the work run as a few fused passes over the chunk in
-place: ``softmax`` once, one sum for the tail, one scaling for ``dz`` (top-k), or two
+place: one exp pass, one sum for the tail, one scaling for ``dz`` (top-k), or two
 ``log_softmax`` and a handful of passes (dense). With a softcap, or CE at τ ≠ 1, a general path
 keeps the logits and recomputes what it needs (clearer, a few passes more).
 """
@@ -37,9 +39,26 @@ def _row(x: Tensor) -> Tensor:
     return x.unsqueeze(1)
 
 
+# Columns per partial dot product of _rowdot. One batched GEMV over the whole row sums V terms
+# one after another (CPU BLAS): at V = 32768 its error was ~1e-4 of a reverse KL of 20 nats, which
+# the gradient p·(log p − log q − KL) of a confident row then carries whole (dh off by 1 % on such
+# rows, 100x plain float32 PyTorch). Dots over 64 columns, then torch's cascaded sum over the
+# partials: as accurate as ``(a * b).sum(1)`` to a small factor, without its product block.
+_DOT_COLUMNS = 64
+
+
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ_v a[n, v] · b[n, v]`` per row, in one read of both (a batched GEMV)."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).reshape(a.shape[0])
+    """``Σ_v a[n, v] · b[n, v]`` per row, in one read of both (batched dot products over
+    ``_DOT_COLUMNS`` columns, then a cascaded sum of the partial sums)."""
+    rows, vocab = a.shape
+    whole = vocab - vocab % _DOT_COLUMNS
+    out = torch.zeros(rows, dtype=a.dtype, device=a.device)
+    if whole:
+        parts = a[:, :whole].reshape(rows, -1, 1, _DOT_COLUMNS) @ b[:, :whole].reshape(rows, -1, _DOT_COLUMNS, 1)
+        out += parts.reshape(rows, -1).sum(dim=1)
+    if whole < vocab:
+        out += (a[:, whole:].unsqueeze(1) @ b[:, whole:].unsqueeze(2)).reshape(rows)
+    return out
 
 
 class TorchEpilogue:
@@ -63,7 +82,9 @@ class TorchEpilogue:
     def __init__(self):
         self._fast = False
         self._scratch: dict[str, Tensor] = {}
-        self._p_topk: Optional[Tensor] = None  # p at S, saved by topk_stats for the CE term
+        self._p_topk: Optional[Tensor] = None  # p at S, saved by topk_stats (CE term, tail)
+        self._inv_total: Optional[Tensor] = None  # 1/Σe per row (fast top-k path, topk_stats)
+        self._tail_sum: Optional[Tensor] = None  # Σe over V∖S per row (fast path with a tail)
         self._mean_z: Optional[Tensor] = None  # E_p[z], filled by the divergence pass (fast path)
 
     # -------------------------------------------------------------------------------------------
@@ -80,22 +101,27 @@ class TorchEpilogue:
             self._topk_stats_general(logits, ids, valid, inv_temp, cap, with_tail, with_ce,
                                      with_stats, lse, tail_lse, lse_ce, mean_z)
             return
-        # Fast path: the buffer becomes p = softmax(z) (with S zeroed when there is a tail).
+        # Fast path: the buffer becomes e = exp(z − max z) (with S zeroed when there is a tail),
+        # p = e / Σe. torch.exp, not aten softmax: on the CPU the softmax kernels use a faster,
+        # less exact exp (their lse was off by up to 3e-5 where this one is off by 1e-6), and e
+        # needs no division pass: 1/Σe goes into the gradient's row scale.
         if inv_temp != 1.0:
             logits.mul_(inv_temp)
         raw_max = logits.amax(dim=1)
-        probs = _softmax_(logits)
-        # The largest probability is exp(max z − lse) ≥ 1/V: its log gives lse to the last bit.
-        row_lse = raw_max - probs.amax(dim=1).log_()
+        exps = logits.sub_(_row(raw_max)).exp_()
+        total = exps.sum(dim=1)
+        row_lse = total.log().add_(raw_max)
         lse.copy_(row_lse)
         if with_ce:
             lse_ce.copy_(row_lse)  # τ = 1 here: the CE logits are z
-        if with_stats:  # E_p[z] = lse + Σ p log p
-            mean_z.copy_(row_lse + torch.special.xlogy(probs, probs).sum(dim=1))
-        self._p_topk = probs.gather(1, ids) if with_ce else None
+        if with_stats:  # E_p[z] = lse + Σ p log p, Σ p log p = Σ e log e / Σe − log Σe
+            mean_z.copy_(row_lse + torch.special.xlogy(exps, exps).sum(dim=1).div_(total) - total.log())
+        self._inv_total = total.reciprocal_()
+        self._p_topk = exps.gather(1, ids).mul_(_row(self._inv_total)) if with_ce or with_tail else None
         if with_tail:
-            _set_at_(probs, ids, valid, 0.0)
-            tail_lse.copy_(probs.sum(dim=1).log_().add_(row_lse))
+            _set_at_(exps, ids, valid, 0.0)
+            self._tail_sum = exps.sum(dim=1)
+            tail_lse.copy_(self._tail_sum.log().add_(raw_max))
 
     def topk_grad(self, logits: Tensor, rows: int, vocab: int, sorted_ids: Optional[Tensor],
                   sorted_values: Optional[Tensor], k: int, kd_lse: Tensor,
@@ -107,19 +133,31 @@ class TorchEpilogue:
             return self._topk_grad_general(logits, ids, valid, sorted_values, kd_lse, dense_scale,
                                            lse_ce, ce_scale, labels, inv_temp, cap, with_tail,
                                            with_ce, out)
-        # The buffer holds p = exp(z − lse); kd_lse is lse with a tail (the only fast case with a
-        # dense part: without a tail the KD part lives on S alone).
+        # The buffer holds e = p·Σe (topk_stats); kd_lse is lse with a tail (the only fast case
+        # with a dense part: without a tail the KD part lives on S alone).
         probs = logits
         scale = dense_scale if with_tail else None
         if with_ce:
             scale = ce_scale if scale is None else scale + ce_scale
-        if scale is None:
-            probs.zero_()
-        else:
-            probs.mul_(_row(scale))
         values = sorted_values if sorted_values is not None else None
         if with_ce and k > 0:
             values = values + _row(ce_scale) * self._p_topk
+        off_s = None if scale is None else scale * self._inv_total
+        if with_tail and k > 0:
+            # Σ_v dz_v is 0 in exact arithmetic; in float32 the residual r (from the row sums
+            # behind the coefficients) is a shift along p that dh carries whole: a flat student
+            # had 10x the dh error of plain float32 PyTorch. dz − r·p removes it (to r·(1 − Σp)),
+            # and r is rounding-sized, so nothing is amplified.
+            on_s = torch.where(valid, values, 0.0)
+            residual = off_s * self._tail_sum + on_s.sum(dim=1)
+            if with_ce:
+                residual = residual - ce_scale
+            off_s = off_s - residual * self._inv_total
+            values = values - _row(residual) * self._p_topk
+        if off_s is None:
+            probs.zero_()
+        else:
+            probs.mul_(_row(off_s))
         if k > 0:
             _set_at_(probs, ids, valid, values)
         if with_ce:
@@ -144,12 +182,21 @@ class TorchEpilogue:
     def _topk_grad_general(self, logits, ids, valid, sorted_values, kd_lse, dense_scale, lse_ce,
                            ce_scale, labels, inv_temp, cap, with_tail, with_ce, out):
         capped = _softcap(logits, cap)
+        values = sorted_values
         if with_tail:
-            grad = capped.mul(inv_temp).sub_(_row(kd_lse)).exp_().mul_(_row(dense_scale))
+            grad = capped.mul(inv_temp).sub_(_row(kd_lse)).exp_()  # p
+            off_s = dense_scale
+            if ids.shape[1] > 0:  # dz − r·p, as the fast path (topk_grad)
+                p_s = grad.gather(1, ids)
+                _set_at_(grad, ids, valid, 0.0)
+                residual = dense_scale * grad.sum(dim=1) + torch.where(valid, values, 0.0).sum(dim=1)
+                off_s = dense_scale - residual
+                values = values - _row(residual) * p_s
+            grad.mul_(_row(off_s))
         else:
             grad = torch.zeros_like(logits)
         if ids.shape[1] > 0:
-            _set_at_(grad, ids, valid, sorted_values)
+            _set_at_(grad, ids, valid, values)
         if with_ce:
             grad.add_(capped.sub(_row(lse_ce)).exp_().mul_(_row(ce_scale)))
             grad.scatter_add_(1, _row(labels), -_row(ce_scale))
@@ -169,7 +216,10 @@ class TorchEpilogue:
                 if inv_temp != 1.0:
                     buf.mul_(inv_temp)
                 raw_max = buf.amax(dim=1)
-                _log_softmax_(buf)  # the largest log p is max z − lse: lse to the last bit
+                # In place, in one call. The CPU kernel's faster exp leaves the lse off by up to
+                # ~3e-5 (so Σp by as much): harmless to the loss, a uniform shift of log p; the
+                # gradient divides W by the Σp actually computed (dense_divergence).
+                _log_softmax_(buf)
                 out.copy_(raw_max - buf.amax(dim=1))
             if with_ce:
                 lse_ce.copy_(lse)
@@ -211,7 +261,7 @@ class TorchEpilogue:
             ratio = torch.sub(log_p, log_q, out=log_q)
             probs = log_p.exp_()
             kd.copy_(_rowdot(probs, ratio))
-            wsum.copy_(kd)
+            wsum.copy_(kd).div_(probs.sum(dim=1))  # W / Σp: see the end of this method
             self._carry = (probs, ratio)
             self._mean_z = None
             return
@@ -244,6 +294,11 @@ class TorchEpilogue:
             kd.copy_(teacher_part.mul_(beta).add_(student_part, alpha=1 - beta))
             wsum.copy_(student_part.mul_(1 - beta))
             self._carry = (probs, ratio)
+        # W / Σp instead of W: equal in exact arithmetic, and then Σ_v dz_v = Σw − Σp·W/Σp is 0
+        # with the p that was actually computed. With W alone, Σ dz = W·(1 − Σp), a shift along p
+        # that dh = dz·W_head carries whole: a confident student far from its teacher (reverse KL
+        # of 20 nats, Σp off by 1e-7) had 100x the dh error of plain float32 PyTorch.
+        wsum.div_(probs.sum(dim=1))
         self._kind = divergence
 
     def dense_grad(self, student: Tensor, teacher: Tensor, rows: int, vocab: int, inv_temp: float,
@@ -300,10 +355,6 @@ def _set_at_(block: Tensor, ids: Tensor, valid: Tensor, values) -> None:
     values = torch.where(valid, values.to(block.dtype), values.to(block.dtype).gather(1, first))
     values = torch.where(valid.any(dim=1, keepdim=True), values, block.gather(1, index))
     block.scatter_(1, index, values)
-
-
-def _softmax_(x: Tensor) -> Tensor:
-    return torch.ops.aten._softmax.out(x, 1, False, out=x)
 
 
 def _log_softmax_(x: Tensor) -> Tensor:

@@ -361,7 +361,9 @@ def dense_divergence_kernel(
     HAS_CAP: tl.constexpr, TEACHER_HAS_CAP: tl.constexpr, KIND: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Per row, given both lse: the divergence and W = Σ_v w_v."""
+    """Per row, given both lse: the divergence and W = Σ_v w_v / Σ_v p_v (Σp = 1 in exact
+    arithmetic; with the p this kernel and dense_grad_kernel compute, Σ_v dz_v is then 0 in
+    floating point too, as ``torch_epilogue.dense_divergence`` explains)."""
     inv_temp = _param(inv_temp, inv_temp_lo, ACC)
     cap = _param(cap, cap_lo, ACC)
     teacher_cap = _param(teacher_cap, teacher_cap_lo, ACC)
@@ -376,6 +378,7 @@ def dense_divergence_kernel(
     teacher_lse = tl.load(teacher_lse_ptr + row * stride_teacher_lse).to(ACC)
     acc_kd = tl.zeros((BLOCK_V,), ACC)
     acc_w = tl.zeros((BLOCK_V,), ACC)
+    acc_p = tl.zeros((BLOCK_V,), ACC)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         col_mask = cols < V
@@ -385,8 +388,9 @@ def dense_divergence_kernel(
         term, w, _p = _dense_terms(z, t, lse, teacher_lse, log_beta, log_1m_beta, beta, KIND)
         acc_kd += tl.where(col_mask, term, 0.0)
         acc_w += tl.where(col_mask, w, 0.0)
+        acc_p += tl.where(col_mask, _p, 0.0)
     tl.store(kd_ptr + row * stride_kd, tl.sum(acc_kd, axis=0))
-    tl.store(wsum_ptr + row * stride_wsum, tl.sum(acc_w, axis=0))
+    tl.store(wsum_ptr + row * stride_wsum, tl.sum(acc_w, axis=0) / tl.sum(acc_p, axis=0))
 
 
 @triton.jit
