@@ -81,7 +81,7 @@ def rates_for(env: dict, floor_tflops: float, bandwidth: float) -> cost_model.Gp
 def model_plan(impl: str, case: Case, device: str):
     """The cost-model path of an implementation on a case, or None when it has none."""
     shape = cost_model.Shape(case.model, case.tokens, case.dim, case.vocab, topk=case.topk,
-                             teacher_dim=2 * case.dim if case.loss == "dense" else None,
+                             teacher_dim=case.teacher_dim,
                              softcap=case.softcap, element_bytes=torch.finfo(getattr(torch, case.dtype)).bits // 8)
     teacher = "dense" if case.loss == "dense" else None
     engine = importlib.util.find_spec("fastkd.backends.chunked") is not None   # the chunked plan is in
@@ -116,7 +116,8 @@ def print_table(case: Case, rows: list[dict], realism: dict, gpu: cost_model.Gpu
     naive = next((by_impl[n]["fwd_bwd"]["median_s"] for n in ("naive-hf", "naive-fp32")
                   if by_impl.get(n, {}).get("status") == "ok"), None)
     shown = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in realism.items())
-    print(f"\n{case.label}   (3 bare GEMMs {floor * 1e3:.2f} ms, {rows[0]['tflops']:.2f} TFLOP/s; "
+    floor_name = "3 bare GEMMs + the teacher's" if case.teacher_dim else "3 bare GEMMs"
+    print(f"\n{case.label}   ({floor_name} {floor * 1e3:.2f} ms, {rows[0]['tflops']:.2f} TFLOP/s; "
           f"inputs: {shown})")
     print(f"{'impl':<16}{'fwd ms':>10}{'fwd+bwd':>11}{'IQR':>10}{'bound':>10}{'x bound':>8}{'x GEMMs':>8}"
           f"{'x naive':>8}{'peak MiB':>10}  errors loss / dh / dW")

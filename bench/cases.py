@@ -56,9 +56,17 @@ class Case:
                 f"{self.divergence} K={self.topk} {self.tail}{extra} {self.dtype}")
 
     @property
+    def teacher_dim(self) -> Optional[int]:
+        """The online teacher's hidden width (the dense loss: twice the student's), else None."""
+        return 2 * self.dim if self.loss == "dense" else None
+
+    @property
     def gemm_flops(self) -> int:
-        """The three GEMMs of any fused linear loss: logits, d hidden, d weight (6·N·D·V)."""
-        return 6 * self.tokens * self.dim * self.vocab
+        """The GEMM floor's FLOPs: the three GEMMs of any fused linear loss (logits, d hidden,
+        d weight: 6·N·D·V), plus the online teacher's logits GEMM (2·N·D_t·V) for the dense loss,
+        as issue #14 item 7 and the cost model (``bench.model.Shape.floor_flops``) count it."""
+        teacher = 2 * self.tokens * self.teacher_dim * self.vocab if self.teacher_dim else 0
+        return 6 * self.tokens * self.dim * self.vocab + teacher
 
     def with_(self, **changes) -> "Case":
         return replace(self, **changes)
@@ -388,13 +396,17 @@ PEERS = ("liger", "torch-linear-ce", "cut-cross-entropy", "trl-gkd")
 
 
 def gemm_floor(x: dict, case: Case) -> Callable[[], None]:
-    """The three bare GEMMs of the case's shape in its dtype: logits, d hidden, d weight."""
+    """The bare GEMMs of the case's shape in its dtype: logits, d hidden, d weight, and for the
+    dense loss the online teacher's logits (:attr:`Case.gemm_flops`)."""
     hidden, weight = x["hidden"].detach(), x["weight"].detach()
     logits = torch.empty(case.tokens, case.vocab, dtype=hidden.dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.empty_like(weight)
+    teacher = (x["teacher_hidden"].detach(), x["teacher_weight"].detach()) if case.teacher_dim else None
 
     def step():
+        if teacher is not None:
+            torch.mm(teacher[0], teacher[1].T, out=logits)
         torch.mm(hidden, weight.T, out=logits)
         torch.mm(logits, weight, out=grad_hidden)
         torch.mm(logits.T, hidden, out=grad_weight)
