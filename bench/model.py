@@ -230,9 +230,12 @@ def rowwise(name: str, rows: int, cols: int, *, read: float, write: float, sfu: 
 
 def chunk_rows(tokens: int, vocab: int, budget_bytes: int, bytes_per_row_element: int,
                multiple: int = 128) -> int:
-    """Rows per chunk: the most whose blocks fit the budget, rounded down to a multiple."""
+    """Rows per chunk: the most whose blocks fit the budget, rounded down to a multiple, then
+    evened out over the chunks that takes (``fastkd.backends.chunked.chunk_rows``)."""
     rows = budget_bytes // (vocab * bytes_per_row_element)
     rows = max(multiple, rows // multiple * multiple)
+    even = -(-tokens // -(-tokens // rows))
+    rows = min(rows, -(-even // multiple) * multiple)
     return min(rows, tokens)
 
 
