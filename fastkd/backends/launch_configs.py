@@ -76,7 +76,8 @@ class Tiles:
 #   "dense"           the dense online teacher's two forward passes;
 #   "select"          the running top-K selection (32-row blocks from K > 128, see tiles());
 #   "backward"        a logits tile, then the dh/dW dots;
-#   "gather"          tail="renormalize": K rows of W per row.
+#   "gather"          tail="renormalize": K rows of W per row;
+#   "correction"      the top-k backward's ids of S (``topk_correction_kernel``).
 # Each row is what the compile lane found to fit that target without spills (a choice ptxas's
 # register allocator makes near its limits, hence per architecture); the lane checks them all.
 _SIXTEEN = {
@@ -100,8 +101,13 @@ _GPU = {(family, arch, width): tiles
         for width, table in (("16", _SIXTEEN), ("32", _THIRTY_TWO))
         for family, rows in table.items() for arch, tiles in rows.items()}
 _GATHER_GPU = Tiles(1, 1, 32, 8, 2)
+# top-k correction (the ids of S after the backward tiles): BM rows x BD columns of dh per
+# program, a gathered (BM, BD) block of W per slot; BN: ids per program of the deterministic dW
+# pass. Float32 products on CUDA cores for every input dtype, so one row for all.
+_CORRECTION_GPU = Tiles(32, 64, 128, 4, 2)
 _INTERPRETED = Tiles(16, 32, 16, 4, 1)
 _GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1)
+_CORRECTION_INTERPRETED = Tiles(8, 16, 16, 4, 1)
 
 
 @dataclass
@@ -190,6 +196,8 @@ def tiles(family: str, device: torch.device, dtype: torch.dtype, kp: int = 1) ->
     cc = target(device)
     if family == "gather":
         return _GATHER_INTERPRETED if cc == INTERPRETER else _GATHER_GPU
+    if family == "correction":
+        return _CORRECTION_INTERPRETED if cc == INTERPRETER else _CORRECTION_GPU
     if cc == INTERPRETER:
         return _INTERPRETED
     width = "32" if dtype == torch.float32 else "16"

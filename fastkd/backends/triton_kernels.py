@@ -323,16 +323,20 @@ def _grouped(pid, row_blocks, col_blocks, GROUP: tl.constexpr):
 
 @triton.jit
 def _grad_tile(
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr, labels_ptr, state_ptr,
-    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT, K,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
+    kd_scale_ptr, ce_scale_ptr, rows, row_mask, cols, col_mask, D, DT,
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``dz`` of one tile w.r.t. the uncapped logits, float32 ``(BM, BN)``, zero on masked entries.
 
-    ``state (N, 4)``: top-k: kd_lse, dense, topk_coef, lse_ce; dense teacher: lse, t_lse, W, lse_ce.
+    ``state (N, 4)``: top-k: kd_lse, dense, theta, lse_ce; dense teacher: lse, t_lse, W, lse_ce.
+    Top-k: the tile does not look S up. It writes the tail formula ``p·dense`` where the logit is
+    at most the row's ``theta`` (every column off S is, see ``topk_correction_kernel``) and 0
+    above it; the correction kernel then adds, at each id of S, the exact value minus what the
+    tile wrote there, in float32.
     """
     capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
                           HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
@@ -347,20 +351,10 @@ def _grad_tile(
         _term, w, p = _dense_terms(z, tz, c0, c1, beta, KIND)
         dz = kd_scale[:, None] * (w - p * c2[:, None])
     else:
-        p = tl.exp(z - c0[:, None])
-        if WITH_TAIL:
-            dz = p * c1[:, None]
+        if WITH_TAIL:  # c2 = theta: above it (only ids of S are) 0, the correction sets them
+            dz = tl.where(z <= c2[:, None], tl.exp(z - c0[:, None]) * (c1 * kd_scale)[:, None], 0.0)
         else:
             dz = tl.zeros((BM, BN), tl.float32)
-        start, count = _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN, KP)
-        for j in range(0, tl.max(count)):
-            hit = row_mask & (j < count)
-            slot = start + j
-            cand = tl.load(ids_ptr + rows * K + slot, mask=hit, other=-1)
-            w_slot = tl.load(wts_ptr + rows * K + slot, mask=hit, other=0.0)
-            eq = (cols[None, :] == cand[:, None]) & hit[:, None]
-            dz = tl.where(eq, w_slot[:, None] - p * c2[:, None], dz)  # set, not add (see module doc)
-        dz = dz * kd_scale[:, None]
     if WITH_CE:
         lse_ce = tl.load(state_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
         ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0)
@@ -376,16 +370,16 @@ def _grad_tile(
 @triton.jit
 def backward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr, labels_ptr, state_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
     kd_scale_ptr, ce_scale_ptr, dh_ptr, dw_ptr, db_ptr,
     # shapes
-    N, V, D, DT, K,
+    N, V, D, DT,
     # meta
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
     MODE: tl.constexpr, GROUP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE).
 
@@ -418,11 +412,11 @@ def backward_kernel(
                 v0 = pn * BN
                 cols = v0 + tl.arange(0, BN).to(tl.int64)
                 col_mask = cols < V
-                dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr,
-                                labels_ptr, state_ptr, kd_scale_ptr, ce_scale_ptr, rows, row_mask,
-                                v0, cols, col_mask, D, DT, K, inv_temp, cap, t_cap, beta,
-                                HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL,
-                                WITH_CE, KIND, BM, BN, BD, KP, PRECISION)
+                dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
+                                kd_scale_ptr, ce_scale_ptr, rows, row_mask, cols, col_mask, D, DT,
+                                inv_temp, cap, t_cap, beta, HAS_BIAS, HAS_CAP, T_HAS_BIAS,
+                                T_HAS_CAP, DENSE_TEACHER, WITH_TAIL, WITH_CE, KIND, BM, BN, BD,
+                                PRECISION)
                 if HAS_BIAS and MODE != 1:
                     db = tl.sum(dz, axis=0)
                     if MODE == 0:
@@ -463,7 +457,90 @@ def backward_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# tail="renormalize" without CE: the K gathered logits only, O(N·K·D)
+# top-k: the entries of S, after the backward's tail-formula tiles (N·K·D work, never N·V·D)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def topk_correction_kernel(
+    h_ptr, w_ptr, ids_ptr, coef_ptr, kd_scale_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, D, K,
+    HAS_BIAS: tl.constexpr, WITH_DW: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+):
+    """Program (row block, D chunk): with ``δ[r, k] = kd_scale[r]·coef[r, k]`` (zero on unused
+    and repeated slots), ``dh[r] += Σ_k δ[r, k]·W[ids[r, k]]`` into the program's own ``dh``
+    entries (a plain read-add-write: it runs after the tiles, and no other program has these
+    rows), and with ``WITH_DW`` ``dW[ids[r, k]] += δ[r, k]·h[r]`` and ``db[ids[r, k]] += δ``
+    with relaxed atomics. Products in float32 (``δ`` is never rounded to 16 bits).
+
+    ``coef`` is what the backward tile (``_grad_tile``) left out at ``ids``: the exact
+    ``s·(w_k − p_k·topk_coef)`` minus the tile formula there, times the softcap's derivative,
+    per unit of ``kd_scale`` (``triton_backend._slot_coefficients``)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_mask = d < D
+    d_first = tl.zeros_like(rows) + tl.program_id(1)  # db from the first D chunk only
+    kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
+    if tl.max(tl.abs(kd_scale)) > 0:  # a block of ignored rows has nothing to add
+        dh = tl.zeros((BM, BD), tl.float32)
+        if WITH_DW:
+            h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        for k in range(0, K):
+            ids = tl.load(ids_ptr + rows * K + k, mask=row_mask, other=-1).to(tl.int64)
+            delta = kd_scale * tl.load(coef_ptr + rows * K + k, mask=row_mask, other=0.0)
+            hit = row_mask & (ids >= 0) & (ids < V) & (delta != 0.0)
+            mask = hit[:, None] & d_mask[None, :]
+            w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask, other=0.0)
+            dh += delta[:, None] * w.to(tl.float32)
+            if WITH_DW:
+                tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], delta[:, None] * h, mask=mask,
+                              sem="relaxed")
+                if HAS_BIAS:
+                    tl.atomic_add(db_ptr + ids, delta, mask=hit & (d_first == 0), sem="relaxed")
+        at = dh_ptr + rows[:, None] * D + d[None, :]
+        dh_mask = row_mask[:, None] & d_mask[None, :]
+        tl.store(at, tl.load(at, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
+
+
+@triton.jit
+def topk_correction_dw_kernel(
+    h_ptr, ids_ptr, rows_ptr, delta_ptr, bounds_ptr, dw_ptr, db_ptr,
+    D,
+    HAS_BIAS: tl.constexpr, BD: tl.constexpr,
+):
+    """The deterministic ``dW`` (and ``db``) part of ``topk_correction_kernel``, without atomics.
+
+    The ``N·K`` slots arrive sorted by id (stable: ties in (row, slot) order), ``ids``/``rows``/
+    ``delta`` flat, and ``bounds`` the first sorted slot of each block of ids. Program
+    (id block, D chunk) walks its slots in that order, sums ``δ·h[row]`` over each run of one id
+    and adds the sum to that id's ``dW`` row (which no other program writes): the same order on
+    every run."""
+    first = tl.load(bounds_ptr + tl.program_id(0))
+    end = tl.load(bounds_ptr + tl.program_id(0) + 1)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_mask = d < D
+    acc = tl.zeros((BD,), tl.float32)
+    bias = tl.sum(tl.zeros((BD,), tl.float32), axis=0)
+    for e in range(first, end):
+        col = tl.load(ids_ptr + e).to(tl.int64)
+        delta = tl.load(delta_ptr + e)
+        row = tl.load(rows_ptr + e).to(tl.int64)
+        acc += delta * tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        bias += delta
+        following = tl.load(ids_ptr + tl.minimum(e + 1, end - 1))
+        if (e + 1 == end) | (following != col):  # the run of this id ends here: add it
+            at = dw_ptr + col * D + d
+            tl.store(at, tl.load(at, mask=d_mask, other=0.0) + acc, mask=d_mask)
+            if HAS_BIAS:
+                if tl.program_id(1) == 0:
+                    tl.store(db_ptr + col, tl.load(db_ptr + col) + bias)
+            acc = tl.zeros((BD,), tl.float32)
+            bias = tl.sum(acc, axis=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# tail="renormalize" without CE or statistics: the forward's K gathered logits only, O(N·K·D)
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -490,33 +567,6 @@ def gather_forward_kernel(
     if HAS_CAP:
         acc = cap * _tanh(acc / cap)
     tl.store(zs_ptr + row * K + k, acc, mask=k < K)
-
-
-@triton.jit
-def gather_backward_kernel(
-    h_ptr, w_ptr, ids_ptr, gz_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, D, K,
-    HAS_BIAS: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr,
-):
-    """``dh[n] = Σ_k gz[n,k]·W[ids[n,k]]``; ``dW[ids[n,k]] += gz[n,k]·h[n]`` (atomics); ``db`` likewise.
-
-    ``gz`` is the gradient w.r.t. the uncapped gathered logits, zero on unused slots."""
-    row = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, KP)
-    ids = tl.load(ids_ptr + row * K + k, mask=k < K, other=-1).to(tl.int64)
-    valid = (ids >= 0) & (k < K)
-    gz = tl.load(gz_ptr + row * K + k, mask=valid, other=0.0)
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + ids, gz, mask=valid, sem="relaxed")
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        d_mask = d < D
-        mask2 = valid[:, None] & d_mask[None, :]
-        w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask2, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + row * D + d, tl.sum(gz[:, None] * w, axis=0), mask=d_mask)
-        h = tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2,
-                      sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
