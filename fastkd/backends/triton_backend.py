@@ -45,6 +45,7 @@ class _Launch:
         self.KP = triton.next_power_of_2(max(k, 1))
         tiles = lc.tiles(family, hidden.device, hidden.dtype, self.KP)
         self.BM, self.BN, self.BD = tiles.BM, tiles.BN, tiles.BD
+        self.split = tiles.split
         self.options = tiles.options()
         gather = lc.tiles("gather", hidden.device, hidden.dtype)
         self.gather = dict(KP=self.KP, BD=gather.BD, **gather.options())
@@ -220,7 +221,7 @@ def topk_kd_forward(
     online = teacher_hidden is not None
     if online:
         teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, k, "stream_teacher" if online else "stream")
+    launch = _Launch(hidden, k, "stream_teacher" if online else "stream_stats" if with_stats else "stream")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats or online
@@ -306,7 +307,7 @@ def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launc
     row/column pair (1 + 2)."""
     if n_rows == 0:
         return
-    flags = dict(flags, GROUP=launch.group)
+    flags = dict(flags, GROUP=launch.group, SPLIT=launch.split)
     row_blocks, col_blocks = triton.cdiv(n_rows, launch.BM), triton.cdiv(vocab, launch.BN)
     if config.deterministic:
         lc.launch(kern.backward_kernel, (row_blocks,), *kernel_args, MODE=1, **flags, **launch.meta())
@@ -344,11 +345,12 @@ def topk_kd_backward(
     grads = _grad_buffers(hidden, weight, bias)
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
-    launch = _Launch(hidden, teacher_ids.shape[1], "backward")
+    use_ce = ce_weight != 0.0
+    narrow = use_ce or bias is not None or config.deterministic  # more alive per tile entry
+    launch = _Launch(hidden, teacher_ids.shape[1], "backward_ce" if narrow else "backward")
     counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
-    use_ce = ce_weight != 0.0
     if tail == "bucket" or use_ce:
         device = hidden.device
         args = (hidden, weight, _or_dummy(bias, device), _dummy(device), _dummy(device),
@@ -475,7 +477,7 @@ def dense_kd_backward(
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, 1, "backward")
+    launch = _Launch(hidden, 1, "backward_dense")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,

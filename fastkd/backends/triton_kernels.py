@@ -44,7 +44,7 @@ JSD: tl.constexpr = tl.constexpr(2)
 def _tanh(x):
     # sign(x)·(1 − e^{−2|x|})/(1 + e^{−2|x|}): no overflow, accurate near 0.
     t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
+    y = tl.fdiv(1.0 - t, 1.0 + t)  # div.full (2 ulp): no out-of-line IEEE division per element
     return tl.where(x < 0, -y, y)
 
 
@@ -63,7 +63,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_CAP:
-        acc = cap * _tanh(acc / cap)
+        acc = cap * _tanh(acc * (1.0 / cap))
     return acc
 
 
@@ -90,7 +90,7 @@ def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.conste
     """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile.
 
     Read in chunks of at most 64 slots, so registers do not grow with K."""
-    KC: tl.constexpr = 64 if KP > 64 else KP
+    KC: tl.constexpr = 16 if KP > 16 else KP
     start = tl.zeros_like(rows).to(tl.int32)
     count = tl.zeros_like(rows).to(tl.int32)
     for k0 in range(0, K, KC):
@@ -100,6 +100,17 @@ def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.conste
         start += tl.sum((ids < v0).to(tl.int32), axis=1)
         count += tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
     return start, count
+
+
+@triton.jit
+def _expand_bits(words, BM: tl.constexpr, BN: tl.constexpr):
+    """``(BM, BN)`` booleans from ``(BM, BN / 32)`` int32 words: bit ``c % 32`` of word ``c / 32``."""
+    lane = tl.arange(0, BN)
+    bits = tl.zeros((BM, BN), dtype=tl.int32)
+    for q in tl.static_range(BN // 32):
+        word = tl.sum(tl.where(tl.arange(0, BN // 32)[None, :] == q, words, 0), axis=1)
+        bits = tl.where((lane >> 5)[None, :] == q, word[:, None], bits)
+    return ((bits >> (lane & 31)[None, :]) & 1) != 0
 
 
 @triton.jit
@@ -158,30 +169,42 @@ def topk_forward_kernel(
     st_tail = tl.zeros((BM,), tl.float32)
     if WITH_STATS:  # statistics are defined on every row, ignored or not
         counted = row_mask
+    # int32 offsets from the block's first row inside the loop (no int64 per element)
+    row0 = tl.program_id(0).to(tl.int64) * BM
+    local = tl.arange(0, BM)
+    h_blk, ids_blk, zs_blk, t_zs_blk = h_ptr + row0 * D, ids_ptr + row0 * K, zs_ptr + row0 * K, t_zs_ptr + row0 * K
     if tl.max(counted.to(tl.int32)) > 0:  # a block of ignored rows reads nothing
         for v0 in range(v_first, v_end, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
-            capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+            capped = _logits_tile(h_blk, w_ptr, b_ptr, local, row_mask, cols, col_mask, D, cap,
                                   HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
             capped = tl.where(col_mask[None, :], capped, masked)
+            lane = tl.arange(0, BN)
+            if WITH_CE:  # first: the untempered tile is not kept alive through the loop over S
+                m_ce, s_ce, _alpha_ce, _e_ce = _online_lse(m_ce, s_ce, capped)
+                at = tl.where((labels >= v0) & (labels < v0 + BN), labels - v0, -1).to(tl.int32)
+                target += tl.sum(tl.where(lane[None, :] == at[:, None], capped, 0.0), axis=1)
             z = capped * inv_temp
             if HAS_TEACHER:
-                tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
+                tz = _logits_tile(th_ptr + row0 * DT, tw_ptr, tb_ptr, local, row_mask, cols, col_mask, DT, t_cap,
                                   T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
                 tz = tl.where(col_mask[None, :], tz * inv_temp, masked)
-            # S ∩ tile: record z (and the teacher's) at each slot, and mark the columns.
-            start, count = _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN, KP)
-            in_s = tl.zeros((BM, BN), dtype=tl.int1)
+            # S ∩ tile: record z (and the teacher's) at each slot, and mark the columns in a
+            # bit mask per row (BN / 32 words, not a (BM, BN) tile carried through the loop).
+            start, count = _ids_in_tile(ids_blk, local, row_mask, K, v0, BN, KP)
+            words = tl.zeros((BM, BN // 32), dtype=tl.int32)
             for j in range(0, tl.max(count)):
                 hit = row_mask & (j < count)
                 slot = start + j
-                cand = tl.load(ids_ptr + rows * K + slot, mask=hit, other=-1)
-                eq = (cols[None, :] == cand[:, None]) & hit[:, None]
-                in_s = in_s | eq
-                tl.store(zs_ptr + rows * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
+                at = tl.where(hit, tl.load(ids_blk + local * K + slot, mask=hit, other=0) - v0, -1).to(tl.int32)
+                eq = lane[None, :] == at[:, None]
+                tl.store(zs_blk + local * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
                 if HAS_TEACHER:
-                    tl.store(t_zs_ptr + rows * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
+                    tl.store(t_zs_blk + local * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
+                word = tl.arange(0, BN // 32)[None, :] == (at >> 5)[:, None]
+                words = words | tl.where(word & hit[:, None], (1 << (at & 31))[:, None], 0)
+            in_s = _expand_bits(words, BM, BN)
             m, s, alpha, e = _online_lse(m, s, z)
             s_tail = s_tail * alpha + tl.sum(tl.where(in_s, 0.0, e), axis=1)
             if WITH_STATS:
@@ -189,8 +212,6 @@ def topk_forward_kernel(
             if HAS_TEACHER:
                 mt, st, alpha_t, et = _online_lse(mt, st, tz)
                 st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
-            if WITH_CE:
-                m_ce, s_ce, target = _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels)
     part = part_ptr + (rows * splits + split) * 10
     tl.store(part, m, mask=row_mask)
     tl.store(part + 1, s, mask=row_mask)
@@ -324,7 +345,7 @@ def _grouped(pid, row_blocks, col_blocks, GROUP: tl.constexpr):
 @triton.jit
 def _grad_tile(
     h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
-    kd_scale_ptr, ce_scale_ptr, rows, row_mask, cols, col_mask, D, DT,
+    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT,
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
@@ -359,10 +380,12 @@ def _grad_tile(
         lse_ce = tl.load(state_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
         ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0)
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
+        # the label's column as an int32 offset in the tile (-1 off it): no int64 per element
+        at = tl.where((labels >= v0) & (labels < v0 + BN), labels - v0, -1).to(tl.int32)
+        onehot = (tl.arange(0, BN)[None, :] == at[:, None]).to(tl.float32)
         dz += ce_scale[:, None] * (tl.exp(capped - lse_ce[:, None]) - onehot)
     if HAS_CAP:
-        r = capped / cap
+        r = capped * (1.0 / cap)
         dz = dz * (1.0 - r * r)
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
 
@@ -378,14 +401,19 @@ def backward_kernel(
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    MODE: tl.constexpr, GROUP: tl.constexpr,
+    MODE: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE).
 
     MODE 0 runs on a 1-D grid in grouped order: consecutive programs walk the vocabulary tiles of
     a group of ``GROUP`` row blocks, column by column, so a wave of programs shares a few ``h``
-    blocks and ``W`` tiles in L2 instead of streaming all of ``h`` once per vocabulary tile."""
+    blocks and ``W`` tiles in L2 instead of streaming all of ``h`` once per vocabulary tile.
+
+    ``SPLIT`` (1 or 2): the ``BN`` columns of a tile are recomputed and turned into 16-bit ``dz``
+    in that many parts of ``BN / SPLIT``, so a 128 x 256 tile holds one 128 x 128 fp32 part at a
+    time; the dh and dW loops then run over the whole tile (``dh`` and ``dW`` traffic of BN)."""
+    PART: tl.constexpr = BN // SPLIT
     if MODE == 0:
         m_first, n_first = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(V, BN), GROUP)
         m_last = m_first + 1
@@ -400,42 +428,57 @@ def backward_kernel(
         m_last = tl.cdiv(N, BM)
         n_first = tl.program_id(0)
         n_last = n_first + 1
+    # Addresses: a 64-bit base per row block and column part (pointer + int64 scalar), int32
+    # offsets inside the tile (BN·D < 2³¹): no 64-bit address per element held in registers.
     for pm in range(m_first, m_last):
-        rows = pm * BM + tl.arange(0, BM).to(tl.int64)
-        row_mask = rows < N
-        kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
+        row0 = tl.cast(pm, tl.int64) * BM
+        rows = tl.arange(0, BM)
+        row_mask = rows < tl.minimum(N - row0, BM).to(tl.int32)
+        kd_scale = tl.load(kd_scale_ptr + row0 + rows, mask=row_mask, other=0.0)
         live = tl.max(tl.abs(kd_scale))
         if WITH_CE:
-            live = tl.maximum(live, tl.max(tl.abs(tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0))))
+            live = tl.maximum(live, tl.max(tl.abs(tl.load(ce_scale_ptr + row0 + rows, mask=row_mask,
+                                                          other=0.0))))
         if live > 0:  # a block of ignored rows has no gradient at all
+            h_blk = h_ptr + row0 * D
+            dh_blk = dh_ptr + row0 * D
             for pn in range(n_first, n_last):
-                v0 = pn * BN
-                cols = v0 + tl.arange(0, BN).to(tl.int64)
-                col_mask = cols < V
-                dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
-                                kd_scale_ptr, ce_scale_ptr, rows, row_mask, cols, col_mask, D, DT,
-                                inv_temp, cap, t_cap, beta, HAS_BIAS, HAS_CAP, T_HAS_BIAS,
-                                T_HAS_CAP, DENSE_TEACHER, WITH_TAIL, WITH_CE, KIND, BM, BN, BD,
-                                PRECISION)
-                if HAS_BIAS and MODE != 1:
-                    db = tl.sum(dz, axis=0)
-                    if MODE == 0:
-                        tl.atomic_add(db_ptr + cols, db, mask=col_mask, sem="relaxed")
-                    else:
-                        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
-                # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
-                # many rows makes every entry tiny); the products are scaled back in float32.
-                dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+                v0 = tl.cast(pn, tl.int64) * BN
+                # the tile's columns in SPLIT parts: each part's logits, dz and 16-bit dz_in in
+                # turn (one fp32 part alive at a time), then the dh and dW loops take them all
+                cols = tl.arange(0, PART)
+                col_mask = cols < tl.minimum(V - v0, PART).to(tl.int32)
+                dz_in = _dz_part(h_blk, w_ptr + v0 * D, b_ptr + v0, th_ptr + row0 * DT,
+                                 tw_ptr + v0 * DT, tb_ptr + v0, labels_ptr + row0, state_ptr + row0 * 4,
+                                 kd_scale_ptr + row0, ce_scale_ptr + row0, db_ptr + v0, rows,
+                                 row_mask, v0, cols, col_mask, D, DT, inv_temp, cap, t_cap, beta,
+                                 live, HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER,
+                                 WITH_TAIL, WITH_CE, KIND, MODE, BM, PART, BD, PRECISION)
+                if SPLIT == 2:
+                    v1 = v0 + PART
+                    col_mask2 = cols < tl.minimum(tl.maximum(V - v1, 0), PART).to(tl.int32)
+                    dz_in2 = _dz_part(h_blk, w_ptr + v1 * D, b_ptr + v1, th_ptr + row0 * DT,
+                                      tw_ptr + v1 * DT, tb_ptr + v1, labels_ptr + row0,
+                                      state_ptr + row0 * 4, kd_scale_ptr + row0, ce_scale_ptr + row0,
+                                      db_ptr + v1, rows, row_mask, v1, cols, col_mask2, D, DT,
+                                      inv_temp, cap, t_cap, beta, live, HAS_BIAS, HAS_CAP,
+                                      T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL, WITH_CE, KIND,
+                                      MODE, BM, PART, BD, PRECISION)
                 # dh, then dW, in two loops over D: one dot's operands and accumulator alive at a
                 # time (fused, 128 x 256 tiles spill on sm_90); the same loads and products.
                 if MODE != 2:
                     for d0 in range(0, D, BD):
                         d = d0 + tl.arange(0, BD)
                         d_mask = d < D
-                        w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
+                        w = tl.load(w_ptr + v0 * D + cols[:, None] * D + d[None, :],
                                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                        dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
-                        dh_at = dh_ptr + rows[:, None] * D + d[None, :]
+                        dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION)
+                        if SPLIT == 2:
+                            w = tl.load(w_ptr + v1 * D + cols[:, None] * D + d[None, :],
+                                        mask=col_mask2[:, None] & d_mask[None, :], other=0.0)
+                            dh = tl.dot(dz_in2, w.to(dz_in.dtype), dh, input_precision=PRECISION)
+                        dh = dh * live
+                        dh_at = dh_blk + rows[:, None] * D + d[None, :]
                         dh_mask = row_mask[:, None] & d_mask[None, :]
                         if MODE == 0:  # relaxed: a sum needs no ordering, and no GPU-wide fence
                             tl.atomic_add(dh_at, dh, mask=dh_mask, sem="relaxed")
@@ -445,15 +488,52 @@ def backward_kernel(
                     for d0 in range(0, D, BD):
                         d = d0 + tl.arange(0, BD)
                         d_mask = d < D
-                        h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                        h = tl.load(h_blk + rows[:, None] * D + d[None, :],
                                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                        dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
-                        dw_at = dw_ptr + cols[:, None] * D + d[None, :]
-                        dw_mask = col_mask[:, None] & d_mask[None, :]
-                        if MODE == 0:
-                            tl.atomic_add(dw_at, dw, mask=dw_mask, sem="relaxed")
-                        else:
-                            tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
+                        _add_dw(dw_ptr + v0 * D, dz_in, h, cols, col_mask, d, d_mask, D, live, MODE,
+                                PRECISION)
+                        if SPLIT == 2:
+                            _add_dw(dw_ptr + v1 * D, dz_in2, h, cols, col_mask2, d, d_mask, D, live,
+                                    MODE, PRECISION)
+
+
+@triton.jit
+def _dz_part(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr, kd_scale_ptr,
+             ce_scale_ptr, db_ptr, rows, row_mask, v0, cols, col_mask, D, DT, inv_temp, cap, t_cap,
+             beta, live,
+             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr,
+             T_HAS_CAP: tl.constexpr, DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr,
+             WITH_CE: tl.constexpr, KIND: tl.constexpr, MODE: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """``dz`` of ``BM`` rows x ``BN`` columns (``_grad_tile``), its column sums into ``db``, and
+    the 16-bit ``dz / live`` the GEMMs take. Pointers at the block's first row and column
+    (``v0``), ``rows``/``cols`` int32 offsets from there."""
+    dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
+                    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT, inv_temp,
+                    cap, t_cap, beta, HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER,
+                    WITH_TAIL, WITH_CE, KIND, BM, BN, BD, PRECISION)
+    if HAS_BIAS and MODE != 1:
+        db = tl.sum(dz, axis=0)
+        if MODE == 0:
+            tl.atomic_add(db_ptr + cols, db, mask=col_mask, sem="relaxed")
+        else:
+            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
+    # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over many rows makes
+    # every entry tiny); the products are scaled back in float32.
+    return (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _add_dw(dw_ptr, dz_in, h, cols, col_mask, d, d_mask, D, live, MODE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """``dW[cols, d] += dz_inᵀ·h · live``: relaxed atomics (MODE 0) or the owner's store."""
+    dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
+    dw_at = dw_ptr + cols[:, None] * D + d[None, :]
+    dw_mask = col_mask[:, None] & d_mask[None, :]
+    if MODE == 0:
+        tl.atomic_add(dw_at, dw, mask=dw_mask, sem="relaxed")
+    else:
+        tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,7 +645,7 @@ def gather_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + ids, mask=valid, other=0.0).to(tl.float32)
     if HAS_CAP:
-        acc = cap * _tanh(acc / cap)
+        acc = cap * _tanh(acc * (1.0 / cap))
     tl.store(zs_ptr + row * K + k, acc, mask=k < K)
 
 
