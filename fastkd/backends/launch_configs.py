@@ -78,7 +78,8 @@ class Tiles:
 #   "dense"           the dense online teacher's two forward passes;
 #   "select"          the running top-K selection (32-row blocks from K > 128, see tiles());
 #   "backward"        top-k: a logits tile (in ``split`` parts), then the dh/dW dots;
-#   "backward_ce"     the same with CE or a bias, or deterministic (more alive per entry);
+#   "backward_ce"     the same with CE or a bias (more alive per entry);
+#   "backward_deterministic"  the top-k backward's row-owner and column-owner kernels;
 #   "backward_dense"  the same with the online dense teacher's tile recomputed beside it;
 #   "byte_stream", "byte_backward"  the byte-level kernels (``triton_bytes``);
 #   "gather"          tail="renormalize": K rows of W per row;
@@ -99,12 +100,16 @@ _SIXTEEN = {
     # vocabulary tiles there (128 spills in the bias/softcap/CE variants at 255 registers).
     # top-k backward tiles write the tail formula only (the ids of S: the correction kernel), the
     # logits in two 128-column parts (split=2): 128 x 256 holds one 128 x 128 fp32 part at a time.
-    "backward": {80: Tiles(128, 256, 32, 8, 3, split=2), 86: Tiles(128, 256, 32, 8, 2, split=2),
+    # (sm_80: mma.sync keeps its operands in registers, 128 x 256 spills with a softcap there)
+    "backward": {80: Tiles(128, 128, 32, 8, 3, split=2), 86: Tiles(128, 256, 32, 8, 2, split=2),
                  90: Tiles(128, 256, 64, 8, 3, split=2)},
-    # ... with CE or a bias (a second exp per entry, column sums), or deterministic (MODE 1/2):
-    # 128 x 256 spills there, 128 x 128 in two 64-column parts does not.
+    # ... with CE or a bias (a second exp per entry, column sums): 128 x 256 spills there,
+    # 128 x 128 in two 64-column parts does not; deterministic (MODE 1/2) needs 32-wide D there.
     "backward_ce": {80: Tiles(128, 128, 32, 8, 3, split=2), 86: Tiles(128, 128, 32, 8, 2, split=2),
                     90: Tiles(128, 128, 64, 8, 3, split=2)},
+    "backward_deterministic": {80: Tiles(128, 128, 32, 8, 3, split=2),
+                               86: Tiles(128, 128, 32, 8, 2, split=2),
+                               90: Tiles(128, 128, 32, 8, 3, split=2)},
     "backward_dense": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2),
                        90: Tiles(64, 128, 64, 8, 3)},
     # byte-level bucket log-sum-exp (triton_bytes), forward and backward
@@ -122,6 +127,7 @@ _THIRTY_TWO = {
     "select": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "backward": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "backward_ce": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "backward_deterministic": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "backward_dense": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "byte_stream": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "byte_backward": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
@@ -229,7 +235,7 @@ def tiles(family: str, device: torch.device, dtype: torch.dtype, kp: int = 1) ->
     if family == "correction":
         return _CORRECTION_INTERPRETED if cc == INTERPRETER else _CORRECTION_GPU
     if cc == INTERPRETER:
-        return _INTERPRETED_SPLIT if family in ("backward", "backward_ce") else _INTERPRETED
+        return _INTERPRETED_SPLIT if family.startswith("backward") and family != "backward_dense" else _INTERPRETED
     width = "32" if dtype == torch.float32 else "16"
     found = _GPU[(family, _arch_row(cc), width)]
     if family == "select" and kp >= 128:

@@ -4,7 +4,9 @@ The kernels (``triton_kernels``) do every pass over ``h·Wᵀ``: the forward kee
 log-sum-exps over V and over ``V∖S`` (exact tail: S is excluded by membership, not subtracted),
 the logits at S, the CE statistics, and, for an online teacher, the teacher's in the same pass;
 the backward recomputes logit tiles, forms ``dz`` (DESIGN.md §1) and accumulates ``dh``, ``dW``,
-``db`` with ``tl.dot``. Everything of size ``(N, K)`` or ``(N,)`` between the passes — bucket
+``db`` with ``tl.dot``. For a top-k teacher the tiles carry only what is dense over V (the tail
+formula below a per-row threshold, CE); the K ids of S per row follow in a correction kernel
+(``_topk_correction``), so no tile looks S up and the tiles can be 128 x 256. Everything of size ``(N, K)`` or ``(N,)`` between the passes — bucket
 masses, divergence, bucket weights, the per-row gradient coefficients — is the same PyTorch code
 as the ``torch`` backend (``torch_backend._topk_epilogue`` on top of ``fastkd.divergences``).
 
@@ -346,8 +348,11 @@ def topk_kd_backward(
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     use_ce = ce_weight != 0.0
-    narrow = use_ce or bias is not None or config.deterministic  # more alive per tile entry
-    launch = _Launch(hidden, teacher_ids.shape[1], "backward_ce" if narrow else "backward")
+    if config.deterministic:
+        family = "backward_deterministic"
+    else:  # CE or a bias: more alive per tile entry, narrower tiles
+        family = "backward_ce" if use_ce or bias is not None else "backward"
+    launch = _Launch(hidden, teacher_ids.shape[1], family)
     counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ

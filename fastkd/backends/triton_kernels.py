@@ -3,15 +3,24 @@
 Shapes (all contiguous): ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)``; an online teacher's
 ``teacher_hidden (N, D_t)``, ``teacher_weight (V, D_t)``. A top-k set S arrives *sorted per row*
 as int32 ``ids (N, K)`` with the unused slots set to ``V`` (so they sort last and never match a
-column). Per tile the kernels find the ids that fall inside it from the row's count of ids below
-the tile (a compare over K) and then match those few ids to columns, so the set S costs
-``O(BM·K)`` plus ``O(BM·BN)`` per id actually present, never ``O(BM·BN·K)``.
+column). Per tile the forward finds the ids that fall inside it from the row's count of ids below
+the tile (a compare over K) and then matches those few ids to columns, so the set S costs
+``O(BM·K)`` plus ``O(BM·BN)`` per id actually present, never ``O(BM·BN·K)``; the columns of S
+are kept as a bit mask per row (``BN / 32`` words), not a ``(BM, BN)`` tile.
+
+The top-k backward does not look S up in its tiles at all: they write the tail formula where the
+logit is at most a per-row threshold ``theta`` (every column off S is) and 0 above it, and
+``topk_correction_kernel`` then adds, at the K ids of each row, the exact value minus what the
+tile wrote there (``O(N·K·D)``, float32 products). The threshold keeps the ids of S whose
+probability is not tiny out of the tiles, so their values are still *set*, never a large tail
+term plus its large negative (see ``triton_backend._tail_threshold``).
 
 The math is DESIGN.md §1 (``fastkd.divergences``). The per-element parts live here: online
 log-sum-exps over the vocabulary and over ``V∖S`` (the exact tail, S excluded by membership),
 the entropy accumulator, the logits at S, and the gradient tile ``dz``:
 
-    top-k:  dz_j = s·(w_j − p_j·topk_coef) on S,  s·p_j·dense off S      (p = exp(z − kd_lse))
+    top-k:  dz_j = s·(w_j − p_j·topk_coef) on S (set, not added), s·p_j·dense off S
+            (p = exp(z − kd_lse); one value per id: a repeated id gets its last slot's)
     dense:  dz_j = s·(w_j − p_j·W),  w_j = p_j·G_j (forward KL −q_j, reverse KL p_j·(log p_j − log q_j),
             JSD (1−β)·p_j·(log p_j − log m_j))
     CE:     + s_ce·(softmax(capped)_j − 1[j = label])
@@ -27,8 +36,10 @@ grid in grouped order (L2 reuse), relaxed atomics into float32 ``dh``/``dW`` (fa
 fixed; ``sem="relaxed"``: a sum needs no ordering, and the default ``acq_rel`` adds a GPU-wide
 fence per atomic); 1 = one program per row block walking the vocabulary, owning its ``dh`` rows;
 2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows. Modes 1 and 2
-together are the deterministic backward (bit-identical run to run). Tile sizes, warps and stages
-come from ``launch_configs`` per target architecture.
+together are the deterministic backward (bit-identical run to run); its top-k correction adds
+``dh`` per owned row block and ``dW`` by one pass over the slots sorted by id
+(``topk_correction_dw_kernel``), no atomics. Tile sizes, warps and stages come from
+``launch_configs`` per target architecture.
 """
 from __future__ import annotations
 
@@ -44,7 +55,7 @@ JSD: tl.constexpr = tl.constexpr(2)
 def _tanh(x):
     # sign(x)·(1 − e^{−2|x|})/(1 + e^{−2|x|}): no overflow, accurate near 0.
     t = tl.exp(-2.0 * tl.abs(x))
-    y = tl.fdiv(1.0 - t, 1.0 + t)  # div.full (2 ulp): no out-of-line IEEE division per element
+    y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
 
 
@@ -63,7 +74,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_CAP:
-        acc = cap * _tanh(acc * (1.0 / cap))
+        acc = cap * _tanh(acc / cap)
     return acc
 
 
@@ -645,7 +656,7 @@ def gather_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + ids, mask=valid, other=0.0).to(tl.float32)
     if HAS_CAP:
-        acc = cap * _tanh(acc * (1.0 / cap))
+        acc = cap * _tanh(acc / cap)
     tl.store(zs_ptr + row * K + k, acc, mask=k < K)
 
 
