@@ -424,38 +424,67 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
     return Plan(name, shape, kernels, extra={"chunk_rows": rows})
 
 
-def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 64, bn_forward: int = 128,
-              bn_backward: int = 128, byte_level: bool = False, gpu: Optional[Gpu] = None) -> Plan:
-    """The streaming Triton kernels (never a logits tile in HBM), with the sm_90 tiles of the
-    compile branch (``launch_configs``: 64 x 128, forward and backward). Forward: one program per
-    ``bm`` rows x vocabulary split (split-V, enough splits for 2 programs per SM), each walking
-    its part of V in ``bn_forward`` tiles (online log-sum-exp), then a tiny combine. Backward:
-    one program per (``bm`` rows, ``bn_backward`` columns) tile: recompute the logits tile, form
-    ``dz`` in registers, ``dh += dz·W_tile`` and ``dW_tile += dzᵀ·h`` with relaxed fp32 atomics.
-    Operand tiles come from L2 (re-read once per tile of the other operand); the atomics resolve
-    in L2 but dW (V x D fp32) does not fit there: with program order grouped by row blocks so
-    that a group's dh stays in L2, dW is read and written in HBM once per group.
+# sm_90 tiles of fastkd/backends/launch_configs.py (16-bit) per streaming variant:
+# (bm_forward, bn_forward, bm, bn_backward, bn_recompute). Top-k backward: 128 x 256 recomputed in
+# two 128-column parts ("backward", split=2); the forward 128 x 128 ("stream"); the online top-k
+# forward 64 x 64 ("stream_teacher"); the dense teacher and byte kernels 64 x 128.
+STREAMING_TILES = {
+    None: (128, 128, 128, 256, 128),
+    "topk": (64, 64, 128, 256, 128),
+    "dense": (64, 128, 64, 128, 128),
+    "byte": (64, 128, 64, 128, 128),
+}
+
+
+def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: Optional[int] = None,
+              bn_forward: Optional[int] = None, bn_backward: Optional[int] = None,
+              bn_recompute: Optional[int] = None, bm_forward: Optional[int] = None,
+              byte_level: bool = False, gpu: Optional[Gpu] = None) -> Plan:
+    """The streaming Triton kernels (never a logits tile in HBM), with the sm_90 tiles of
+    ``launch_configs`` (``STREAMING_TILES``; a tile size given here overrides it, ``bm`` for both
+    passes and ``bn_backward`` for the recompute unless those are given too).
+    Forward: one program per ``bm_forward`` rows x vocabulary split (split-V, enough splits for 2
+    programs per SM), each walking its part of V in ``bn_forward`` tiles (online log-sum-exp),
+    then a tiny combine. Backward: one program per (``bm`` rows, ``bn_backward`` columns) tile:
+    recompute the logits (``bn_recompute`` columns at a time: each part re-reads the ``h``
+    block), form ``dz`` in registers, ``dh += dz·W_tile`` and ``dW_tile += dzᵀ·h`` with relaxed
+    fp32 atomics. Operand tiles come from L2 (re-read once per tile of the other operand); the
+    atomics resolve in L2 but dW (V x D fp32) does not fit there: with program order grouped by
+    row blocks so that a group's dh stays in L2, dW is read and written in HBM once per group.
+    Top-k (offline or online teacher, not byte-level): the tiles write the tail formula only, and
+    a correction kernel adds the K ids of S per row: ``W[ids]`` gathered from HBM (N·K·D·2 B),
+    ``dh`` read and written once (its rows are the program's own), ``dW[ids] += δ·h`` with relaxed
+    fp32 atomics (N·K·D·4 B), 4·N·K·D fp32 FLOPs on CUDA cores.
     ``teacher="dense"`` recomputes the teacher's logits in the backward (streaming keeps
     nothing); ``"topk"`` needs the teacher only in the forward."""
+    table = STREAMING_TILES["byte" if byte_level else teacher]
+    bm_forward = bm_forward or bm or table[0]
+    bn_forward = bn_forward or table[1]
+    bn_recompute = bn_recompute or bn_backward or table[4]
+    bm = bm or table[2]
+    bn_backward = bn_backward or table[3]
     gpu = gpu or GPUS["H100"]
     n, d, v, e = shape.tokens, shape.dim, shape.vocab, shape.element_bytes
     dt = shape.teacher_dim or 0
     cap = 1 if shape.softcap else 0
-    row_blocks = math.ceil(n / bm)
-    splits = max(1, min(math.ceil(v / bn_forward), math.ceil(2 * gpu.sms / row_blocks)))
+    forward_blocks = math.ceil(n / bm_forward)
+    splits = max(1, min(math.ceil(v / bn_forward), math.ceil(2 * gpu.sms / forward_blocks)))
     fwd_flops = 2.0 * n * d * v + (2.0 * n * dt * v if teacher else 0.0)
-    fwd_l2 = n * v * d * e * (1 / bn_forward + 1 / bm) + (n * v * dt * e * (1 / bn_forward + 1 / bm) if teacher else 0)
+    fwd_l2 = n * v * d * e * (1 / bn_forward + 1 / bm_forward)
+    if teacher:
+        fwd_l2 += n * v * dt * e * (1 / bn_forward + 1 / bm_forward)
     fwd_hbm = (n * d + v * d) * e + ((n * dt + v * dt) * e if teacher else 0)
     forward = Kernel("forward (split-V)", tc_flops=fwd_flops, sfu_ops=n * v * (1 + cap + (1 if teacher else 0)),
-                     hbm_bytes=fwd_hbm, l2_bytes=fwd_l2, programs=row_blocks * splits, long_programs=True,
+                     hbm_bytes=fwd_hbm, l2_bytes=fwd_l2, programs=forward_blocks * splits, long_programs=True,
                      logit_passes=1.0)
+    row_blocks = math.ceil(n / bm)
     tiles = row_blocks * math.ceil(v / bn_backward)
     recompute_teacher = teacher == "dense"
     bwd_flops = 6.0 * n * d * v + (2.0 * n * dt * v if recompute_teacher else 0.0)
     # per tile: h block and W tile for the recompute, again for dh (W) and dW (h)
-    bwd_l2 = n * v * d * e * 2 * (1 / bn_backward + 1 / bm)
+    bwd_l2 = n * v * d * e * ((1 / bn_recompute + 1 / bm) + (1 / bn_backward + 1 / bm))
     if recompute_teacher:
-        bwd_l2 += n * v * dt * e * (1 / bn_backward + 1 / bm)
+        bwd_l2 += n * v * dt * e * (1 / bn_recompute + 1 / bm)
     atomics = n * v * d * 4 * (1 / bn_backward + 1 / bm)
     group_rows = max(bm, (gpu.l2_size // 2) // (d * 4) // bm * bm)   # dh rows a group keeps in L2
     groups = math.ceil(n / group_rows)
@@ -464,10 +493,18 @@ def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: int = 64, bn_f
                       sfu_ops=n * v * (1 + cap + (1 if recompute_teacher else 0)), hbm_bytes=bwd_hbm,
                       l2_bytes=bwd_l2, atomic_bytes=atomics, programs=tiles, long_programs=True,
                       logit_passes=1.0)
+    kernels = [forward, backward]
+    extra = {"splits": splits, "atomic_bytes": atomics, "dW_groups": groups}
+    if teacher != "dense" and not byte_level:
+        k = shape.topk
+        correction = Kernel("top-k correction (ids of S)", fp32_flops=4.0 * n * k * d,
+                            hbm_bytes=n * k * d * e + n * d * e + n * d * 4 * 2,
+                            atomic_bytes=n * k * d * 4, programs=row_blocks)
+        kernels.append(correction)
+        extra["correction_atomic_bytes"] = correction.atomic_bytes
     name = "byte (streaming)" if byte_level else {None: "streaming", "dense": "streaming online dense",
                                                     "topk": "streaming online top-k"}[teacher]
-    return Plan(name, shape, [forward, backward],
-                extra={"splits": splits, "atomic_bytes": atomics, "dW_groups": groups})
+    return Plan(name, shape, kernels, extra=extra)
 
 
 # The torch backend's element passes over a chunk x V fp32 block, counted from

@@ -42,8 +42,9 @@ def test_ci_subset_compiles_and_fits(tmp_path):
     assert not report["violations"], "\n".join(report["violations"])
     assert run.returncode == 0, run.stderr[-3000:]
     seen = {(r["kernel"], r["target"]) for r in report["triton"]}
-    for kernel in ("topk_forward_kernel", "backward_kernel", "dense_forward_kernel",
-                   "select_topk_kernel", "_byte_lse_forward_kernel", "_byte_lse_backward_kernel"):
+    for kernel in ("topk_forward_kernel", "backward_kernel", "topk_correction_kernel",
+                   "dense_forward_kernel", "select_topk_kernel", "_byte_lse_forward_kernel",
+                   "_byte_lse_backward_kernel"):
         for cc in compile_lane.TARGETS:
             assert (kernel, cc) in seen, f"{kernel} was not compiled for sm_{cc}"
     for r in report["triton"]:
@@ -116,7 +117,8 @@ def test_launchers_are_recorded_per_target():
         with launch_configs.recording(cc) as records:
             compile_lane.DRIVERS["topk"].run(torch.bfloat16, 64)
         by_name = {r.kernel.fn.__name__: r for r in records}
-        assert set(by_name) == {"topk_forward_kernel", "backward_kernel"}
+        assert set(by_name) == {"topk_forward_kernel", "backward_kernel", "topk_correction_kernel"}
+        assert by_name["topk_correction_kernel"].target == cc  # the ids of S, after the tiles
         backward = by_name["backward_kernel"]
         with launch_configs.for_target(cc):
             tiles = launch_configs.tiles("backward", torch.device("cpu"), torch.bfloat16)

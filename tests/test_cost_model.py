@@ -141,11 +141,19 @@ def test_fused_head_with_dz_in_the_gradient_gemms_by_hand():
 
 def test_streaming_plan_by_hand():
     n, d, v = 1024, 256, 2048
-    plan = cm.streaming(cm.Shape("toy", n, d, v), bm=128, bn_forward=256, bn_backward=128, gpu=TOY)
-    forward, backward = plan.kernels
+    shape = cm.Shape("toy", n, d, v)
+    plan = cm.streaming(shape, bm=128, bn_forward=256, bn_backward=128, gpu=TOY)
+    forward, backward, correction = plan.kernels
     assert plan.total("tc_flops") == 8 * n * d * v                      # forward + recompute, dh, dW
     assert plan.logit_passes == 2
     assert backward.atomic_bytes == n * v * d * 4 * (1 / 128 + 1 / 128)
+    # the ids of S after the tiles: W rows gathered, h and dh once, dW[ids] by fp32 atomics
+    k = shape.topk
+    assert correction.hbm_bytes == n * k * d * 2 + n * d * 2 + n * d * 4 * 2
+    assert correction.atomic_bytes == n * k * d * 4 and correction.fp32_flops == 4 * n * k * d
+    # a 256-column tile recomputed in two 128-column parts re-reads h once per part
+    split = cm.streaming(shape, bm=128, bn_backward=256, bn_recompute=128, gpu=TOY).kernels[1]
+    assert split.l2_bytes == n * v * d * 2 * ((1 / 128 + 1 / 128) + (1 / 256 + 1 / 128))
     assert backward.programs == (n // 128) * (v // 128)
     # 8 row blocks, 4 SMs: the split-V forward needs one split for 2 programs per SM
     assert plan.extra["splits"] == 1 and forward.programs == 8
@@ -158,8 +166,9 @@ def test_streaming_plan_by_hand():
 def test_split_v_fills_the_gpu():
     plan = cm.streaming(cm.Shape("toy", 4096, 4096, 128256), gpu=cm.GPUS["H100"])
     forward = plan.kernels[0]
-    assert plan.extra["splits"] == math.ceil(2 * 132 / (4096 // 64)) == 5  # 64 row blocks x 5 splits
-    assert forward.programs == 64 * 5 >= 2 * cm.GPUS["H100"].sms
+    # the sm_90 forward takes 128-row blocks (launch_configs "stream"): 32 row blocks x 9 splits
+    assert plan.extra["splits"] == math.ceil(2 * 132 / (4096 // 128)) == 9
+    assert forward.programs == 32 * 9 >= 2 * cm.GPUS["H100"].sms
 
 
 def test_vocab_parallel_communication_by_hand():

@@ -87,7 +87,7 @@ def _teacher_topk(k: int):
     return ids, torch.full((N_ROWS, k), -8.0)
 
 
-def _topk(dtype, k, *, tail="bucket", full=False, deterministic=False):
+def _topk(dtype, k, *, tail="bucket", full=False, deterministic=False, capped=False, stats=None):
     import torch
 
     from ..config import config
@@ -100,8 +100,9 @@ def _topk(dtype, k, *, tail="bucket", full=False, deterministic=False):
     try:
         out = torch.ops.fastkd.triton_topk_kd_forward(
             t["hidden"], t["weight"], t["bias"], ids, logprobs, None, None, None,
-            t["labels"] if full else None, "reverse_kl", 0.5, tail, 1.0, 30.0 if full else None,
-            None, -100, 0.5 if full else 0.0, 1.0, full)
+            t["labels"] if full else None, "reverse_kl", 0.5, tail, 1.0,
+            30.0 if full or capped else None, None, -100, 0.5 if full else 0.0, 1.0,
+            full if stats is None else stats)
         out[0].sum().backward()
     finally:
         config.deterministic = saved
@@ -152,6 +153,10 @@ DRIVERS: dict[str, Driver] = {
                    what="top-k KD, offline teacher, tail=bucket: forward + atomic backward"),
     "topk_full": Driver(lambda dtype, k: _topk(dtype, k, full=True),
                         what="the same with bias, softcap, labels, CE and statistics"),
+    "topk_capped": Driver(lambda dtype, k: _topk(dtype, k, capped=True), ci=True,
+                          what="softcap only (Gemma-2's head): the widest top-k tiles with the cap"),
+    "topk_ce": Driver(lambda dtype, k: _topk(dtype, k, full=True, stats=False),
+                      what="bias, softcap, labels and CE without statistics (128-row forward)"),
     "topk_deterministic": Driver(lambda dtype, k: _topk(dtype, k, full=True, deterministic=True),
                                  what="deterministic backward (row-owner and column-owner kernels)"),
     "topk_renormalize": Driver(lambda dtype, k: _topk(dtype, k, tail="renormalize"),

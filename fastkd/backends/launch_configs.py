@@ -55,6 +55,7 @@ class Tiles:
     num_warps: int
     num_stages: int
     whole_register_file: bool = False
+    split: int = 1  # backward: a tile's columns recomputed in this many parts (``backward_kernel``)
 
     def options(self) -> dict:
         """Launch options: warps, stages and, where ``whole_register_file``, ``maxnreg`` = the
@@ -71,37 +72,78 @@ class Tiles:
 
 # (family, arch row, "16" | "32") -> Tiles, one family per kernel role:
 #   "stream"          top-k forward, offline teacher: one logits tile alive;
+#   "stream_stats"    the same with the statistics (``return_stats``);
 #   "stream_teacher"  top-k forward with an online teacher: a student and a teacher tile plus the
 #                     (BM, K) set alive, so narrower tiles, else it spills;
 #   "dense"           the dense online teacher's two forward passes;
 #   "select"          the running top-K selection (32-row blocks from K > 128, see tiles());
-#   "backward"        a logits tile, then the dh/dW dots;
-#   "gather"          tail="renormalize": K rows of W per row.
+#   "backward"        top-k: a logits tile (in ``split`` parts), then the dh/dW dots;
+#   "backward_ce"     the same with CE or a bias (more alive per entry);
+#   "backward_deterministic"  the top-k backward's row-owner and column-owner kernels;
+#   "backward_dense"  the same with the online dense teacher's tile recomputed beside it;
+#   "byte_stream", "byte_backward"  the byte-level kernels (``triton_bytes``);
+#   "gather"          tail="renormalize": K rows of W per row;
+#   "correction"      the top-k backward's ids of S (``topk_correction_kernel``).
 # Each row is what the compile lane found to fit that target without spills (a choice ptxas's
 # register allocator makes near its limits, hence per architecture); the lane checks them all.
 _SIXTEEN = {
-    "stream": {80: Tiles(64, 64, 64, 8, 3, True), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    # sm_90: 128-row blocks (S marked by a bit mask per row, not a (BM, BN) tile); with CE or a
+    # bias that spills on sm_80/89, so they keep 64-row blocks
+    "stream": {80: Tiles(64, 64, 64, 8, 3, True), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(128, 128, 64, 8, 3)},
+    # ... with statistics (Σ e·z beside the tail sum): 128 x 128 spills on sm_90
+    "stream_stats": {80: Tiles(64, 64, 64, 8, 3, True), 86: Tiles(64, 128, 64, 8, 2),
+                     90: Tiles(64, 128, 64, 8, 3)},
     "stream_teacher": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
     "dense": {80: Tiles(64, 128, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
     "select": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 64, 64, 8, 2), 90: Tiles(64, 64, 64, 8, 3)},
     # sm_80 has no wgmma: its mma.sync accumulators and operands live in registers, so 64-wide
     # vocabulary tiles there (128 spills in the bias/softcap/CE variants at 255 registers).
-    "backward": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2), 90: Tiles(64, 128, 64, 8, 3)},
+    # top-k backward tiles write the tail formula only (the ids of S: the correction kernel), the
+    # logits in two 128-column parts (split=2): 128 x 256 holds one 128 x 128 fp32 part at a time.
+    # (sm_80: mma.sync keeps its operands in registers, 128 x 256 spills with a softcap there)
+    "backward": {80: Tiles(128, 128, 32, 8, 3, split=2), 86: Tiles(128, 256, 32, 8, 2, split=2),
+                 90: Tiles(128, 256, 64, 8, 3, split=2)},
+    # ... with CE or a bias (a second exp per entry, column sums): 128 x 256 spills there,
+    # 128 x 128 in two 64-column parts does not; deterministic (MODE 1/2) needs 32-wide D there.
+    "backward_ce": {80: Tiles(128, 128, 32, 8, 3, split=2), 86: Tiles(128, 128, 32, 8, 2, split=2),
+                    90: Tiles(128, 128, 64, 8, 3, split=2)},
+    "backward_deterministic": {80: Tiles(128, 128, 32, 8, 3, split=2),
+                               86: Tiles(128, 128, 32, 8, 2, split=2),
+                               90: Tiles(128, 128, 32, 8, 3, split=2)},
+    "backward_dense": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2),
+                       90: Tiles(64, 128, 64, 8, 3)},
+    # byte-level bucket log-sum-exp (triton_bytes), forward and backward
+    "byte_stream": {80: Tiles(64, 64, 64, 8, 3, True), 86: Tiles(64, 128, 64, 8, 2),
+                    90: Tiles(64, 128, 64, 8, 3)},
+    "byte_backward": {80: Tiles(64, 64, 64, 8, 3), 86: Tiles(64, 128, 64, 8, 2),
+                      90: Tiles(64, 128, 64, 8, 3)},
 }
 # float32: IEEE dots on CUDA cores (FMA), operands held in registers: smaller tiles, 8 warps.
 _THIRTY_TWO = {
     "stream": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "stream_stats": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "stream_teacher": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "dense": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "select": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
     "backward": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "backward_ce": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "backward_deterministic": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "backward_dense": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "byte_stream": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
+    "byte_backward": {a: Tiles(32, 32, 32, 8, 2, True) for a in (80, 86, 90)},
 }
 _GPU = {(family, arch, width): tiles
         for width, table in (("16", _SIXTEEN), ("32", _THIRTY_TWO))
         for family, rows in table.items() for arch, tiles in rows.items()}
 _GATHER_GPU = Tiles(1, 1, 32, 8, 2)
+# top-k correction (the ids of S after the backward tiles): BM rows x BD columns of dh per
+# program, a gathered (BM, BD) block of W per slot; BN: ids per program of the deterministic dW
+# pass. Float32 products on CUDA cores for every input dtype, so one row for all.
+_CORRECTION_GPU = Tiles(16, 64, 128, 8, 2)
 _INTERPRETED = Tiles(16, 32, 16, 4, 1)
+_INTERPRETED_SPLIT = Tiles(16, 32, 16, 4, 1, split=2)  # the top-k backward's two-part tiles
 _GATHER_INTERPRETED = Tiles(1, 1, 16, 4, 1)
+_CORRECTION_INTERPRETED = Tiles(8, 16, 16, 4, 1)
 
 
 @dataclass
@@ -190,8 +232,10 @@ def tiles(family: str, device: torch.device, dtype: torch.dtype, kp: int = 1) ->
     cc = target(device)
     if family == "gather":
         return _GATHER_INTERPRETED if cc == INTERPRETER else _GATHER_GPU
+    if family == "correction":
+        return _CORRECTION_INTERPRETED if cc == INTERPRETER else _CORRECTION_GPU
     if cc == INTERPRETER:
-        return _INTERPRETED
+        return _INTERPRETED_SPLIT if family.startswith("backward") and family != "backward_dense" else _INTERPRETED
     width = "32" if dtype == torch.float32 else "16"
     found = _GPU[(family, _arch_row(cc), width)]
     if family == "select" and kp >= 128:

@@ -4,7 +4,9 @@ The kernels (``triton_kernels``) do every pass over ``h·Wᵀ``: the forward kee
 log-sum-exps over V and over ``V∖S`` (exact tail: S is excluded by membership, not subtracted),
 the logits at S, the CE statistics, and, for an online teacher, the teacher's in the same pass;
 the backward recomputes logit tiles, forms ``dz`` (DESIGN.md §1) and accumulates ``dh``, ``dW``,
-``db`` with ``tl.dot``. Everything of size ``(N, K)`` or ``(N,)`` between the passes — bucket
+``db`` with ``tl.dot``. For a top-k teacher the tiles carry only what is dense over V (the tail
+formula below a per-row threshold, CE); the K ids of S per row follow in a correction kernel
+(``_topk_correction``), so no tile looks S up and the tiles can be 128 x 256. Everything of size ``(N, K)`` or ``(N,)`` between the passes — bucket
 masses, divergence, bucket weights, the per-row gradient coefficients — is the same PyTorch code
 as the ``torch`` backend (``torch_backend._topk_epilogue`` on top of ``fastkd.divergences``).
 
@@ -45,9 +47,11 @@ class _Launch:
         self.KP = triton.next_power_of_2(max(k, 1))
         tiles = lc.tiles(family, hidden.device, hidden.dtype, self.KP)
         self.BM, self.BN, self.BD = tiles.BM, tiles.BN, tiles.BD
+        self.split = tiles.split
         self.options = tiles.options()
         gather = lc.tiles("gather", hidden.device, hidden.dtype)
         self.gather = dict(KP=self.KP, BD=gather.BD, **gather.options())
+        self.correction = lc.tiles("correction", hidden.device, hidden.dtype)
         self.group = 8 if lc.target(hidden.device) != lc.INTERPRETER else 2  # row blocks per group
         # float32 inputs get IEEE float32 dots (tf32 would cost 3 decimal digits of the logits).
         self.PRECISION = "ieee" if hidden.dtype == torch.float32 else "tf32"
@@ -111,6 +115,87 @@ def _gathered_capped_logits(hidden, weight, bias, ids, softcap, launch) -> Tenso
             n_rows, hidden.shape[1], k, _cap(softcap), **_head_flags(bias, softcap), **launch.gather)
     return out
 
+# The backward tile and the correction kernel each decide "tail formula or not" at an id of S from
+# their own computation of its logit (the tile's recompute, the forward's): the threshold keeps
+# every logit of S at least THRESHOLD_GAP (tempered units) from it, thousands of times the
+# difference of two float32-accumulated dot products of the same operands (~1e-5 at D = 4096).
+THRESHOLD_GAP = 1.0 / 32
+
+
+def _tail_threshold(topk_logits: Tensor, tail_lse: Tensor, valid: Tensor) -> Tensor:
+    """Per row the threshold ``theta`` of the backward tiles (``triton_kernels._grad_tile``):
+    the tail formula ``p·dense`` below it, 0 above.
+
+    Every logit off S is at most ``tail_lse`` (the log-sum-exp of V∖S), so ``theta ≥ tail_lse +
+    2·GAP`` keeps all of them below it. Of the candidates ``tail_lse + (2c + 1)·GAP``,
+    ``c = 0..K``, the first with no logit of S within GAP: each logit rules out at most one
+    (the intervals ``[tail_lse + 2c·GAP, tail_lse + 2(c+1)·GAP)`` are disjoint), so one is free.
+    The ids of S below ``theta`` then have ``p ≤ P_T·e^{(2K+2)·GAP}`` and their tail-formula
+    entries stay of the size of the tail's own (a huge ``dense``, a tiny student tail, never meets
+    a large ``p``): the values on S are still set, not added. ``-inf`` where V∖S is empty."""
+    n_rows, k = topk_logits.shape
+    base = tail_lse + THRESHOLD_GAP
+    finite = torch.isfinite(base)
+    base = torch.where(finite, base, 0.0)
+    slot = torch.floor((topk_logits - base.unsqueeze(1)) / (2 * THRESHOLD_GAP))
+    inside = valid & finite.unsqueeze(1) & (slot >= 0) & (slot <= k)
+    slot = torch.where(inside, slot, k + 1).long()
+    blocked = torch.zeros((n_rows, k + 2), dtype=torch.bool, device=topk_logits.device)
+    blocked.scatter_(1, slot, torch.ones_like(slot, dtype=torch.bool))
+    free = (~blocked[:, : k + 1]).to(torch.uint8).argmax(dim=1)
+    theta = base + (2 * free + 1) * THRESHOLD_GAP
+    return torch.where(finite, theta, float("-inf"))
+
+
+def _slot_coefficients(topk_logits: Tensor, w: Tensor, kd_lse: Tensor, dense: Tensor,
+                       topk_coef: Tensor, theta: Tensor, sorted_ids: Tensor, valid: Tensor,
+                       tail: str, temperature: float, softcap: Optional[float]) -> Tensor:
+    """Per slot of the sorted S, what the correction kernel adds at its id per unit of
+    ``kd_scale``: the exact ``w − p·topk_coef`` minus the tile's ``p·dense`` where the tile wrote
+    it (logit ≤ theta, bucket tail only), times the softcap's derivative; ``p = exp(z − kd_lse)``.
+
+    Zero on unused slots and ``valid`` False, and on every slot of a repeated id but its last
+    (sorted order), so the id gets one value, set, as the tile kernels always did."""
+    probs = torch.exp(topk_logits - kd_lse.unsqueeze(1))
+    coef = w - probs * topk_coef.unsqueeze(1)
+    if tail == "bucket":
+        coef = coef - torch.where(topk_logits <= theta.unsqueeze(1), probs * dense.unsqueeze(1), 0.0)
+    if softcap is not None:
+        coef = coef * (1.0 - (topk_logits * (temperature / softcap)) ** 2)
+    last = torch.ones_like(valid)
+    last[:, :-1] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    return torch.where(valid & last, coef, 0.0)
+
+
+def _topk_correction(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, slot_coef: Tensor,
+                     kd_scale: Tensor, grads, has_bias: bool, launch: _Launch) -> None:
+    """Adds the slots of S to ``dh``, ``dW``, ``db`` (``triton_kernels.topk_correction_kernel``):
+    relaxed atomics into ``dW``/``db``, or, ``config.deterministic``, ``dW``/``db`` by a pass over
+    the slots sorted by id (``topk_correction_dw_kernel``), bit-identical run to run."""
+    n_rows, dim = hidden.shape
+    vocab, k = weight.shape[0], teacher_ids.shape[1]
+    if n_rows == 0 or k == 0:
+        return
+    dh, dw, db = grads
+    tiles = launch.correction
+    ids = teacher_ids.to(torch.int32).contiguous()
+    deterministic = config.deterministic
+    lc.launch(kern.topk_correction_kernel, (triton.cdiv(n_rows, tiles.BM), triton.cdiv(dim, tiles.BD)),
+              hidden, weight, ids, slot_coef, kd_scale, dh, dw, db, n_rows, vocab, dim, k,
+              HAS_BIAS=has_bias, WITH_DW=not deterministic, BM=tiles.BM, BD=tiles.BD,
+              **tiles.options())
+    if deterministic:
+        flat = torch.where((teacher_ids >= 0) & (teacher_ids < vocab), teacher_ids, vocab).reshape(-1)
+        sorted_flat, order = torch.sort(flat, stable=True)
+        delta = (kd_scale.unsqueeze(1) * slot_coef).reshape(-1)[order].contiguous()
+        rows = torch.div(order, k, rounding_mode="floor").to(torch.int32).contiguous()
+        blocks = triton.cdiv(vocab, tiles.BN)
+        edges = torch.arange(blocks + 1, device=hidden.device).mul_(tiles.BN).clamp_(max=vocab)
+        bounds = torch.searchsorted(sorted_flat, edges).contiguous()
+        lc.launch(kern.topk_correction_dw_kernel, (blocks, triton.cdiv(dim, tiles.BD)),
+                  hidden, sorted_flat.to(torch.int32).contiguous(), rows, delta, bounds, dw, db, dim,
+                  HAS_BIAS=has_bias, BD=tiles.BD, **tiles.options())
+
 
 # ------------------------------------------------------------------------------------------------
 # top-k (offline teacher log-probs, or an online teacher streamed in the same pass)
@@ -125,9 +210,12 @@ def topk_kd_forward(
     teacher_softcap: Optional[float], ignore_index: int, ce_weight: float, kd_weight: float,
     with_stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """As ``fastkd::topk_kd_forward`` of the torch backend: ``(loss_rows, kd_rows, state (N, 4),
-    topk_weights (N, K), stats (N|0, 3))``, float32. The teacher is either ``teacher_logprobs``
-    (offline) or ``teacher_hidden``/``teacher_weight``/``teacher_bias`` (online, exact tail)."""
+    """As ``fastkd::topk_kd_forward`` of the torch backend, float32, with what this backward
+    needs in the last two of ``(loss_rows, kd_rows, state (N, 4), slot_coef (N, K), stats (N|0,
+    3))``: ``state`` = kd_lse, dense, theta (``_tail_threshold``), lse_ce, and ``slot_coef`` the
+    gradient at each slot of S that the backward tiles leave to the correction kernel
+    (``_slot_coefficients``). The teacher is either ``teacher_logprobs`` (offline) or
+    ``teacher_hidden``/``teacher_weight``/``teacher_bias`` (online, exact tail)."""
     n_rows, dim = hidden.shape
     vocab, k = weight.shape[0], teacher_ids.shape[1]
     device = hidden.device
@@ -135,7 +223,7 @@ def topk_kd_forward(
     online = teacher_hidden is not None
     if online:
         teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, k, "stream_teacher" if online else "stream")
+    launch = _Launch(hidden, k, "stream_teacher" if online else "stream_stats" if with_stats else "stream")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     use_ce = ce_weight != 0.0
     full_pass = tail == "bucket" or use_ce or with_stats or online
@@ -188,16 +276,21 @@ def topk_kd_forward(
         loss_rows = loss_rows + torch.where(counted, ce_weight * (lse_ce - target), zero)
     else:
         lse_ce = torch.zeros(n_rows, **f32)
-    state = torch.stack([kd_lse, dense, topk_coef, lse_ce], dim=1)
+    if tail == "bucket":
+        theta = _tail_threshold(topk_logits, tail_lse, valid)
+    else:
+        theta = torch.zeros_like(kd_lse)  # no tail formula in the backward's tiles
+    state = torch.stack([kd_lse, dense, theta, lse_ce], dim=1)
     state = torch.where(counted.unsqueeze(1), state, zero)  # fully ignored blocks were never read
-    w = torch.where(counted.unsqueeze(1), w, zero)
-    topk_weights = torch.zeros_like(w).scatter_(1, perm, w)
+    slot_coef = _slot_coefficients(topk_logits, w, kd_lse, dense, topk_coef, theta, sorted_ids,
+                                   valid & counted.unsqueeze(1), tail, temperature, softcap)
+    slot_coef = torch.zeros_like(slot_coef).scatter_(1, perm, slot_coef)
     if with_stats:
         topk_mass = dv.masked_logsumexp(topk_logits, valid).sub(lse).exp()
         stats = torch.stack([lse - mean_z, lse, topk_mass], dim=1)
     else:
         stats = torch.zeros((0, 3), **f32)
-    return loss_rows, kd_rows, state.contiguous(), topk_weights, stats
+    return loss_rows, kd_rows, state.contiguous(), slot_coef, stats
 
 
 @topk_kd_forward.register_fake
@@ -216,16 +309,14 @@ def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launc
     row/column pair (1 + 2)."""
     if n_rows == 0:
         return
-    flags = dict(flags, GROUP=launch.group)
+    flags = dict(flags, GROUP=launch.group, SPLIT=launch.split)
     row_blocks, col_blocks = triton.cdiv(n_rows, launch.BM), triton.cdiv(vocab, launch.BN)
     if config.deterministic:
-        lc.launch(kern.backward_kernel, (row_blocks,), *kernel_args, MODE=1, **flags,
-                  **launch.meta(KP=launch.KP))
-        lc.launch(kern.backward_kernel, (col_blocks,), *kernel_args, MODE=2, **flags,
-                  **launch.meta(KP=launch.KP))
+        lc.launch(kern.backward_kernel, (row_blocks,), *kernel_args, MODE=1, **flags, **launch.meta())
+        lc.launch(kern.backward_kernel, (col_blocks,), *kernel_args, MODE=2, **flags, **launch.meta())
     else:
         lc.launch(kern.backward_kernel, (row_blocks * col_blocks,), *kernel_args, MODE=0, **flags,
-                  **launch.meta(KP=launch.KP))
+                  **launch.meta())
 
 
 def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -243,46 +334,44 @@ def _grad_results(grads, hidden, weight, bias):
 @torch.library.custom_op("fastkd::triton_topk_kd_backward", mutates_args=())
 def topk_kd_backward(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_ids: Tensor,
-    labels: Optional[Tensor], state: Tensor, topk_weights: Tensor, tail: str, temperature: float,
+    labels: Optional[Tensor], state: Tensor, slot_coef: Tensor, tail: str, temperature: float,
     softcap: Optional[float], ignore_index: int, ce_weight: float, kd_weight: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(d hidden, d weight, d bias or empty)`` of ``Σ_n grad_rows[n] · loss_rows[n]``."""
+    """Gradients ``(d hidden, d weight, d bias or empty)`` of ``Σ_n grad_rows[n] · loss_rows[n]``.
+
+    The tiles (``backward_kernel``) carry what is dense over V: the tail formula and CE; without
+    either (tail="renormalize", no CE) there are none and the gradient is O(N·K·D). Then the
+    slots of S (``_topk_correction``)."""
     n_rows, dim = hidden.shape
-    vocab, k = weight.shape[0], teacher_ids.shape[1]
+    vocab = weight.shape[0]
     grads = _grad_buffers(hidden, weight, bias)
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
-    launch = _Launch(hidden, k, "backward")
+    use_ce = ce_weight != 0.0
+    if config.deterministic:
+        family = "backward_deterministic"
+    else:  # CE or a bias: more alive per tile entry, narrower tiles
+        family = "backward_ce" if use_ce or bias is not None else "backward"
+    launch = _Launch(hidden, teacher_ids.shape[1], family)
     counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
-    use_ce = ce_weight != 0.0
-    sorted_ids, perm = sorted_topk_ids(teacher_ids, vocab)
-    if tail == "bucket" or use_ce or config.deterministic:
+    if tail == "bucket" or use_ce:
         device = hidden.device
         args = (hidden, weight, _or_dummy(bias, device), _dummy(device), _dummy(device),
-                _dummy(device), sorted_ids, topk_weights.gather(1, perm).contiguous(),
-                _or_dummy(labels, device), state, kd_scale, (ce_weight * grad_rows).contiguous(),
-                *grads, n_rows, vocab, dim, 1, k, 1.0 / temperature, _cap(softcap), 1.0, 0.5)
+                _dummy(device), _or_dummy(labels, device), state, kd_scale,
+                (ce_weight * grad_rows).contiguous(), *grads, n_rows, vocab, dim, 1,
+                1.0 / temperature, _cap(softcap), 1.0, 0.5)
         _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
                          T_HAS_BIAS=False, T_HAS_CAP=False, DENSE_TEACHER=False,
                          WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0)
-    elif n_rows:
-        # tail="renormalize" without CE: the gradient lives on S only, O(N·K·D).
-        capped = _gathered_capped_logits(hidden, weight, bias, teacher_ids, softcap, launch)
-        probs = torch.exp(capped / temperature - state[:, 0:1])
-        grad = kd_scale.unsqueeze(1) * (topk_weights - probs * state[:, 2:3])
-        if softcap is not None:
-            grad = grad * (1.0 - (capped / softcap) ** 2)
-        grad = torch.where(teacher_ids >= 0, grad, 0.0).contiguous()
-        lc.launch(kern.gather_backward_kernel, (n_rows,),
-            hidden, weight, teacher_ids.to(torch.int32).contiguous(), grad, *grads, n_rows, dim, k,
-            HAS_BIAS=bias is not None, **launch.gather)
+    _topk_correction(hidden, weight, teacher_ids, slot_coef.contiguous(), kd_scale, grads,
+                     bias is not None, launch)
     return _grad_results(grads, *results_like)
 
 
 @topk_kd_backward.register_fake
-def _(grad_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, tail, temperature,
+def _(grad_rows, hidden, weight, bias, teacher_ids, labels, state, slot_coef, tail, temperature,
       softcap, ignore_index, ce_weight, kd_weight):
     return (torch.empty_like(hidden), torch.empty_like(weight),
             weight.new_empty(weight.shape[0] if bias is not None else 0))
@@ -296,9 +385,9 @@ def _topk_setup_context(ctx, inputs, output):
 
 
 def _topk_backward(ctx, grad_loss_rows, _grad_kd, _grad_state, _grad_weights, _grad_stats):
-    hidden, weight, bias, teacher_ids, labels, state, topk_weights = ctx.saved_tensors
+    hidden, weight, bias, teacher_ids, labels, state, slot_coef = ctx.saved_tensors
     grad_hidden, grad_weight, grad_bias = topk_kd_backward(
-        grad_loss_rows, hidden, weight, bias, teacher_ids, labels, state, topk_weights, *ctx.options)
+        grad_loss_rows, hidden, weight, bias, teacher_ids, labels, state, slot_coef, *ctx.options)
     return (grad_hidden, grad_weight, grad_bias if bias is not None else None) + (None,) * 16
 
 
@@ -393,15 +482,14 @@ def dense_kd_backward(
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
-    launch = _Launch(hidden, 1, "backward")
+    launch = _Launch(hidden, 1, "backward_dense")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-            _or_dummy(teacher_bias, device), _dummy(device), _dummy(device),
-            _or_dummy(labels, device), state, (kd_weight * temperature * grad_rows).contiguous(),
-            (ce_weight * grad_rows).contiguous(), *grads, n_rows, vocab, dim,
-            teacher_hidden.shape[1], 1, 1.0 / temperature, _cap(softcap), _cap(teacher_softcap),
-            float(beta))
+            _or_dummy(teacher_bias, device), _or_dummy(labels, device), state,
+            (kd_weight * temperature * grad_rows).contiguous(), (ce_weight * grad_rows).contiguous(),
+            *grads, n_rows, vocab, dim, teacher_hidden.shape[1], 1.0 / temperature, _cap(softcap),
+            _cap(teacher_softcap), float(beta))
     _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
                      **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
                      WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta))

@@ -174,10 +174,10 @@ def interpreting() -> bool:
 
 
 def block_sizes(device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                family: str = "stream") -> dict:
+                family: str = "byte_stream") -> dict:
     """Tile sizes, warps and stages (``launch_configs``, per target architecture): small tiles in
-    the interpreter (speed, and tests that cross many tiles). ``family``: "stream" for the
-    forward, "backward" for the backward."""
+    the interpreter (speed, and tests that cross many tiles). ``family``: "byte_stream" for the
+    forward, "byte_backward" for the backward."""
     cc = lc.target(device)
     if cc == lc.INTERPRETER:
         return dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_warps=1, num_stages=1)
@@ -280,7 +280,7 @@ def byte_lse_backward(
     bias = None if bias is None else bias.contiguous()
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
-    blocks = block_sizes(hidden.device, hidden.dtype, "backward")
+    blocks = block_sizes(hidden.device, hidden.dtype, "byte_backward")
     grad_hidden = torch.zeros((n_rows, dim), dtype=torch.float32, device=hidden.device)
     grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=hidden.device)
     grad_bias = torch.zeros(vocab if bias is not None else 0, dtype=torch.float32, device=hidden.device)

@@ -3,15 +3,24 @@
 Shapes (all contiguous): ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)``; an online teacher's
 ``teacher_hidden (N, D_t)``, ``teacher_weight (V, D_t)``. A top-k set S arrives *sorted per row*
 as int32 ``ids (N, K)`` with the unused slots set to ``V`` (so they sort last and never match a
-column). Per tile the kernels find the ids that fall inside it from the row's count of ids below
-the tile (a compare over K) and then match those few ids to columns, so the set S costs
-``O(BM·K)`` plus ``O(BM·BN)`` per id actually present, never ``O(BM·BN·K)``.
+column). Per tile the forward finds the ids that fall inside it from the row's count of ids below
+the tile (a compare over K) and then matches those few ids to columns, so the set S costs
+``O(BM·K)`` plus ``O(BM·BN)`` per id actually present, never ``O(BM·BN·K)``; the columns of S
+are kept as a bit mask per row (``BN / 32`` words), not a ``(BM, BN)`` tile.
+
+The top-k backward does not look S up in its tiles at all: they write the tail formula where the
+logit is at most a per-row threshold ``theta`` (every column off S is) and 0 above it, and
+``topk_correction_kernel`` then adds, at the K ids of each row, the exact value minus what the
+tile wrote there (``O(N·K·D)``, float32 products). The threshold keeps the ids of S whose
+probability is not tiny out of the tiles, so their values are still *set*, never a large tail
+term plus its large negative (see ``triton_backend._tail_threshold``).
 
 The math is DESIGN.md §1 (``fastkd.divergences``). The per-element parts live here: online
 log-sum-exps over the vocabulary and over ``V∖S`` (the exact tail, S excluded by membership),
 the entropy accumulator, the logits at S, and the gradient tile ``dz``:
 
-    top-k:  dz_j = s·(w_j − p_j·topk_coef) on S,  s·p_j·dense off S      (p = exp(z − kd_lse))
+    top-k:  dz_j = s·(w_j − p_j·topk_coef) on S (set, not added), s·p_j·dense off S
+            (p = exp(z − kd_lse); one value per id: a repeated id gets its last slot's)
     dense:  dz_j = s·(w_j − p_j·W),  w_j = p_j·G_j (forward KL −q_j, reverse KL p_j·(log p_j − log q_j),
             JSD (1−β)·p_j·(log p_j − log m_j))
     CE:     + s_ce·(softmax(capped)_j − 1[j = label])
@@ -27,8 +36,10 @@ grid in grouped order (L2 reuse), relaxed atomics into float32 ``dh``/``dW`` (fa
 fixed; ``sem="relaxed"``: a sum needs no ordering, and the default ``acq_rel`` adds a GPU-wide
 fence per atomic); 1 = one program per row block walking the vocabulary, owning its ``dh`` rows;
 2 = one program per vocabulary tile walking the rows, owning its ``dW`` rows. Modes 1 and 2
-together are the deterministic backward (bit-identical run to run). Tile sizes, warps and stages
-come from ``launch_configs`` per target architecture.
+together are the deterministic backward (bit-identical run to run); its top-k correction adds
+``dh`` per owned row block and ``dW`` by one pass over the slots sorted by id
+(``topk_correction_dw_kernel``), no atomics. Tile sizes, warps and stages come from
+``launch_configs`` per target architecture.
 """
 from __future__ import annotations
 
@@ -90,7 +101,7 @@ def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.conste
     """For sorted ids: the first slot at or above column ``v0`` and how many ids lie in the tile.
 
     Read in chunks of at most 64 slots, so registers do not grow with K."""
-    KC: tl.constexpr = 64 if KP > 64 else KP
+    KC: tl.constexpr = 16 if KP > 16 else KP
     start = tl.zeros_like(rows).to(tl.int32)
     count = tl.zeros_like(rows).to(tl.int32)
     for k0 in range(0, K, KC):
@@ -100,6 +111,17 @@ def _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN: tl.constexpr, KP: tl.conste
         start += tl.sum((ids < v0).to(tl.int32), axis=1)
         count += tl.sum(((ids >= v0) & (ids < v0 + BN)).to(tl.int32), axis=1)
     return start, count
+
+
+@triton.jit
+def _expand_bits(words, BM: tl.constexpr, BN: tl.constexpr):
+    """``(BM, BN)`` booleans from ``(BM, BN / 32)`` int32 words: bit ``c % 32`` of word ``c / 32``."""
+    lane = tl.arange(0, BN)
+    bits = tl.zeros((BM, BN), dtype=tl.int32)
+    for q in tl.static_range(BN // 32):
+        word = tl.sum(tl.where(tl.arange(0, BN // 32)[None, :] == q, words, 0), axis=1)
+        bits = tl.where((lane >> 5)[None, :] == q, word[:, None], bits)
+    return ((bits >> (lane & 31)[None, :]) & 1) != 0
 
 
 @triton.jit
@@ -158,30 +180,42 @@ def topk_forward_kernel(
     st_tail = tl.zeros((BM,), tl.float32)
     if WITH_STATS:  # statistics are defined on every row, ignored or not
         counted = row_mask
+    # int32 offsets from the block's first row inside the loop (no int64 per element)
+    row0 = tl.program_id(0).to(tl.int64) * BM
+    local = tl.arange(0, BM)
+    h_blk, ids_blk, zs_blk, t_zs_blk = h_ptr + row0 * D, ids_ptr + row0 * K, zs_ptr + row0 * K, t_zs_ptr + row0 * K
     if tl.max(counted.to(tl.int32)) > 0:  # a block of ignored rows reads nothing
         for v0 in range(v_first, v_end, BN):
             cols = v0 + tl.arange(0, BN).to(tl.int64)
             col_mask = cols < V
-            capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
+            capped = _logits_tile(h_blk, w_ptr, b_ptr, local, row_mask, cols, col_mask, D, cap,
                                   HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
             capped = tl.where(col_mask[None, :], capped, masked)
+            lane = tl.arange(0, BN)
+            if WITH_CE:  # first: the untempered tile is not kept alive through the loop over S
+                m_ce, s_ce, _alpha_ce, _e_ce = _online_lse(m_ce, s_ce, capped)
+                at = tl.where((labels >= v0) & (labels < v0 + BN), labels - v0, -1).to(tl.int32)
+                target += tl.sum(tl.where(lane[None, :] == at[:, None], capped, 0.0), axis=1)
             z = capped * inv_temp
             if HAS_TEACHER:
-                tz = _logits_tile(th_ptr, tw_ptr, tb_ptr, rows, row_mask, cols, col_mask, DT, t_cap,
+                tz = _logits_tile(th_ptr + row0 * DT, tw_ptr, tb_ptr, local, row_mask, cols, col_mask, DT, t_cap,
                                   T_HAS_BIAS, T_HAS_CAP, BM, BN, BD, PRECISION)
                 tz = tl.where(col_mask[None, :], tz * inv_temp, masked)
-            # S ∩ tile: record z (and the teacher's) at each slot, and mark the columns.
-            start, count = _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN, KP)
-            in_s = tl.zeros((BM, BN), dtype=tl.int1)
+            # S ∩ tile: record z (and the teacher's) at each slot, and mark the columns in a
+            # bit mask per row (BN / 32 words, not a (BM, BN) tile carried through the loop).
+            start, count = _ids_in_tile(ids_blk, local, row_mask, K, v0, BN, KP)
+            words = tl.zeros((BM, BN // 32), dtype=tl.int32)
             for j in range(0, tl.max(count)):
                 hit = row_mask & (j < count)
                 slot = start + j
-                cand = tl.load(ids_ptr + rows * K + slot, mask=hit, other=-1)
-                eq = (cols[None, :] == cand[:, None]) & hit[:, None]
-                in_s = in_s | eq
-                tl.store(zs_ptr + rows * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
+                at = tl.where(hit, tl.load(ids_blk + local * K + slot, mask=hit, other=0) - v0, -1).to(tl.int32)
+                eq = lane[None, :] == at[:, None]
+                tl.store(zs_blk + local * K + slot, tl.sum(tl.where(eq, z, 0.0), axis=1), mask=hit)
                 if HAS_TEACHER:
-                    tl.store(t_zs_ptr + rows * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
+                    tl.store(t_zs_blk + local * K + slot, tl.sum(tl.where(eq, tz, 0.0), axis=1), mask=hit)
+                word = tl.arange(0, BN // 32)[None, :] == (at >> 5)[:, None]
+                words = words | tl.where(word & hit[:, None], (1 << (at & 31))[:, None], 0)
+            in_s = _expand_bits(words, BM, BN)
             m, s, alpha, e = _online_lse(m, s, z)
             s_tail = s_tail * alpha + tl.sum(tl.where(in_s, 0.0, e), axis=1)
             if WITH_STATS:
@@ -189,8 +223,6 @@ def topk_forward_kernel(
             if HAS_TEACHER:
                 mt, st, alpha_t, et = _online_lse(mt, st, tz)
                 st_tail = st_tail * alpha_t + tl.sum(tl.where(in_s, 0.0, et), axis=1)
-            if WITH_CE:
-                m_ce, s_ce, target = _cross_entropy_step(m_ce, s_ce, target, capped, cols, labels)
     part = part_ptr + (rows * splits + split) * 10
     tl.store(part, m, mask=row_mask)
     tl.store(part + 1, s, mask=row_mask)
@@ -323,16 +355,20 @@ def _grouped(pid, row_blocks, col_blocks, GROUP: tl.constexpr):
 
 @triton.jit
 def _grad_tile(
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr, labels_ptr, state_ptr,
-    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT, K,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
+    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT,
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``dz`` of one tile w.r.t. the uncapped logits, float32 ``(BM, BN)``, zero on masked entries.
 
-    ``state (N, 4)``: top-k: kd_lse, dense, topk_coef, lse_ce; dense teacher: lse, t_lse, W, lse_ce.
+    ``state (N, 4)``: top-k: kd_lse, dense, theta, lse_ce; dense teacher: lse, t_lse, W, lse_ce.
+    Top-k: the tile does not look S up. It writes the tail formula ``p·dense`` where the logit is
+    at most the row's ``theta`` (every column off S is, see ``topk_correction_kernel``) and 0
+    above it; the correction kernel then adds, at each id of S, the exact value minus what the
+    tile wrote there, in float32.
     """
     capped = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, D, cap,
                           HAS_BIAS, HAS_CAP, BM, BN, BD, PRECISION)
@@ -347,28 +383,20 @@ def _grad_tile(
         _term, w, p = _dense_terms(z, tz, c0, c1, beta, KIND)
         dz = kd_scale[:, None] * (w - p * c2[:, None])
     else:
-        p = tl.exp(z - c0[:, None])
-        if WITH_TAIL:
-            dz = p * c1[:, None]
+        if WITH_TAIL:  # c2 = theta: above it (only ids of S are) 0, the correction sets them
+            dz = tl.where(z <= c2[:, None], tl.exp(z - c0[:, None]) * (c1 * kd_scale)[:, None], 0.0)
         else:
             dz = tl.zeros((BM, BN), tl.float32)
-        start, count = _ids_in_tile(ids_ptr, rows, row_mask, K, v0, BN, KP)
-        for j in range(0, tl.max(count)):
-            hit = row_mask & (j < count)
-            slot = start + j
-            cand = tl.load(ids_ptr + rows * K + slot, mask=hit, other=-1)
-            w_slot = tl.load(wts_ptr + rows * K + slot, mask=hit, other=0.0)
-            eq = (cols[None, :] == cand[:, None]) & hit[:, None]
-            dz = tl.where(eq, w_slot[:, None] - p * c2[:, None], dz)  # set, not add (see module doc)
-        dz = dz * kd_scale[:, None]
     if WITH_CE:
         lse_ce = tl.load(state_ptr + rows * 4 + 3, mask=row_mask, other=0.0)
         ce_scale = tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0)
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
+        # the label's column as an int32 offset in the tile (-1 off it): no int64 per element
+        at = tl.where((labels >= v0) & (labels < v0 + BN), labels - v0, -1).to(tl.int32)
+        onehot = (tl.arange(0, BN)[None, :] == at[:, None]).to(tl.float32)
         dz += ce_scale[:, None] * (tl.exp(capped - lse_ce[:, None]) - onehot)
     if HAS_CAP:
-        r = capped / cap
+        r = capped * (1.0 / cap)
         dz = dz * (1.0 - r * r)
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
 
@@ -376,22 +404,27 @@ def _grad_tile(
 @triton.jit
 def backward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr, labels_ptr, state_ptr,
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
     kd_scale_ptr, ce_scale_ptr, dh_ptr, dw_ptr, db_ptr,
     # shapes
-    N, V, D, DT, K,
+    N, V, D, DT,
     # meta
     inv_temp, cap, t_cap, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, KIND: tl.constexpr,
-    MODE: tl.constexpr, GROUP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    MODE: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Accumulates the gradients of every (row block, vocabulary tile) this program owns (MODE).
 
     MODE 0 runs on a 1-D grid in grouped order: consecutive programs walk the vocabulary tiles of
     a group of ``GROUP`` row blocks, column by column, so a wave of programs shares a few ``h``
-    blocks and ``W`` tiles in L2 instead of streaming all of ``h`` once per vocabulary tile."""
+    blocks and ``W`` tiles in L2 instead of streaming all of ``h`` once per vocabulary tile.
+
+    ``SPLIT`` (1 or 2): the ``BN`` columns of a tile are recomputed and turned into 16-bit ``dz``
+    in that many parts of ``BN / SPLIT``, so a 128 x 256 tile holds one 128 x 128 fp32 part at a
+    time; the dh and dW loops then run over the whole tile (``dh`` and ``dW`` traffic of BN)."""
+    PART: tl.constexpr = BN // SPLIT
     if MODE == 0:
         m_first, n_first = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(V, BN), GROUP)
         m_last = m_first + 1
@@ -406,42 +439,57 @@ def backward_kernel(
         m_last = tl.cdiv(N, BM)
         n_first = tl.program_id(0)
         n_last = n_first + 1
+    # Addresses: a 64-bit base per row block and column part (pointer + int64 scalar), int32
+    # offsets inside the tile (BN·D < 2³¹): no 64-bit address per element held in registers.
     for pm in range(m_first, m_last):
-        rows = pm * BM + tl.arange(0, BM).to(tl.int64)
-        row_mask = rows < N
-        kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
+        row0 = tl.cast(pm, tl.int64) * BM
+        rows = tl.arange(0, BM)
+        row_mask = rows < tl.minimum(N - row0, BM).to(tl.int32)
+        kd_scale = tl.load(kd_scale_ptr + row0 + rows, mask=row_mask, other=0.0)
         live = tl.max(tl.abs(kd_scale))
         if WITH_CE:
-            live = tl.maximum(live, tl.max(tl.abs(tl.load(ce_scale_ptr + rows, mask=row_mask, other=0.0))))
+            live = tl.maximum(live, tl.max(tl.abs(tl.load(ce_scale_ptr + row0 + rows, mask=row_mask,
+                                                          other=0.0))))
         if live > 0:  # a block of ignored rows has no gradient at all
+            h_blk = h_ptr + row0 * D
+            dh_blk = dh_ptr + row0 * D
             for pn in range(n_first, n_last):
-                v0 = pn * BN
-                cols = v0 + tl.arange(0, BN).to(tl.int64)
-                col_mask = cols < V
-                dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, ids_ptr, wts_ptr,
-                                labels_ptr, state_ptr, kd_scale_ptr, ce_scale_ptr, rows, row_mask,
-                                v0, cols, col_mask, D, DT, K, inv_temp, cap, t_cap, beta,
-                                HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL,
-                                WITH_CE, KIND, BM, BN, BD, KP, PRECISION)
-                if HAS_BIAS and MODE != 1:
-                    db = tl.sum(dz, axis=0)
-                    if MODE == 0:
-                        tl.atomic_add(db_ptr + cols, db, mask=col_mask, sem="relaxed")
-                    else:
-                        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
-                # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over
-                # many rows makes every entry tiny); the products are scaled back in float32.
-                dz_in = (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+                v0 = tl.cast(pn, tl.int64) * BN
+                # the tile's columns in SPLIT parts: each part's logits, dz and 16-bit dz_in in
+                # turn (one fp32 part alive at a time), then the dh and dW loops take them all
+                cols = tl.arange(0, PART)
+                col_mask = cols < tl.minimum(V - v0, PART).to(tl.int32)
+                dz_in = _dz_part(h_blk, w_ptr + v0 * D, b_ptr + v0, th_ptr + row0 * DT,
+                                 tw_ptr + v0 * DT, tb_ptr + v0, labels_ptr + row0, state_ptr + row0 * 4,
+                                 kd_scale_ptr + row0, ce_scale_ptr + row0, db_ptr + v0, rows,
+                                 row_mask, v0, cols, col_mask, D, DT, inv_temp, cap, t_cap, beta,
+                                 live, HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER,
+                                 WITH_TAIL, WITH_CE, KIND, MODE, BM, PART, BD, PRECISION)
+                if SPLIT == 2:
+                    v1 = v0 + PART
+                    col_mask2 = cols < tl.minimum(tl.maximum(V - v1, 0), PART).to(tl.int32)
+                    dz_in2 = _dz_part(h_blk, w_ptr + v1 * D, b_ptr + v1, th_ptr + row0 * DT,
+                                      tw_ptr + v1 * DT, tb_ptr + v1, labels_ptr + row0,
+                                      state_ptr + row0 * 4, kd_scale_ptr + row0, ce_scale_ptr + row0,
+                                      db_ptr + v1, rows, row_mask, v1, cols, col_mask2, D, DT,
+                                      inv_temp, cap, t_cap, beta, live, HAS_BIAS, HAS_CAP,
+                                      T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER, WITH_TAIL, WITH_CE, KIND,
+                                      MODE, BM, PART, BD, PRECISION)
                 # dh, then dW, in two loops over D: one dot's operands and accumulator alive at a
                 # time (fused, 128 x 256 tiles spill on sm_90); the same loads and products.
                 if MODE != 2:
                     for d0 in range(0, D, BD):
                         d = d0 + tl.arange(0, BD)
                         d_mask = d < D
-                        w = tl.load(w_ptr + cols[:, None] * D + d[None, :],
+                        w = tl.load(w_ptr + v0 * D + cols[:, None] * D + d[None, :],
                                     mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                        dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION) * live
-                        dh_at = dh_ptr + rows[:, None] * D + d[None, :]
+                        dh = tl.dot(dz_in, w.to(dz_in.dtype), input_precision=PRECISION)
+                        if SPLIT == 2:
+                            w = tl.load(w_ptr + v1 * D + cols[:, None] * D + d[None, :],
+                                        mask=col_mask2[:, None] & d_mask[None, :], other=0.0)
+                            dh = tl.dot(dz_in2, w.to(dz_in.dtype), dh, input_precision=PRECISION)
+                        dh = dh * live
+                        dh_at = dh_blk + rows[:, None] * D + d[None, :]
                         dh_mask = row_mask[:, None] & d_mask[None, :]
                         if MODE == 0:  # relaxed: a sum needs no ordering, and no GPU-wide fence
                             tl.atomic_add(dh_at, dh, mask=dh_mask, sem="relaxed")
@@ -451,19 +499,139 @@ def backward_kernel(
                     for d0 in range(0, D, BD):
                         d = d0 + tl.arange(0, BD)
                         d_mask = d < D
-                        h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                        h = tl.load(h_blk + rows[:, None] * D + d[None, :],
                                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                        dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
-                        dw_at = dw_ptr + cols[:, None] * D + d[None, :]
-                        dw_mask = col_mask[:, None] & d_mask[None, :]
-                        if MODE == 0:
-                            tl.atomic_add(dw_at, dw, mask=dw_mask, sem="relaxed")
-                        else:
-                            tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
+                        _add_dw(dw_ptr + v0 * D, dz_in, h, cols, col_mask, d, d_mask, D, live, MODE,
+                                PRECISION)
+                        if SPLIT == 2:
+                            _add_dw(dw_ptr + v1 * D, dz_in2, h, cols, col_mask2, d, d_mask, D, live,
+                                    MODE, PRECISION)
+
+
+@triton.jit
+def _dz_part(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr, kd_scale_ptr,
+             ce_scale_ptr, db_ptr, rows, row_mask, v0, cols, col_mask, D, DT, inv_temp, cap, t_cap,
+             beta, live,
+             HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_BIAS: tl.constexpr,
+             T_HAS_CAP: tl.constexpr, DENSE_TEACHER: tl.constexpr, WITH_TAIL: tl.constexpr,
+             WITH_CE: tl.constexpr, KIND: tl.constexpr, MODE: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """``dz`` of ``BM`` rows x ``BN`` columns (``_grad_tile``), its column sums into ``db``, and
+    the 16-bit ``dz / live`` the GEMMs take. Pointers at the block's first row and column
+    (``v0``), ``rows``/``cols`` int32 offsets from there."""
+    dz = _grad_tile(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, labels_ptr, state_ptr,
+                    kd_scale_ptr, ce_scale_ptr, rows, row_mask, v0, cols, col_mask, D, DT, inv_temp,
+                    cap, t_cap, beta, HAS_BIAS, HAS_CAP, T_HAS_BIAS, T_HAS_CAP, DENSE_TEACHER,
+                    WITH_TAIL, WITH_CE, KIND, BM, BN, BD, PRECISION)
+    if HAS_BIAS and MODE != 1:
+        db = tl.sum(dz, axis=0)
+        if MODE == 0:
+            tl.atomic_add(db_ptr + cols, db, mask=col_mask, sem="relaxed")
+        else:
+            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask) + db, mask=col_mask)
+    # Scaled to O(1) before the cast, so 16-bit dz cannot underflow (a mean over many rows makes
+    # every entry tiny); the products are scaled back in float32.
+    return (dz * (1.0 / live)).to(h_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _add_dw(dw_ptr, dz_in, h, cols, col_mask, d, d_mask, D, live, MODE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """``dW[cols, d] += dz_inᵀ·h · live``: relaxed atomics (MODE 0) or the owner's store."""
+    dw = tl.dot(tl.trans(dz_in), h, input_precision=PRECISION) * live
+    dw_at = dw_ptr + cols[:, None] * D + d[None, :]
+    dw_mask = col_mask[:, None] & d_mask[None, :]
+    if MODE == 0:
+        tl.atomic_add(dw_at, dw, mask=dw_mask, sem="relaxed")
+    else:
+        tl.store(dw_at, tl.load(dw_at, mask=dw_mask) + dw, mask=dw_mask)
 
 
 # ------------------------------------------------------------------------------------------------
-# tail="renormalize" without CE: the K gathered logits only, O(N·K·D)
+# top-k: the entries of S, after the backward's tail-formula tiles (N·K·D work, never N·V·D)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def topk_correction_kernel(
+    h_ptr, w_ptr, ids_ptr, coef_ptr, kd_scale_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, D, K,
+    HAS_BIAS: tl.constexpr, WITH_DW: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+):
+    """Program (row block, D chunk): with ``δ[r, k] = kd_scale[r]·coef[r, k]`` (zero on unused
+    and repeated slots), ``dh[r] += Σ_k δ[r, k]·W[ids[r, k]]`` into the program's own ``dh``
+    entries (a plain read-add-write: it runs after the tiles, and no other program has these
+    rows), and with ``WITH_DW`` ``dW[ids[r, k]] += δ[r, k]·h[r]`` and ``db[ids[r, k]] += δ``
+    with relaxed atomics. Products in float32 (``δ`` is never rounded to 16 bits).
+
+    ``coef`` is what the backward tile (``_grad_tile``) left out at ``ids``: the exact
+    ``s·(w_k − p_k·topk_coef)`` minus the tile formula there, times the softcap's derivative,
+    per unit of ``kd_scale`` (``triton_backend._slot_coefficients``)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_mask = d < D
+    d_first = tl.zeros_like(rows) + tl.program_id(1)  # db from the first D chunk only
+    kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
+    if tl.max(tl.abs(kd_scale)) > 0:  # a block of ignored rows has nothing to add
+        dh = tl.zeros((BM, BD), tl.float32)
+        if WITH_DW:
+            h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        for k in range(0, K):
+            ids = tl.load(ids_ptr + rows * K + k, mask=row_mask, other=-1).to(tl.int64)
+            delta = kd_scale * tl.load(coef_ptr + rows * K + k, mask=row_mask, other=0.0)
+            hit = row_mask & (ids >= 0) & (ids < V) & (delta != 0.0)
+            mask = hit[:, None] & d_mask[None, :]
+            w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask, other=0.0)
+            dh += delta[:, None] * w.to(tl.float32)
+            if WITH_DW:
+                tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], delta[:, None] * h, mask=mask,
+                              sem="relaxed")
+                if HAS_BIAS:
+                    tl.atomic_add(db_ptr + ids, delta, mask=hit & (d_first == 0), sem="relaxed")
+        at = dh_ptr + rows[:, None] * D + d[None, :]
+        dh_mask = row_mask[:, None] & d_mask[None, :]
+        tl.store(at, tl.load(at, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
+
+
+@triton.jit
+def topk_correction_dw_kernel(
+    h_ptr, ids_ptr, rows_ptr, delta_ptr, bounds_ptr, dw_ptr, db_ptr,
+    D,
+    HAS_BIAS: tl.constexpr, BD: tl.constexpr,
+):
+    """The deterministic ``dW`` (and ``db``) part of ``topk_correction_kernel``, without atomics.
+
+    The ``N·K`` slots arrive sorted by id (stable: ties in (row, slot) order), ``ids``/``rows``/
+    ``delta`` flat, and ``bounds`` the first sorted slot of each block of ids. Program
+    (id block, D chunk) walks its slots in that order, sums ``δ·h[row]`` over each run of one id
+    and adds the sum to that id's ``dW`` row (which no other program writes): the same order on
+    every run."""
+    first = tl.load(bounds_ptr + tl.program_id(0))
+    end = tl.load(bounds_ptr + tl.program_id(0) + 1)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_mask = d < D
+    acc = tl.zeros((BD,), tl.float32)
+    bias = tl.sum(tl.zeros((BD,), tl.float32), axis=0)
+    for e in range(first, end):
+        col = tl.load(ids_ptr + e).to(tl.int64)
+        delta = tl.load(delta_ptr + e)
+        row = tl.load(rows_ptr + e).to(tl.int64)
+        acc += delta * tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
+        bias += delta
+        following = tl.load(ids_ptr + tl.minimum(e + 1, end - 1))
+        if (e + 1 == end) | (following != col):  # the run of this id ends here: add it
+            at = dw_ptr + col * D + d
+            tl.store(at, tl.load(at, mask=d_mask, other=0.0) + acc, mask=d_mask)
+            if HAS_BIAS:
+                if tl.program_id(1) == 0:
+                    tl.store(db_ptr + col, tl.load(db_ptr + col) + bias)
+            acc = tl.zeros((BD,), tl.float32)
+            bias = tl.sum(acc, axis=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# tail="renormalize" without CE or statistics: the forward's K gathered logits only, O(N·K·D)
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -490,33 +658,6 @@ def gather_forward_kernel(
     if HAS_CAP:
         acc = cap * _tanh(acc / cap)
     tl.store(zs_ptr + row * K + k, acc, mask=k < K)
-
-
-@triton.jit
-def gather_backward_kernel(
-    h_ptr, w_ptr, ids_ptr, gz_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, D, K,
-    HAS_BIAS: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr,
-):
-    """``dh[n] = Σ_k gz[n,k]·W[ids[n,k]]``; ``dW[ids[n,k]] += gz[n,k]·h[n]`` (atomics); ``db`` likewise.
-
-    ``gz`` is the gradient w.r.t. the uncapped gathered logits, zero on unused slots."""
-    row = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, KP)
-    ids = tl.load(ids_ptr + row * K + k, mask=k < K, other=-1).to(tl.int64)
-    valid = (ids >= 0) & (k < K)
-    gz = tl.load(gz_ptr + row * K + k, mask=valid, other=0.0)
-    if HAS_BIAS:
-        tl.atomic_add(db_ptr + ids, gz, mask=valid, sem="relaxed")
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        d_mask = d < D
-        mask2 = valid[:, None] & d_mask[None, :]
-        w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask2, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + row * D + d, tl.sum(gz[:, None] * w, axis=0), mask=d_mask)
-        h = tl.load(h_ptr + row * D + d, mask=d_mask, other=0.0).to(tl.float32)
-        tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], gz[:, None] * h[None, :], mask=mask2,
-                      sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
