@@ -147,11 +147,13 @@ class TorchEpilogue:
             # Σ_v dz_v is 0 in exact arithmetic; in float32 the residual r (from the row sums
             # behind the coefficients) is a shift along p that dh carries whole: a flat student
             # had 10x the dh error of plain float32 PyTorch. dz − r·p removes it (to r·(1 − Σp)),
-            # and r is rounding-sized, so nothing is amplified.
+            # and r is rounding-sized, so nothing is amplified (rows with a repeated id, whose sum
+            # is not 0 by construction, are left as they are).
             on_s = torch.where(valid, values, 0.0)
             residual = off_s * self._tail_sum + on_s.sum(dim=1)
             if with_ce:
                 residual = residual - ce_scale
+            residual = torch.where(_repeats(ids, valid), 0.0, residual)
             off_s = off_s - residual * self._inv_total
             values = values - _row(residual) * self._p_topk
         if off_s is None:
@@ -190,6 +192,7 @@ class TorchEpilogue:
                 p_s = grad.gather(1, ids)
                 _set_at_(grad, ids, valid, 0.0)
                 residual = dense_scale * grad.sum(dim=1) + torch.where(valid, values, 0.0).sum(dim=1)
+                residual = torch.where(_repeats(ids, valid), 0.0, residual)
                 off_s = dense_scale - residual
                 values = values - _row(residual) * p_s
             grad.mul_(_row(off_s))
@@ -341,6 +344,13 @@ def _ids(sorted_ids: Optional[Tensor], vocab: int, k: int) -> tuple[Tensor, Tens
     ids = sorted_ids.long()
     valid = ids < vocab
     return torch.where(valid, ids, 0), valid
+
+
+def _repeats(ids: Tensor, valid: Tensor) -> Tensor:
+    """Rows with an id in two valid slots (sorted ids: adjacent; possible with value checks off).
+    Their gradient is the set values (one per column), whose sum is not 0 even in exact
+    arithmetic: the projection that removes a rounding residual must leave them alone."""
+    return (valid[:, 1:] & valid[:, :-1] & (ids[:, 1:] == ids[:, :-1])).any(dim=1)
 
 
 def _set_at_(block: Tensor, ids: Tensor, valid: Tensor, values) -> None:
