@@ -267,15 +267,17 @@ def _fastkd(impl: str) -> Builder:
     return build
 
 
-def naive_loss(x: dict, case: Case, logits_dtype: Optional[torch.dtype], rows: slice = slice(None)) -> torch.Tensor:
+def naive_loss(x: dict, case: Case, logits_dtype: Optional[torch.dtype], rows: slice = slice(None),
+               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The loss as distillation code usually writes it, over ``rows``, summed (divide by N for the
     mean): logits of every row by one GEMM in ``logits_dtype`` (None: the input dtype, as a
-    Hugging Face model's ``lm_head`` computes them), then ``.float()``, softcap, ``log_softmax``
-    and the divergence of DESIGN.md §1 in float32, autograd for the gradients."""
+    Hugging Face model's ``lm_head`` computes them), then ``.float()`` (``compute_dtype``), softcap,
+    ``log_softmax`` and the divergence of DESIGN.md §1, autograd for the gradients. With float64
+    for both it is the benchmark's reference."""
     def logits(hidden, weight, cap):
         if logits_dtype is not None:
             hidden, weight = hidden.to(logits_dtype), weight.to(logits_dtype)
-        return dv.softcap((hidden @ weight.T).float(), cap)
+        return dv.softcap((hidden @ weight.T).to(compute_dtype), cap)
 
     z = logits(x["hidden"][rows], x["weight"], case.softcap)
     if case.loss == "ce":
@@ -287,10 +289,11 @@ def naive_loss(x: dict, case: Case, logits_dtype: Optional[torch.dtype], rows: s
         return dv.divergence(log_p, log_q, None, case.divergence, BETA[case.divergence]).sum()
     ids = x["teacher_ids"][rows].long()
     valid = ids >= 0
-    lse = torch.zeros(z.shape[0], device=z.device)            # log_p is already normalised
+    lse = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)  # log_p is already normalised
     tail_lse = dv.masked_logsumexp(log_p, ~dv.topk_mask(ids.clamp(min=0), valid, z.shape[-1]))
     log_pb, log_qb, valid_b, _, _ = dv.topk_bucket_logmasses(
-        log_p.gather(1, ids.clamp(min=0)), lse, x["teacher_logprobs"][rows].float(), valid, case.tail, tail_lse)
+        log_p.gather(1, ids.clamp(min=0)), lse, x["teacher_logprobs"][rows].to(compute_dtype), valid,
+        case.tail, tail_lse)
     return dv.divergence(log_pb, log_qb, valid_b, case.divergence, BETA[case.divergence]).sum()
 
 
