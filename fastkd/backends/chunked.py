@@ -125,8 +125,9 @@ def chunk_rows(n_rows: int, vocab: int, element_bytes: int, budget_bytes: int, b
     rows = budget_bytes // max(1, buffers * vocab * element_bytes)
     if rows >= ROW_ALIGN:
         rows -= rows % ROW_ALIGN
-        even = -(-n_rows // -(-n_rows // rows))  # ceil(n / number of chunks)
-        rows = min(rows, -(-even // ROW_ALIGN) * ROW_ALIGN)
+        if n_rows > 0:
+            even = -(-n_rows // -(-n_rows // rows))  # ceil(n / number of chunks)
+            rows = min(rows, -(-even // ROW_ALIGN) * ROW_ALIGN)
     return int(max(1, min(n_rows, rows)))
 
 
