@@ -489,22 +489,31 @@ def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: Optional[int] 
     group_rows = max(bm, (gpu.l2_size // 2) // (d * 4) // bm * bm)   # dh rows a group keeps in L2
     groups = math.ceil(n / group_rows)
     bwd_hbm = (n * d + v * d) * e + n * d * 4 + groups * v * d * 4 * 2
+    # 16-bit weights: the float32 dW a vocabulary slab at a time (triton_backend._slabs): h read
+    # again per slab, each slab's buffer zeroed, then read and rounded into the 16-bit result
+    slabs = math.ceil(v / max(bn_backward, SLAB_BYTES // (4 * d) // bn_backward * bn_backward)) if e < 4 else 1
+    bwd_hbm += (slabs - 1) * n * d * e + (v * d * (4 + 4 + e) if slabs > 1 else 0)
     backward = Kernel("backward (atomics)", tc_flops=bwd_flops,
                       sfu_ops=n * v * (1 + cap + (1 if recompute_teacher else 0)), hbm_bytes=bwd_hbm,
                       l2_bytes=bwd_l2, atomic_bytes=atomics, programs=tiles, long_programs=True,
                       logit_passes=1.0)
     kernels = [forward, backward]
-    extra = {"splits": splits, "atomic_bytes": atomics, "dW_groups": groups}
+    extra = {"splits": splits, "atomic_bytes": atomics, "dW_groups": groups, "dW_slabs": slabs}
     if teacher != "dense" and not byte_level:
         k = shape.topk
+        # per slab its dW part reads h and the (N, K) ids and coefficients again
         correction = Kernel("top-k correction (ids of S)", fp32_flops=4.0 * n * k * d,
-                            hbm_bytes=n * k * d * e + n * d * e + n * d * 4 * 2,
+                            hbm_bytes=n * k * d * e + n * d * e + n * d * 4 * 2 + (slabs - 1) * (n * d * e + n * k * 8),
                             atomic_bytes=n * k * d * 4, programs=row_blocks)
         kernels.append(correction)
         extra["correction_atomic_bytes"] = correction.atomic_bytes
     name = "byte (streaming)" if byte_level else {None: "streaming", "dense": "streaming online dense",
                                                     "topk": "streaming online top-k"}[teacher]
     return Plan(name, shape, kernels, extra=extra)
+
+
+# The streaming backward's float32 dW slab for 16-bit weights (fastkd.backends.triton_backend.SLAB_BYTES).
+SLAB_BYTES = 64 * 2**20
 
 
 # The torch backend's element passes over a chunk x V fp32 block, counted from

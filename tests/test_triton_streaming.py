@@ -15,7 +15,7 @@ import torch
 import fastkd
 from fastkd.backends import launch_configs
 from fastkd.backends import triton_backend as tb
-from fastkd.reference import topk_kd_loss_reference
+from fastkd.reference import kd_loss_reference, topk_kd_loss_reference
 from conftest import assert_rel_close, make_problem, rel_error
 
 # 150 rows: a full 128-row block and a ragged one; V = 600: backward tiles 256, 256, 88 (and
@@ -166,3 +166,51 @@ def test_confident_student_in_16_bit():
     _, ref = _loss_and_grads(_exact(problem), "reference", **options)
     for name, g, r in zip(("hidden", "weight"), grads, ref):
         assert_rel_close(g, r, 2 * rel_error(r.to(torch.float16), r) + 2e-4, f"confident grad {name}")
+
+
+@pytest.mark.parametrize("case", ["reverse KL, tempered, capped", "forward KL, peaked student, CE, bias"])
+def test_float32_dw_by_vocabulary_slab(case, monkeypatch):
+    # 16-bit weights: dW accumulated in float32 a slab of rows at a time (triton_backend._slabs).
+    # Slabs of 256 rows (forced small here) over V = 600: 256, 256, 88, with ids, labels and bias
+    # entries in every slab; the gradients equal the float64 reference as closely as one slab's.
+    divergence, temperature, softcap, ce_weight, with_bias, scale = CASES[case]
+    problem = make_problem(N, D, V, K, dtype=torch.float16, seed=31, ragged=True, ignore_frac=0.25,
+                           with_bias=with_bias, scale=scale)
+    options = dict(divergence=divergence, tail="bucket", temperature=temperature, softcap=softcap,
+                   labels=problem["labels"], ce_weight=ce_weight)
+    with launch_configs.for_target(90):
+        whole, grads_whole = _loss_and_grads(problem, "triton", **options)
+        monkeypatch.setattr(tb, "SLAB_BYTES", 256 * D * 4)
+        assert tb._slabs(V, D, torch.float16, 128) == [(0, 256), (256, 512), (512, 600)]
+        assert tb._slabs(V, D, torch.float32, 128) == [(0, V)]  # the result is the accumulator
+        sliced, grads = _loss_and_grads(problem, "triton", **options)
+    _, ref = _loss_and_grads(_exact(problem), "reference", **options)
+    for name, g, g1, r in zip(("hidden", "weight", "bias"), grads, grads_whole, ref):
+        assert g.dtype == torch.float16
+        tol = 2 * rel_error(r.to(torch.float16), r) + 2e-3
+        assert_rel_close(g, r, tol, f"{case} slabs grad {name}")
+        assert rel_error(g.double(), g1.double()) <= 2 * rel_error(r.to(torch.float16), r), name
+
+
+def test_dense_teacher_dw_by_vocabulary_slab(monkeypatch):
+    problem = make_problem(N, D, V, K, dtype=torch.float16, seed=33, with_bias=True)
+    gen = torch.Generator().manual_seed(5)
+    teacher_hidden = torch.randn(N, 2 * D, generator=gen).to(torch.float16)
+    teacher_weight = (torch.randn(V, 2 * D, generator=gen) / (2 * D) ** 0.5).to(torch.float16)
+    monkeypatch.setattr(tb, "SLAB_BYTES", 256 * D * 4)
+
+    def grads(dtype, impl):
+        h = problem["hidden"].detach().to(dtype).requires_grad_()
+        w = problem["weight"].detach().to(dtype).requires_grad_()
+        b = problem["bias"].detach().to(dtype).requires_grad_()
+        fn = fastkd.kd_loss if impl else kd_loss_reference
+        extra = dict(impl=impl) if impl else {}
+        loss = fn(h, w, teacher_hidden.to(dtype), teacher_weight.to(dtype), divergence="jsd", bias=b,
+                  labels=problem["labels"], ce_weight=0.2, softcap=5.0, teacher_softcap=5.0, **extra)
+        return torch.autograd.grad(loss, [h, w, b])
+
+    with launch_configs.for_target(90):
+        got = grads(torch.float16, "triton")
+    ref = grads(torch.float64, None)
+    for name, g, r in zip(("hidden", "weight", "bias"), got, ref):
+        assert_rel_close(g, r, 2 * rel_error(r.to(torch.float16), r) + 2e-3, f"dense slabs grad {name}")

@@ -168,12 +168,17 @@ def _slot_coefficients(topk_logits: Tensor, w: Tensor, kd_lse: Tensor, dense: Te
 
 
 def _topk_correction(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, slot_coef: Tensor,
-                     kd_scale: Tensor, grads, has_bias: bool, launch: _Launch) -> None:
+                     kd_scale: Tensor, grads, has_bias: bool, launch: _Launch,
+                     slab: tuple[int, int] = (0, -1)) -> None:
     """Adds the slots of S to ``dh``, ``dW``, ``db`` (``triton_kernels.topk_correction_kernel``):
     relaxed atomics into ``dW``/``db``, or, ``config.deterministic``, ``dW``/``db`` by a pass over
-    the slots sorted by id (``topk_correction_dw_kernel``), bit-identical run to run."""
+    the slots sorted by id (``topk_correction_dw_kernel``), bit-identical run to run.
+
+    ``slab = (v0, v1)``: ``dw`` holds vocabulary rows ``v0..v1`` only (``_by_slab``), and only the
+    ids there are added to it; ``dh`` is added with the first slab. Default: the whole vocabulary."""
     n_rows, dim = hidden.shape
     vocab, k = weight.shape[0], teacher_ids.shape[1]
+    v0, v1 = slab[0], vocab if slab[1] < 0 else slab[1]
     if n_rows == 0 or k == 0:
         return
     dh, dw, db = grads
@@ -181,10 +186,10 @@ def _topk_correction(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, slot_c
     ids = teacher_ids.to(torch.int32).contiguous()
     deterministic = config.deterministic
     lc.launch(kern.topk_correction_kernel, (triton.cdiv(n_rows, tiles.BM), triton.cdiv(dim, tiles.BD)),
-              hidden, weight, ids, slot_coef, kd_scale, dh, dw, db, n_rows, vocab, dim, k,
-              HAS_BIAS=has_bias, WITH_DW=not deterministic, BM=tiles.BM, BD=tiles.BD,
-              **tiles.options())
-    if deterministic:
+              hidden, weight, ids, slot_coef, kd_scale, dh, dw, db, n_rows, vocab, dim, k, v0, v1,
+              HAS_BIAS=has_bias, WITH_DH=v0 == 0, WITH_DW=not deterministic, BM=tiles.BM,
+              BD=tiles.BD, **tiles.options())
+    if deterministic:  # never slabbed (_slabs)
         flat = torch.where((teacher_ids >= 0) & (teacher_ids < vocab), teacher_ids, vocab).reshape(-1)
         sorted_flat, order = torch.sort(flat, stable=True)
         delta = (kd_scale.unsqueeze(1) * slot_coef).reshape(-1)[order].contiguous()
@@ -195,6 +200,58 @@ def _topk_correction(hidden: Tensor, weight: Tensor, teacher_ids: Tensor, slot_c
         lc.launch(kern.topk_correction_dw_kernel, (blocks, triton.cdiv(dim, tiles.BD)),
                   hidden, sorted_flat.to(torch.int32).contiguous(), rows, delta, bounds, dw, db, dim,
                   HAS_BIAS=has_bias, BD=tiles.BD, **tiles.options())
+
+
+# The backward's float32 dW, a slab of the vocabulary at a time. A 16-bit weight's gradient comes
+# back in 16 bits, but the atomics add into float32: a whole float32 dW would be V·D·4 B beside
+# the V·D·2 B result (1.1 GB more at Llama-3-8B's head, 6.6 % of the naive loss's memory at
+# N 8192). So the vocabulary is walked in slabs of at most SLAB_BYTES of float32 rows: each slab's
+# tiles and correction add into one float32 slab buffer, which is then rounded into the result.
+# The extra memory is then that buffer, the float32 dh (N·D·4) and the (N, K) and (N,) state:
+# under 1 % of the naive loss at the model's shapes. Cost: h is read again per slab (N·D·2 B each,
+# counted by the cost model). float32 weights (the result is the accumulator) and
+# config.deterministic (its dW pass walks the whole vocabulary) take one slab.
+SLAB_BYTES = 64 * 2**20
+
+
+def _slabs(vocab: int, dim: int, weight_dtype: torch.dtype, block_n: int) -> list[tuple[int, int]]:
+    """The vocabulary slabs ``[(v0, v1), ...]`` of the streaming backward (``SLAB_BYTES``)."""
+    if weight_dtype == torch.float32 or config.deterministic or vocab == 0:
+        return [(0, vocab)]
+    rows = max(block_n, SLAB_BYTES // (4 * max(dim, 1)) // block_n * block_n)
+    return [(v0, min(vocab, v0 + rows)) for v0 in range(0, vocab, rows)]
+
+
+def _by_slab(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], weight_dtype: torch.dtype,
+             block_n: int, run) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dh, dW, db)``: float32 ``dh``/``db``, and ``dW`` in ``weight_dtype`` built slab by slab
+    (``_slabs``): ``run(v0, v1, (dh, dw_slab, db))`` adds the slab's part, ``dw_slab`` holding
+    rows ``v0..v1``. One slab: ``dW`` is the float32 accumulator itself."""
+    vocab, dim = weight.shape
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh = torch.zeros(hidden.shape, **f32)
+    db = torch.zeros(vocab if bias is not None else 1, **f32)
+    slabs = _slabs(vocab, dim, weight_dtype, block_n)
+    if len(slabs) == 1:
+        dw = torch.zeros(weight.shape, **f32)
+        run(0, vocab, (dh, dw, db))
+        return dh, dw, db
+    result = torch.empty(weight.shape, dtype=weight_dtype, device=hidden.device)
+    buffer = torch.empty((slabs[0][1] - slabs[0][0], dim), **f32)
+    for v0, v1 in slabs:
+        part = buffer[: v1 - v0].zero_()
+        run(v0, v1, (dh, part, db))
+        result[v0:v1].copy_(part)
+    return dh, result, db
+
+
+def _slab_args(v0: int, v1: int, weight: Tensor, bias: Optional[Tensor], labels: Optional[Tensor],
+               db: Tensor, device) -> tuple:
+    """The head's weight, bias, labels and db as the backward tiles of slab ``v0..v1`` see them
+    (its rows; labels shifted so that the slab's first column is 0)."""
+    slab_bias = _or_dummy(None if bias is None else bias[v0:v1], device)
+    slab_labels = _or_dummy(None if labels is None else (labels - v0 if v0 else labels), device)
+    return weight[v0:v1], slab_bias, slab_labels, (db[v0:v1] if bias is not None else db)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,12 +376,6 @@ def _backward_launch(kernel_args: tuple, n_rows: int, vocab: int, launch: _Launc
                   **launch.meta())
 
 
-def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    return (torch.zeros(hidden.shape, **f32), torch.zeros(weight.shape, **f32),
-            torch.zeros(weight.shape[0] if bias is not None else 1, **f32))
-
-
 def _grad_results(grads, hidden, weight, bias):
     dh, dw, db = grads
     return (dh.to(hidden.dtype), dw.to(weight.dtype),
@@ -344,7 +395,6 @@ def topk_kd_backward(
     slots of S (``_topk_correction``)."""
     n_rows, dim = hidden.shape
     vocab = weight.shape[0]
-    grads = _grad_buffers(hidden, weight, bias)
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     use_ce = ce_weight != 0.0
@@ -356,17 +406,23 @@ def topk_kd_backward(
     counted = counted_rows(labels, n_rows, ignore_index, hidden.device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
     kd_scale = (kd_weight * temperature * grad_rows).contiguous()  # τ² of the loss, 1/τ of z = s/τ
-    if tail == "bucket" or use_ce:
-        device = hidden.device
-        args = (hidden, weight, _or_dummy(bias, device), _dummy(device), _dummy(device),
-                _dummy(device), _or_dummy(labels, device), state, kd_scale,
-                (ce_weight * grad_rows).contiguous(), *grads, n_rows, vocab, dim, 1,
-                1.0 / temperature, _cap(softcap), 1.0, 0.5)
-        _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
-                         T_HAS_BIAS=False, T_HAS_CAP=False, DENSE_TEACHER=False,
-                         WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0)
-    _topk_correction(hidden, weight, teacher_ids, slot_coef.contiguous(), kd_scale, grads,
-                     bias is not None, launch)
+    ce_scale = (ce_weight * grad_rows).contiguous()
+    slot_coef = slot_coef.contiguous()
+    device = hidden.device
+
+    def run(v0, v1, grads):
+        if tail == "bucket" or use_ce:
+            w_slab, b_slab, labels_slab, db_slab = _slab_args(v0, v1, weight, bias, labels, grads[2], device)
+            args = (hidden, w_slab, b_slab, _dummy(device), _dummy(device), _dummy(device),
+                    labels_slab, state, kd_scale, ce_scale, grads[0], grads[1], db_slab, n_rows,
+                    v1 - v0, dim, 1, 1.0 / temperature, _cap(softcap), 1.0, 0.5)
+            _backward_launch(args, n_rows, v1 - v0, launch, **_head_flags(bias, softcap),
+                             T_HAS_BIAS=False, T_HAS_CAP=False, DENSE_TEACHER=False,
+                             WITH_TAIL=tail == "bucket", WITH_CE=use_ce, KIND=0)
+        _topk_correction(hidden, weight, teacher_ids, slot_coef, kd_scale, grads, bias is not None,
+                         launch, (v0, v1))
+
+    grads = _by_slab(hidden, weight, bias, results_like[1].dtype, launch.BN, run)
     return _grad_results(grads, *results_like)
 
 
@@ -476,23 +532,28 @@ def dense_kd_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d hidden, d weight, d bias or empty)``; teacher tiles recomputed, frozen."""
     n_rows, dim = hidden.shape
-    vocab = weight.shape[0]
     device = hidden.device
-    grads = _grad_buffers(hidden, weight, bias)
     results_like = (hidden, weight, bias)
     hidden, weight = _common(hidden, weight)
     teacher_hidden, teacher_weight = _common(teacher_hidden, teacher_weight)
     launch = _Launch(hidden, 1, "backward_dense")
     counted = counted_rows(labels, n_rows, ignore_index, device)
     grad_rows = torch.where(counted, grad_rows.float(), 0.0)
-    args = (hidden, weight, _or_dummy(bias, device), teacher_hidden, teacher_weight,
-            _or_dummy(teacher_bias, device), _or_dummy(labels, device), state,
-            (kd_weight * temperature * grad_rows).contiguous(), (ce_weight * grad_rows).contiguous(),
-            *grads, n_rows, vocab, dim, teacher_hidden.shape[1], 1.0 / temperature, _cap(softcap),
-            _cap(teacher_softcap), float(beta))
-    _backward_launch(args, n_rows, vocab, launch, **_head_flags(bias, softcap),
-                     **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
-                     WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta))
+    kd_scale = (kd_weight * temperature * grad_rows).contiguous()
+    ce_scale = (ce_weight * grad_rows).contiguous()
+
+    def run(v0, v1, grads):
+        w_slab, b_slab, labels_slab, db_slab = _slab_args(v0, v1, weight, bias, labels, grads[2], device)
+        args = (hidden, w_slab, b_slab, teacher_hidden, teacher_weight[v0:v1],
+                _or_dummy(None if teacher_bias is None else teacher_bias[v0:v1], device),
+                labels_slab, state, kd_scale, ce_scale, grads[0], grads[1], db_slab, n_rows,
+                v1 - v0, dim, teacher_hidden.shape[1], 1.0 / temperature, _cap(softcap),
+                _cap(teacher_softcap), float(beta))
+        _backward_launch(args, n_rows, v1 - v0, launch, **_head_flags(bias, softcap),
+                         **_head_flags(teacher_bias, teacher_softcap, "T_"), DENSE_TEACHER=True,
+                         WITH_TAIL=False, WITH_CE=ce_weight != 0.0, KIND=_kind(divergence, beta))
+
+    grads = _by_slab(hidden, weight, bias, results_like[1].dtype, launch.BN, run)
     return _grad_results(grads, *results_like)
 
 

@@ -554,14 +554,18 @@ def _add_dw(dw_ptr, dz_in, h, cols, col_mask, d, d_mask, D, live, MODE: tl.const
 @triton.jit
 def topk_correction_kernel(
     h_ptr, w_ptr, ids_ptr, coef_ptr, kd_scale_ptr, dh_ptr, dw_ptr, db_ptr,
-    N, V, D, K,
-    HAS_BIAS: tl.constexpr, WITH_DW: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    N, V, D, K, V0, V1,
+    HAS_BIAS: tl.constexpr, WITH_DH: tl.constexpr, WITH_DW: tl.constexpr, BM: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """Program (row block, D chunk): with ``δ[r, k] = kd_scale[r]·coef[r, k]`` (zero on unused
     and repeated slots), ``dh[r] += Σ_k δ[r, k]·W[ids[r, k]]`` into the program's own ``dh``
     entries (a plain read-add-write: it runs after the tiles, and no other program has these
     rows), and with ``WITH_DW`` ``dW[ids[r, k]] += δ[r, k]·h[r]`` and ``db[ids[r, k]] += δ``
-    with relaxed atomics. Products in float32 (``δ`` is never rounded to 16 bits).
+    with relaxed atomics. Products in float32 (``δ`` is never rounded to 16 bits). ``WITH_DH``
+    off: the dW part alone. The dW part takes the ids in ``[V0, V1)`` only, into ``dw`` (and
+    ``db``) holding rows ``V0..V1`` (one vocabulary slab of the float32 dW at a time, see
+    ``triton_backend._slabs``); ``V0 = 0, V1 = V`` for the whole vocabulary.
 
     ``coef`` is what the backward tile (``_grad_tile``) left out at ``ids``: the exact
     ``s·(w_k − p_k·topk_coef)`` minus the tile formula there, times the softcap's derivative,
@@ -581,17 +585,20 @@ def topk_correction_kernel(
             ids = tl.load(ids_ptr + rows * K + k, mask=row_mask, other=-1).to(tl.int64)
             delta = kd_scale * tl.load(coef_ptr + rows * K + k, mask=row_mask, other=0.0)
             hit = row_mask & (ids >= 0) & (ids < V) & (delta != 0.0)
-            mask = hit[:, None] & d_mask[None, :]
-            w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask, other=0.0)
-            dh += delta[:, None] * w.to(tl.float32)
+            if WITH_DH:
+                mask = hit[:, None] & d_mask[None, :]
+                w = tl.load(w_ptr + ids[:, None] * D + d[None, :], mask=mask, other=0.0)
+                dh += delta[:, None] * w.to(tl.float32)
             if WITH_DW:
-                tl.atomic_add(dw_ptr + ids[:, None] * D + d[None, :], delta[:, None] * h, mask=mask,
-                              sem="relaxed")
+                in_slab = hit & (ids >= V0) & (ids < V1)
+                tl.atomic_add(dw_ptr + (ids - V0)[:, None] * D + d[None, :], delta[:, None] * h,
+                              mask=in_slab[:, None] & d_mask[None, :], sem="relaxed")
                 if HAS_BIAS:
-                    tl.atomic_add(db_ptr + ids, delta, mask=hit & (d_first == 0), sem="relaxed")
-        at = dh_ptr + rows[:, None] * D + d[None, :]
-        dh_mask = row_mask[:, None] & d_mask[None, :]
-        tl.store(at, tl.load(at, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
+                    tl.atomic_add(db_ptr + ids, delta, mask=in_slab & (d_first == 0), sem="relaxed")
+        if WITH_DH:
+            at = dh_ptr + rows[:, None] * D + d[None, :]
+            dh_mask = row_mask[:, None] & d_mask[None, :]
+            tl.store(at, tl.load(at, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
 
 
 @triton.jit
