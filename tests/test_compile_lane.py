@@ -123,8 +123,14 @@ def test_launchers_are_recorded_per_target():
         with launch_configs.for_target(cc):
             tiles = launch_configs.tiles("backward", torch.device("cpu"), torch.bfloat16)
         assert backward.target == cc and backward.kwargs["BN"] == tiles.BN
-        # 64 rows x 512 columns: one program per (row block, vocabulary tile), 1-D grouped grid
-        assert backward.grid == (-(-64 // tiles.BM) * (512 // tiles.BN),)
+        # 64 rows x 512 columns, the driver's float32 dW slabs one tile wide (SLAB_BYTES = 0):
+        # per slab one launch of one program per (row block, vocabulary tile), and a correction
+        # that adds dh with the first slab only
+        slabs = 512 // tiles.BN
+        launches = [r for r in records if r.kernel.fn.__name__ == "backward_kernel"]
+        assert len(launches) == slabs and all(r.grid == (-(-64 // tiles.BM),) for r in launches)
+        corrections = [r for r in records if r.kernel.fn.__name__ == "topk_correction_kernel"]
+        assert [r.kwargs["WITH_DH"] for r in corrections] == [True] + [False] * (slabs - 1)
         assert "maxnreg" not in backward.kwargs  # 16-bit: ptxas chooses
         stages[cc] = backward.kwargs["num_stages"]
     assert stages == {80: 3, 89: 2, 90: 3}

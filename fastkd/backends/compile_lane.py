@@ -91,12 +91,13 @@ def _topk(dtype, k, *, tail="bucket", full=False, deterministic=False, capped=Fa
     import torch
 
     from ..config import config
-    from . import triton_backend  # noqa: F401  (registers the ops)
+    from . import triton_backend  # registers the ops
 
     t = _tensors(dtype, bias=full)
     ids, logprobs = _teacher_topk(k)
-    saved = config.deterministic
+    saved = config.deterministic, triton_backend.SLAB_BYTES
     config.deterministic = deterministic
+    triton_backend.SLAB_BYTES = 0  # 16-bit: dW by slabs of one tile, so every slab launch is seen
     try:
         out = torch.ops.fastkd.triton_topk_kd_forward(
             t["hidden"], t["weight"], t["bias"], ids, logprobs, None, None, None,
@@ -105,7 +106,7 @@ def _topk(dtype, k, *, tail="bucket", full=False, deterministic=False, capped=Fa
             full if stats is None else stats)
         out[0].sum().backward()
     finally:
-        config.deterministic = saved
+        config.deterministic, triton_backend.SLAB_BYTES = saved
 
 
 def _dense(dtype, k, *, full=False):
