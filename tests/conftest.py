@@ -18,6 +18,17 @@ def pytest_configure(config):
                                        "deselect with -m 'not multicore' on a small machine)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny-model trainer tests (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): one thread is fastest there, and 2 threads on 2 cores
+    shared with another busy process are ~50x slower (spinning workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

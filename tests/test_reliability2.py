@@ -458,14 +458,6 @@ def _poison_loss_at(trainer, steps):
     trainer._loss_rows = poisoned
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_nan_loss_stops_the_run_naming_step_and_batch(train_assets, tmp_path, one_thread):
     from fastkd.train import Trainer
     from fastkd.train.checkpoint import list_checkpoints

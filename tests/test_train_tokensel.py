@@ -30,12 +30,7 @@ TEMPERATURE = 2.0  # not 1: the scores and the loss are at τ
 FRACTION = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Assets:

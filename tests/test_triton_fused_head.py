@@ -304,14 +304,14 @@ def test_through_topk_kd_loss(monkeypatch):
         assert err <= max(FACTOR * base, FLOOR[torch.float16]), f"{what}: {err:.2e} (plain {base:.2e})"
 
 
-def test_grad_pass_in_place_over_the_tile():
-    """On CUDA ``dz`` overwrites the tile it is computed from (float16, or bfloat16 through a
-    view): the same values as into a float32 buffer, rounded once to the written dtype; ignored
-    rows (zero scales, zero values on S) exact zeros."""
-    gen = torch.Generator().manual_seed(8)
-    c, vocab, dim, k = 12, 101, 16, 4
-    h = torch.randn(c, dim, generator=gen).half()
-    w = (torch.randn(vocab, dim, generator=gen) * 0.7).half()
+def _grad_problem(seed: int, c: int, dim: int, dtype: torch.dtype):
+    """A chunk of ``c`` rows (V 101, K 4) for the gradient pass: operands in ``dtype``, sorted
+    ids, labels, and ``head_grad``'s arguments (τ 1.7, softcap 9, tail and CE) with row 3
+    ignored (zero scales and zero values on S). Returns the generator too, for more draws."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, k = 101, 4
+    h = torch.randn(c, dim, generator=gen).to(dtype)
+    w = (torch.randn(vocab, dim, generator=gen) * 0.7).to(dtype)
     ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
     sorted_ids = ids.sort(dim=1).values.to(torch.int32)
     labels = torch.randint(0, vocab, (c,), generator=gen)
@@ -320,6 +320,14 @@ def test_grad_pass_in_place_over_the_tile():
     dense[3] = ce[3] = 0.0
     values[3] = 0.0
     args = (sorted_ids, values, kd_lse, dense, lse_ce, ce, labels, 1.7, 9.0, True, True)
+    return gen, c, vocab, h, w, sorted_ids, labels, args
+
+
+def test_grad_pass_in_place_over_the_tile():
+    """On CUDA ``dz`` overwrites the tile it is computed from (float16, or bfloat16 through a
+    view): the same values as into a float32 buffer, rounded once to the written dtype; ignored
+    rows (zero scales, zero values on S) exact zeros."""
+    _gen, c, vocab, h, w, sorted_ids, labels, args = _grad_problem(8, 12, 16, torch.float16)
     outs = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         chunk = fh.head_stats(h, w, None, sorted_ids, labels, 1 / 1.7, 9.0, True, True, True, False)
@@ -441,18 +449,8 @@ def test_gradient_gemms_make_dz_from_the_tile(dtype):
     gradient pass into float32 followed by float64 GEMMs on dz rounded to the operand dtype:
     dh, dW written then accumulated, db; odd C, V and D so every loop has a partial step;
     an ignored row (zero scales and values) contributes nothing."""
-    gen = torch.Generator().manual_seed(17)
-    c, vocab, dim, k = 13, 101, 24, 4
-    h = torch.randn(c, dim, generator=gen).to(dtype)
-    w = (torch.randn(vocab, dim, generator=gen) * 0.7).to(dtype)
-    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(c)])
-    sorted_ids = ids.sort(dim=1).values.to(torch.int32)
-    labels = torch.randint(0, vocab, (c,), generator=gen)
-    values = torch.randn(c, k, generator=gen)
-    kd_lse, dense, lse_ce, ce = (torch.randn(c, generator=gen) for _ in range(4))
-    dense[3] = ce[3] = 0.0
-    values[3] = 0.0
-    args = (sorted_ids, values, kd_lse, dense, lse_ce, ce, labels, 1.7, 9.0, True, True)
+    gen, c, vocab, h, w, sorted_ids, labels, args = _grad_problem(17, 13, 24, dtype)
+    dim = h.shape[1]
     chunk = fh.head_stats(h, w, None, sorted_ids, labels, 1 / 1.7, 9.0, True, True, True, False)
     dz = fh.head_grad(chunk, *args, torch.empty(c, vocab)).to(dtype).double()
     previous = torch.randn(vocab, dim, generator=gen)
