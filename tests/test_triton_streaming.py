@@ -192,6 +192,20 @@ def test_float32_dw_by_vocabulary_slab(case, monkeypatch):
         assert rel_error(g.double(), g1.double()) <= 2 * rel_error(r.to(torch.float16), r), name
 
 
+def test_slab_size_follows_the_float32_dh():
+    # The slab is at most 1/SLAB_SHARE of the float32 dh (so the extra memory stays ~1.1x dh),
+    # between SLAB_MIN_BYTES and SLAB_BYTES; slabs are whole backward tiles and cover V once.
+    mib = 2**20
+    assert tb._slab_bytes(8192, 4096) == 16 * mib        # Llama-3-8B at N 8192: dh 128 MiB
+    assert tb._slab_bytes(32768, 4096) == 64 * mib       # capped at SLAB_BYTES
+    assert tb._slab_bytes(64, 4096) == tb.SLAB_MIN_BYTES  # small N: no slab below the floor
+    slabs = tb._slabs(128256, 4096, torch.bfloat16, 256, 8192)
+    assert [v1 - v0 for v0, v1 in slabs[:-1]] == [1024] * (len(slabs) - 1)
+    assert slabs[0][0] == 0 and slabs[-1][1] == 128256 and len(slabs) == 126
+    assert all(a[1] == b[0] for a, b in zip(slabs, slabs[1:]))
+    assert tb._slabs(128256, 4096, torch.float32, 256, 8192) == [(0, 128256)]
+
+
 def test_dense_teacher_dw_by_vocabulary_slab(monkeypatch):
     problem = make_problem(N, D, V, K, dtype=torch.float16, seed=33, with_bias=True)
     gen = torch.Generator().manual_seed(5)

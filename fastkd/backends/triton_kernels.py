@@ -565,7 +565,8 @@ def topk_correction_kernel(
     with relaxed atomics. Products in float32 (``δ`` is never rounded to 16 bits). ``WITH_DH``
     off: the dW part alone. The dW part takes the ids in ``[V0, V1)`` only, into ``dw`` (and
     ``db``) holding rows ``V0..V1`` (one vocabulary slab of the float32 dW at a time, see
-    ``triton_backend._slabs``); ``V0 = 0, V1 = V`` for the whole vocabulary.
+    ``triton_backend._slabs``); ``V0 = 0, V1 = V`` for the whole vocabulary. It reads ``h`` only
+    for the rows with an id in the slab.
 
     ``coef`` is what the backward tile (``_grad_tile``) left out at ``ids``: the exact
     ``s·(w_k − p_k·topk_coef)`` minus the tile formula there, times the softcap's derivative,
@@ -578,9 +579,14 @@ def topk_correction_kernel(
     kd_scale = tl.load(kd_scale_ptr + rows, mask=row_mask, other=0.0)
     if tl.max(tl.abs(kd_scale)) > 0:  # a block of ignored rows has nothing to add
         dh = tl.zeros((BM, BD), tl.float32)
-        if WITH_DW:
+        if WITH_DW:  # h only for the rows with an id in the slab (a slab holds few of a row's K)
+            in_slab_count = tl.zeros((BM,), tl.int32)
+            for k in range(0, K):
+                ids = tl.load(ids_ptr + rows * K + k, mask=row_mask, other=-1)
+                in_slab_count += ((ids >= V0) & (ids < V1)).to(tl.int32)
             h = tl.load(h_ptr + rows[:, None] * D + d[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                        mask=(row_mask & (in_slab_count > 0))[:, None] & d_mask[None, :],
+                        other=0.0).to(tl.float32)
         for k in range(0, K):
             ids = tl.load(ids_ptr + rows * K + k, mask=row_mask, other=-1).to(tl.int64)
             delta = kd_scale * tl.load(coef_ptr + rows * K + k, mask=row_mask, other=0.0)
