@@ -9,7 +9,8 @@ Defects this file caught (each left dh 10–160x worse than plain float32 PyTorc
 divergence's per-row sums as one batched GEMV over the whole vocabulary (CPU BLAS sums V terms in
 sequence); Σ_v dz_v ≠ 0 in floating point (dense: W = Σw not divided by the Σp actually computed;
 top-k with a tail: the residual of the coefficients' row sums), a shift along p that dh carries
-whole; and the CPU softmax kernel's faster exp in the top-k path's lse.
+whole; and the CPU softmax kernel's faster exp in the top-k path's lse. The last test holds the
+GPU's float32 kernel epilogues (Triton, fused head) to the same bar, in the interpreter.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 import fastkd
 from bench import cases as bc
+from fastkd.backends import chunked
 from fastkd.reference import kd_loss_reference, topk_kd_loss_reference
 
 # fastkd's error may be this many times plain float32 PyTorch's, plus a floor for errors that
@@ -91,3 +93,29 @@ def test_topk_tail_float32_as_precise_as_pytorch(divergence, softcap, scale):
     ours = _errors(lambda h, w: fastkd.topk_kd_loss(h, w, ids, logprobs, divergence=divergence,
                                                     tail="bucket", softcap=softcap, impl="torch"), x, ref)
     _check(ours, plain)
+
+
+@pytest.mark.parametrize("epilogue, scale", [("triton", s) for s in SCALES] + [("fused", 0.25)])
+def test_topk_tail_float32_kernel_epilogues_as_precise_as_pytorch(epilogue, scale):
+    """The chunked plan's kernel epilogues in float32 (the Triton epilogues: ``impl="auto"`` on CUDA
+    for float32 operands; the fused head asked for with float32: 20 s in the interpreter, so only
+    the flat student), at a smaller shape: their gradient's residual along p is projected out in
+    the (C, K) epilogue (``chunked.projected``; without it the flat student's dh was 7x plain
+    float32 PyTorch's in both)."""
+    case = bc.Case("precision", 128, 64, 4096, "topk", "reverse_kl", "bucket", 32, None, "float32")
+    x = bc.make_inputs(case, "cpu", seed=1)
+    x["hidden"] = x["hidden"].detach() * scale
+    ids, logprobs = x["teacher_ids"], x["teacher_logprobs"].float()
+
+    def reference(dtype):
+        return lambda h, w: topk_kd_loss_reference(h, w, ids, logprobs.to(dtype), tail="bucket",
+                                                   compute_dtype=dtype)
+
+    def ours(h, w):
+        out = chunked.topk_forward(h, w, None, ids, logprobs, None, None, None, None, "reverse_kl",
+                                   0.5, "bucket", 1.0, None, None, 0, "teacher", -100, 0.0, 1.0,
+                                   64 * 4096 * 8, False, True, True, epilogue, torch.float32)
+        return out[0].mean()  # two chunks of 64 rows
+
+    ref = _reference(reference(torch.float64), x)
+    _check(_errors(ours, x, ref), _errors(reference(torch.float32), x, ref))

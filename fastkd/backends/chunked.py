@@ -23,7 +23,8 @@ argument order with tensors for pointers; the plan and the numerics are the same
 ``"fused"`` (``triton_fused_head``, the CUDA default for 16-bit operands through
 ``fastkd.config.chunked_epilogue``) replaces steps 1, 3 and 5: the logits GEMM is a Triton kernel
 whose epilogue writes per-tile partial statistics and a 16-bit tile, which the gradient pass reads
-(offline top-k and the online dense teacher; elsewhere it is ``"triton"``).
+(offline top-k and the online dense teacher; elsewhere it is ``"triton"``); for the bfloat16 top-k
+loss the tile is scaled so that no gradient pass is needed (``triton_fused_head.SCALED_TILE``).
 
 **Gradients in the forward.** The loss rows depend on ``grad_output`` only through a per-row
 factor ``g_n``; for ``reduction="mean"``/``"sum"`` every ``g_n`` is the same number, so the forward
@@ -53,8 +54,9 @@ from torch import Tensor
 from .. import divergences as dv
 from .torch_backend import _logsumexps_, _topk_epilogue, counted_rows, sorted_topk_ids
 
-# Columns of the top-k state: kd_lse, dense coef, top-k coef, CE lse (as the other backends).
-_KD_LSE, _DENSE_COEF, _TOPK_COEF, _LSE_CE = range(4)
+# Columns of the top-k state: kd_lse, dense coef, top-k coef, CE lse (as the other backends), and
+# the tail's mass Σ_{V∖S} e^{z − kd_lse} as the stats pass summed it (``projected``).
+_KD_LSE, _DENSE_COEF, _TOPK_COEF, _LSE_CE, _TAIL_MASS = range(5)
 # Columns of the dense state: student lse, teacher lse, W = Σ_v w_v, CE lse.
 _LSE, _TEACHER_LSE, _WSUM = range(3)
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -388,20 +390,49 @@ class _OnlineTeacher:
         return ids, logprobs, log_tail
 
 
+def projected(values: Tensor, dense_scale: Tensor, tail_mass: Tensor, sorted_ids: Tensor,
+              p_sorted: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """The top-k gradient with its residual along p removed, for the kernel providers: ``(values on
+    S, dense scale off S)`` of ``dz = dense_scale·p`` off S and the values on S (sorted order),
+    ``tail_mass = Σ_{V∖S} p`` as the stats pass summed it, ``p_sorted`` = p at S.
+
+    Σ_v dz_v is 0 in exact arithmetic; in float32 the residual r = dense_scale·tail_mass + Σ_S
+    values (from the row sums behind the coefficients) is a shift along p that dh carries whole
+    (the Triton epilogues' dh was 12x plain float32 PyTorch's error for a flat student, against
+    float64). dz − r·p: ``dense_scale − r`` off S, ``values − r·p_S`` on S. Only where r is rounding
+    next to the row's Σ|dz| and no id repeats (``torch_epilogue._small_residual``, which the torch
+    epilogue applies to its own sums)."""
+    from .torch_epilogue import _small_residual
+    valid = sorted_ids < vocab
+    on_s = torch.where(valid, values, 0.0)
+    off_total = dense_scale * tail_mass.to(dense_scale.dtype)
+    residual = _small_residual(off_total + on_s.sum(dim=1), off_total.abs() + on_s.abs().sum(dim=1),
+                               sorted_ids, valid)
+    values = values - torch.where(valid, residual.unsqueeze(1).to(values.dtype) * p_sorted, 0.0)
+    return values, dense_scale - residual
+
+
 def _topk_grad(ps: _Pass, x: Tensor, rows: slice, sorted_ids: Tensor, perm: Tensor,
                topk_logits: Tensor, topk_weights: Tensor, valid: Tensor, kd_lse: Tensor,
                dense: Tensor, topk_coef: Tensor, kd_scale: Tensor, lse_ce: Tensor,
                ce_scale: Tensor, temperature: float, softcap: Optional[float], with_tail: bool,
-               use_ce: bool) -> Tensor:
-    """``dz`` of one chunk: the values on S come from the (c, K) epilogue, the rest from the provider."""
-    on_topk = kd_scale.unsqueeze(1) * (
-        topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
-    on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(x.dtype).contiguous()
+               use_ce: bool, tail_mass: Tensor) -> Tensor:
+    """``dz`` of one chunk: the values on S come from the (c, K) epilogue, the rest from the provider
+    (the kernel providers' residual projected out here: ``projected``; the torch epilogue does it
+    itself)."""
+    p_topk = torch.exp(topk_logits - kd_lse.unsqueeze(1))
+    on_topk = kd_scale.unsqueeze(1) * (topk_weights - p_topk * topk_coef.unsqueeze(1))
+    on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(x.dtype)
+    dense_scale = kd_scale * dense
+    if with_tail and ps.ep.name != "torch":
+        on_topk, dense_scale = projected(on_topk, dense_scale, tail_mass, sorted_ids,
+                                         p_topk.gather(1, perm).to(x.dtype), x.shape[1])
+    on_topk = on_topk.contiguous()
     return_out = ps.out_buffer(rows)
     kwargs = {} if return_out is None else {"out": return_out}
     dz = ps.ep.topk_grad(
         x, x.shape[0], x.shape[1], sorted_ids, on_topk, sorted_ids.shape[1], kd_lse.contiguous(),
-        (kd_scale * dense).contiguous() if with_tail else None, lse_ce.contiguous() if use_ce else None,
+        dense_scale.contiguous() if with_tail else None, lse_ce.contiguous() if use_ce else None,
         ce_scale.contiguous() if use_ce else None, ps.labels(rows) if use_ce else None,
         1.0 / temperature, _cap(softcap), with_tail, use_ce, **kwargs)
     return x if dz is None else dz
@@ -417,7 +448,7 @@ def topk_forward(
     ce_weight: float, kd_weight: float, chunk_bytes: int, with_stats: bool,
     grads_in_forward: bool, weight_grad: bool, epilogue: str, operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(loss_rows (N,), kd_rows (N,), state (N, 4), topk_weights (N, K), stats (N|0, 3),
+    """Returns ``(loss_rows (N,), kd_rows (N,), state (N, 5), topk_weights (N, K), stats (N|0, 3),
     ids (N, K) or empty, grad_hidden, grad_weight, grad_bias)``, float32 (float64) except ids and
     the gradients.
 
@@ -446,7 +477,7 @@ def topk_forward(
         use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
         f = dict(dtype=acc, device=hidden.device)
         lse, tail_lse, lse_ce, mean_z, target, kd_rows = (torch.zeros(n_rows, **f) for _ in range(6))
-        state = torch.zeros((n_rows, 4), **f)
+        state = torch.zeros((n_rows, 5), **f)
         topk_weights = torch.zeros((n_rows, k), **f)
         stats = torch.zeros((n_rows if with_stats else 0, 3), **f)
         ids_out = torch.empty((n_rows if online else 0, k), dtype=torch.int64, device=hidden.device)
@@ -476,13 +507,15 @@ def topk_forward(
             kd_rows[rows] = kd
             topk_weights[rows] = w
             state[rows, _KD_LSE], state[rows, _DENSE_COEF], state[rows, _TOPK_COEF] = kd_lse, dense, topk_coef
+            if with_tail:
+                state[rows, _TAIL_MASS] = torch.exp(tail_lse[rows] - kd_lse)
             if with_stats:
                 topk_mass = dv.masked_logsumexp(topk_logits, valid_c).sub(lse[rows]).exp()
                 stats[rows] = torch.stack([lse[rows] - mean_z[rows], lse[rows], topk_mass], dim=1)
             if grads is not None:
                 dz = _topk_grad(ps, x, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse, dense,
                                 topk_coef, kd_scale[rows], lse_ce[rows], ce_scale[rows], temperature,
-                                softcap, with_tail, use_ce)
+                                softcap, with_tail, use_ce, state[rows, _TAIL_MASS])
                 grads.add(rows, dz, h_op)
         # lse_ce stays real on ignored rows: the recomputing backward multiplies exp(s − lse_ce) by 0.
         state[:, _LSE_CE] = lse_ce
@@ -507,7 +540,7 @@ def _(hidden, weight, bias, teacher_ids, teacher_logprobs, teacher_hidden, teach
     rows = hidden.new_empty(n_rows, dtype=acc)
     grads = (_grad_fakes(hidden, weight, bias, operand_dtype, weight_grad) if grads_in_forward
              else _no_grads(hidden))
-    return (rows, torch.empty_like(rows), hidden.new_empty((n_rows, 4), dtype=acc),
+    return (rows, torch.empty_like(rows), hidden.new_empty((n_rows, 5), dtype=acc),
             hidden.new_empty((n_rows, k), dtype=acc),
             hidden.new_empty((n_rows if with_stats else 0, 3), dtype=acc),
             hidden.new_empty((n_rows if online else 0, k), dtype=torch.int64)) + grads
@@ -553,7 +586,8 @@ def topk_backward(
             dz = _topk_grad(ps, x, rows, sorted_ids, perm, topk_logits, topk_weights[rows],
                             ids_c >= 0, state[rows, _KD_LSE], state[rows, _DENSE_COEF],
                             state[rows, _TOPK_COEF], kd_scale[rows], state[rows, _LSE_CE],
-                            ce_scale[rows], temperature, softcap, with_tail, use_ce)
+                            ce_scale[rows], temperature, softcap, with_tail, use_ce,
+                            state[rows, _TAIL_MASS])
             grads.add(rows, dz, h_op)
     return grads.result()
 
