@@ -97,12 +97,15 @@ def model_plan(impl: str, case: Case, device: str):
         return cost_model.streaming(shape, teacher=teacher)
     if impl == "fastkd-cuda":   # with the engine, impl="cuda" is the chunked plan with csrc epilogues
         return cost_model.cuda(shape, teacher=teacher, budget_bytes=budget)
-    if impl == "fastkd-chunked":   # 16-bit operands: the fused head (chunked_epilogue="auto")
-        if shape.element_bytes == 2:
-            return cost_model.fused_head(shape, teacher=teacher, budget_bytes=budget)
+    if impl == "fastkd-chunked":   # 16-bit operands: the fused head (chunked_epilogue="auto"),
+        if shape.element_bytes == 2:  # with the scaled tile for the top-k loss in bfloat16
+            return cost_model.fused_head(shape, teacher=teacher, budget_bytes=budget,
+                                         scaled=teacher is None and case.dtype == "bfloat16")
         return cost_model.chunked(shape, teacher=teacher, budget_bytes=budget)
     if impl == "fastkd-chunked-triton":
         return cost_model.chunked(shape, teacher=teacher, budget_bytes=budget)
+    if impl == "fastkd-chunked-gradpass" and teacher is None and shape.element_bytes == 2:
+        return cost_model.fused_head(shape, budget_bytes=budget, scaled=False)
     if impl == "naive-hf":
         return cost_model.naive(shape)
     if impl == "naive-fp32":   # on the CPU every GEMM is fp32 work at the measured rate either way

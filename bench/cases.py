@@ -381,10 +381,31 @@ def _fastkd_triton_epilogues(x: dict, case: Case):
     return run
 
 
+def _fastkd_gradient_pass(x: dict, case: Case):
+    """The default chunked plan with the scaled tile off (``triton_fused_head.SCALED_TILE =
+    False``): bfloat16 then runs the gradient pass, as float16 always does. Beside
+    ``fastkd-chunked`` it says what the scaled tile saves on the GPU; elsewhere (the CPU runs the
+    torch epilogues) it is the same row as ``fastkd-chunked``."""
+    from fastkd.backends import triton_fused_head
+    if not x["hidden"].is_cuda or case.loss != "topk":
+        raise Missing("the scaled tile is the CUDA top-k plan's (else this is fastkd-chunked)",
+                      applies=False)
+    step = _fastkd("chunked")(x, case)
+
+    def run():
+        saved, triton_fused_head.SCALED_TILE = triton_fused_head.SCALED_TILE, False
+        try:
+            return step()
+        finally:
+            triton_fused_head.SCALED_TILE = saved
+    return run
+
+
 IMPLEMENTATIONS: dict[str, Builder] = {
     "fastkd-auto": _fastkd("auto"),
     "fastkd-chunked": _fastkd("chunked"),
     "fastkd-chunked-triton": _fastkd_triton_epilogues,
+    "fastkd-chunked-gradpass": _fastkd_gradient_pass,
     "fastkd-torch": _fastkd("torch"),
     "fastkd-triton": _fastkd("triton"),
     "fastkd-cuda": _fastkd("cuda"),

@@ -157,6 +157,7 @@ class Plan:
     ranks: int = 1
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    launches: int = 0                # launches whose gaps are counted (the streaming backward's slabs)
 
     def total(self, attribute: str) -> float:
         return sum(k.count * getattr(k, attribute) for k in self.kernels)
@@ -174,7 +175,11 @@ class Plan:
         return self.comm_bytes / gpu.link_bytes
 
     def bound(self, gpu: Gpu) -> float:
-        return sum(k.bound(gpu)[0] for k in self.kernels) + self.comm_time(gpu)
+        return sum(k.bound(gpu)[0] for k in self.kernels) + self.comm_time(gpu) + self.launch_time()
+
+    def launch_time(self) -> float:
+        """The gaps between ``launches`` back-to-back kernel launches (``LAUNCH_GAP`` each)."""
+        return self.launches * LAUNCH_GAP
 
     def floor(self, gpu: Gpu) -> float:
         """The case's GEMM floor at peak rate (per rank for vocabulary parallel)."""
@@ -198,6 +203,12 @@ class Plan:
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------
+
+# The idle time between two back-to-back kernel launches on one stream (assumed: a few µs is what
+# a launch-bound loop of small kernels shows; no vendor figure). Counted only where a path launches
+# per vocabulary slab (the streaming backward: hundreds of launches); the chunked paths launch a
+# few dozen kernels per call (< 0.1 ms) and are not charged.
+LAUNCH_GAP = 3e-6
 
 # cuBLAS on Hopper: 128x256 tiles in 2-CTA clusters sharing operands (TMA multicast), so each
 # operand element is fetched from L2 once per 256 rows/columns of the other operand.
@@ -340,14 +351,27 @@ FUSED_PROGRAM = (128, 256)
 # (tile + m_t, x τ, − lse, x dense scale, the set's select, the cast; + 3 for softcap').
 FUSED_GRAD_TILE = (128, 256)
 FUSED_GRAD_FP32 = 8
+# The scaled tile's reference: the student's logits at the teacher's first PROBE_IDS ids
+# (fastkd.backends.triton_fused_head.PROBE_IDS).
+PROBE_IDS = 4
 
 
 def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int = CHUNK_BYTES,
-               grad_in_gemms: bool = False) -> Plan:
+               grad_in_gemms: bool = False, scaled: Optional[bool] = None) -> Plan:
     """The chunked plan with the fused head (the default on CUDA for 16-bit operands,
     ``fastkd.config.chunked_epilogue="auto"``),
     summing reduction, 16-bit operands. Per chunk of ``c`` rows (the budget over 16-bit tiles:
     2 B per element, 4 B with the dense teacher's second tile):
+
+    ``scaled`` (top-k; by default unless ``grad_in_gemms``: the bfloat16 default,
+    ``triton_fused_head.SCALED_TILE``): GEMM 1 stores ``G = e^{z − R}`` (+ one exp per element
+    with a softcap), no grad pass; before GEMM 1 the probe gathers ``PROBE_IDS`` rows of W per row
+    (``R``), after the combine ``K + 1`` entries per row are written into G (a 32 B sector each);
+    the dh GEMM writes float32 and is scaled per row into the 16-bit dh, ``h`` is scaled per row
+    into a 16-bit copy for the dW GEMM. GEMM 1 run again for a chunk whose reference is far from a
+    row's max is not counted (it takes a student whose max lies > 40 nats above its logits at all
+    of the teacher's first ids). The gradient-pass plan (``scaled=False``) is what float16
+    operands run:
 
     - fused logits GEMM: ``2·c·V·D`` tensor FLOPs, reads ``h_c`` and W, writes the 16-bit tile
       and ``FUSED_PARTIALS`` float32 partials per (row, ``FUSED_TILE``-column tile) plus the
@@ -374,16 +398,25 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
         raise ValueError(f"teacher must be None or 'dense', got {teacher!r}")
     if dense and grad_in_gemms:
         raise ValueError("grad_in_gemms is built for the top-k plan only (teacher=None)")
+    if scaled is None:
+        scaled = not dense and not grad_in_gemms
+    if scaled and (dense or grad_in_gemms):
+        raise ValueError("scaled is built for the top-k plan with its own gradient GEMMs only")
     # per row and head, as fastkd's _FusedPass counts it: the 16-bit tile, and per 128 columns the
     # float32 partials and the two int32 bounds of S
     heads_count = 2 if dense else 1
     row_bytes = heads_count * (v * 2 + math.ceil(v / 128) * (FUSED_PARTIALS + 2) * 4)
+    if scaled:  # the float32 dh and the 16-bit σ ⊙ h per row count against the budget too
+        row_bytes += d * (4 + 2)
     rows = chunk_rows(n, row_bytes, budget_bytes, 1, multiple=ROW_ALIGN)
     cap = 1 if shape.softcap else 0
     tiles = math.ceil(v / FUSED_TILE)
     heads = [("fused logits GEMM", d)] + ([("fused teacher GEMM", shape.teacher_dim)] if dense else [])
     kernels = []
     for index, (c, count) in enumerate(_chunks(n, rows)):
+        if scaled:
+            kernels.append(Kernel("probe (R)", hbm_bytes=c * (PROBE_IDS + 1) * d * e,
+                                  tc_flops=2.0 * c * PROBE_IDS * d, programs=c, count=count))
         for name, width in heads:
             partials = FUSED_PARTIALS if dense else FUSED_PARTIALS + 1
             head = gemm(name, c, v, width, in_bytes=e, out_bytes=2, count=count,
@@ -391,22 +424,27 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
                         extra_read=c * tiles * partials * 4)
             head.l2_bytes = c * v * width * e * (1 / FUSED_PROGRAM[0] + 1 / FUSED_PROGRAM[1])
             head.programs = math.ceil(c / FUSED_PROGRAM[0]) * math.ceil(v / FUSED_PROGRAM[1])
-            head.sfu_ops = (1 if dense else 1 + cap) * c * v
+            head.sfu_ops = (1 if dense else 1 + cap + (cap if scaled else 0)) * c * v
             kernels.append(head)
         if dense:
             kernels.append(rowwise("divergence pass", c, v, read=4, write=0, sfu=3, count=count))
             kernels.append(rowwise("grad pass", c, v, read=4, write=e, sfu=3, count=count))
         else:
             kernels.append(rowwise("combine", c, tiles, read=FUSED_PARTIALS * 4, write=0, sfu=2, count=count))
-            if not grad_in_gemms:
+            if scaled:  # per slot of S and the label: id, value, z read; one 32 B sector written
+                kernels.append(rowwise("S into G", c, shape.topk + 1, read=12, write=32, sfu=2, count=count))
+            elif not grad_in_gemms:
                 grad = rowwise("grad pass", c, v, read=2, write=e, sfu=1 + cap, count=count)
                 grad.hbm_bytes += c * tiles * 2 * 4  # the tile max and the bounds of S
                 kernels.append(grad)
         first = 1 if index == 0 else 0
-        grads = [gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=e, count=count),
+        grads = [gemm("dh GEMM", c, d, v, in_bytes=e, out_bytes=4 if scaled else e, count=count),
                  gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, accumulate=True, count=count - first)]
         if first:
             grads.append(gemm("dW GEMM", v, d, c, in_bytes=e, out_bytes=4, count=1))
+        if scaled:  # dh = σ ⊙ (G·W) from float32; σ ⊙ h for the dW GEMM
+            grads.append(rowwise("dh × σ", c, d, read=4, write=e, sfu=0, count=count))
+            grads.append(rowwise("h × σ", c, d, read=e, write=e, sfu=0, count=count))
         if grad_in_gemms:  # the tile is the dz operand; dz made per FUSED_GRAD_TILE[1] columns of D
             tile_rows, tile_d = FUSED_GRAD_TILE
             remade = math.ceil(d / tile_d)
@@ -418,9 +456,12 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
                 k.programs = math.ceil(outer / tile_rows) * remade
         kernels.extend(grads)
     kernels = [k for k in kernels if k.count]
-    name = "chunked online dense" if dense else "chunked"  # the default CUDA path (16-bit operands)
+    # the default CUDA path (bfloat16 operands: the scaled tile)
+    name = "chunked online dense" if dense else "chunked"
     if grad_in_gemms:
         name += ", dz in the GEMMs (opt-in)"
+    elif not dense and not scaled:
+        name += ", gradient pass"
     return Plan(name, shape, kernels, extra={"chunk_rows": rows})
 
 
@@ -491,7 +532,8 @@ def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: Optional[int] 
     bwd_hbm = (n * d + v * d) * e + n * d * 4 + groups * v * d * 4 * 2
     # 16-bit weights: the float32 dW a vocabulary slab at a time (triton_backend._slabs): h read
     # again per slab, each slab's buffer zeroed, then read and rounded into the 16-bit result
-    slabs = math.ceil(v / max(bn_backward, SLAB_BYTES // (4 * d) // bn_backward * bn_backward)) if e < 4 else 1
+    slab_bytes = min(SLAB_BYTES, max(SLAB_MIN_BYTES, n * d * 4 // SLAB_SHARE))
+    slabs = math.ceil(v / max(bn_backward, slab_bytes // (4 * d) // bn_backward * bn_backward)) if e < 4 else 1
     bwd_hbm += (slabs - 1) * n * d * e + (v * d * (4 + 4 + e) if slabs > 1 else 0)
     backward = Kernel("backward (atomics)", tc_flops=bwd_flops,
                       sfu_ops=n * v * (1 + cap + (1 if recompute_teacher else 0)), hbm_bytes=bwd_hbm,
@@ -501,19 +543,31 @@ def streaming(shape: Shape, *, teacher: Optional[str] = None, bm: Optional[int] 
     extra = {"splits": splits, "atomic_bytes": atomics, "dW_groups": groups, "dW_slabs": slabs}
     if teacher != "dense" and not byte_level:
         k = shape.topk
-        # per slab its dW part reads h and the (N, K) ids and coefficients again
+        # per slab its dW part reads the (N, K) ids and coefficients again, and h for the rows
+        # with an id in the slab: with ids spread evenly a row hits 1 − (1 − 1/slabs)^K of them
+        hit = 1.0 - (1.0 - 1.0 / slabs) ** k if slabs > 1 else 1.0
         correction = Kernel("top-k correction (ids of S)", fp32_flops=4.0 * n * k * d,
-                            hbm_bytes=n * k * d * e + n * d * e + n * d * 4 * 2 + (slabs - 1) * (n * d * e + n * k * 8),
+                            hbm_bytes=n * k * d * e + n * d * e + n * d * 4 * 2
+                            + (slabs - 1) * (hit * n * d * e + n * k * 8),
                             atomic_bytes=n * k * d * 4, programs=row_blocks)
         kernels.append(correction)
         extra["correction_atomic_bytes"] = correction.atomic_bytes
     name = "byte (streaming)" if byte_level else {None: "streaming", "dense": "streaming online dense",
                                                     "topk": "streaming online top-k"}[teacher]
-    return Plan(name, shape, kernels, extra=extra)
+    # per slab the backward tiles and the correction (top-k) are launched again
+    launches = (slabs - 1) * (2 if teacher != "dense" and not byte_level else 1)
+    extra["slab_bytes"] = slab_bytes if slabs > 1 else 0
+    # the backward's peak beside its inputs and results: float32 dh, the slab, and the saved
+    # (N, K) slot coefficients with the correction's int32 ids, and a few float32 values per row
+    extra["extra_memory_bytes"] = n * d * 4 + extra["slab_bytes"] + n * shape.topk * 8 + n * 8 * 4
+    return Plan(name, shape, kernels, extra=extra, launches=launches)
 
 
-# The streaming backward's float32 dW slab for 16-bit weights (fastkd.backends.triton_backend.SLAB_BYTES).
+# The streaming backward's float32 dW slab for 16-bit weights (fastkd.backends.triton_backend:
+# SLAB_BYTES, SLAB_MIN_BYTES, SLAB_SHARE): at most 1/8 of the float32 dh, 16–64 MiB.
 SLAB_BYTES = 64 * 2**20
+SLAB_MIN_BYTES = 16 * 2**20
+SLAB_SHARE = 8
 
 
 # The torch backend's element passes over a chunk x V fp32 block, counted from
@@ -679,7 +733,8 @@ def plans_for(shape: Shape, gpu: Gpu) -> list[Plan]:
     online = replace(shape, teacher_dim=2 * shape.dim)
     b = default_budget(gpu)
     return [
-        fused_head(shape, budget_bytes=b), fused_head(shape, budget_bytes=b, grad_in_gemms=True),
+        fused_head(shape, budget_bytes=b), fused_head(shape, budget_bytes=b, scaled=False),
+        fused_head(shape, budget_bytes=b, grad_in_gemms=True),
         chunked(shape, budget_bytes=b), streaming(shape, gpu=gpu),
         cuda(shape, budget_bytes=b), torch_backend(shape), naive(shape),
         chunked(shape, byte_level=True, budget_bytes=b), streaming(shape, byte_level=True, gpu=gpu),
@@ -750,6 +805,13 @@ def report(gpu_keys=("H100", "H200"), models=tuple(MODELS), tokens=TOKENS, rates
             out.append(HEADER)
             for plan in plans_for(shape, gpu):
                 out.append(_line(row(plan, gpu)))
+            stream = streaming(shape, gpu=gpu)
+            naive_bytes = n * v * 16  # bf16 logits, their fp32 copy, fp32 log-softmax and its grad, bf16 grad
+            out.append(f"streaming extra memory (backward peak: fp32 dh, a {stream.extra['slab_bytes'] / 2**20:g} MiB "
+                       f"dW slab x {stream.extra['dW_slabs']}, (N, K) state): "
+                       f"{stream.extra['extra_memory_bytes'] / 1e6:.0f} MB = "
+                       f"{100 * stream.extra['extra_memory_bytes'] / naive_bytes:.2f} % of the naive loss's "
+                       f"{naive_bytes / 1e9:.1f} GB [target <= 1 %]")
         out.append(f"\nratio to the floor against N ({gpu.name})")
         out.append(f"{'model':<14}{'path':<42}" + "".join(f"{'N=' + str(n):>9}" for n in tokens))
         for model in models:

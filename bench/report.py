@@ -24,6 +24,7 @@ PATH_OF_IMPL = {
     ("fastkd-auto", "topk"): "chunked", ("fastkd-auto", "dense"): "chunked online dense",
     ("fastkd-chunked", "topk"): "chunked", ("fastkd-chunked", "dense"): "chunked online dense",
     ("fastkd-chunked-triton", "topk"): "chunked, Triton epilogues",
+    ("fastkd-chunked-gradpass", "topk"): "chunked, gradient pass",
     ("fastkd-chunked-triton", "dense"): "chunked online dense, Triton epilogues",
     ("fastkd-triton", "topk"): "streaming", ("fastkd-triton", "dense"): "streaming online dense",
     ("fastkd-cuda", "topk"): "cuda", ("fastkd-cuda", "dense"): "cuda online dense",

@@ -93,8 +93,8 @@ def test_fused_head_bytes_per_element_by_hand():
     n, d, v = 512, 64, 1024                 # V = 8 tiles of 128 columns; chunks of 256 rows
     shape = cm.Shape("toy", n, d, v)
     per_row = v * 2 + (v // 128) * 8 * 4  # the tile; partials and the bounds of S per 128 columns
-    plan = cm.fused_head(shape, budget_bytes=per_row * 256)
-    assert plan.extra["chunk_rows"] == 256
+    plan = cm.fused_head(shape, budget_bytes=per_row * 256, scaled=False)
+    assert plan.extra["chunk_rows"] == 256 and plan.path == "chunked, gradient pass"
     assert plan.total("tc_flops") == 6 * n * d * v and plan.logit_passes == pytest.approx(1.0)
     tiles = v // 128
     by_name = lambda name: sum(k.count * k.hbm_bytes for k in plan.kernels if k.name == name)
@@ -116,11 +116,40 @@ def test_fused_head_bytes_per_element_by_hand():
         cm.fused_head(shape, teacher="topk")
 
 
+def test_fused_head_with_the_scaled_tile_by_hand():
+    n, d, v, k = 512, 64, 1024, 64          # 8 tiles of 128 columns; chunks of 256 rows
+    shape = cm.Shape("toy", n, d, v, softcap=30.0, topk=k)
+    per_row = v * 2 + (v // 128) * 8 * 4
+    # the budget holds the float32 dh and the 16-bit σ ⊙ h per row too (6·D B)
+    plan = cm.fused_head(shape, budget_bytes=(per_row + 6 * d) * 256)
+    assert cm.fused_head(shape, budget_bytes=per_row * 256).extra["chunk_rows"] < 256
+    grad_pass = cm.fused_head(shape, budget_bytes=per_row * 256, scaled=False)
+    assert plan.path == "chunked" and plan.extra["chunk_rows"] == 256
+    assert grad_pass.extra["chunk_rows"] == 256
+    names = [kern.name for kern in plan.kernels]
+    assert "grad pass" not in names and "probe (R)" in names and "S into G" in names
+    by_name = lambda p, name: sum(kern.count * kern.hbm_bytes for kern in p.kernels if kern.name == name)
+    # the probe: 4 rows of W and the row of h per row; S and the label: a 32 B sector per entry
+    assert by_name(plan, "probe (R)") == n * 5 * d * 2
+    assert by_name(plan, "S into G") == n * (k + 1) * (12 + 32)
+    # dh out in float32 then × σ into 16 bits; σ ⊙ h for the dW GEMM
+    assert by_name(plan, "dh GEMM") - by_name(grad_pass, "dh GEMM") == n * d * 2
+    assert by_name(plan, "dh × σ") == n * d * (4 + 2) and by_name(plan, "h × σ") == n * d * 4
+    # the softcap's derivative in G: one more exp per element in GEMM 1
+    head = lambda p: sum(kern.count * kern.sfu_ops for kern in p.kernels if kern.name == "fused logits GEMM")
+    assert head(plan) - head(grad_pass) == n * v
+    # what is gone: the grad pass's 2 + 2 B per logit (and its tile max and bounds)
+    saved = by_name(grad_pass, "grad pass")
+    assert saved == n * v * 4 + n * (v // 128) * 8
+    with pytest.raises(ValueError, match="scaled"):
+        cm.fused_head(shape, teacher="dense", scaled=True)
+
+
 def test_fused_head_with_dz_in_the_gradient_gemms_by_hand():
     n, d, v = 512, 320, 1024                # D = 2 blocks of 256 columns (dz made twice); 8 tiles
     shape = cm.Shape("toy", n, d, v, softcap=30.0)
     per_row = v * 2 + math.ceil(v / 128) * 8 * 4
-    plain = cm.fused_head(shape, budget_bytes=per_row * 256)
+    plain = cm.fused_head(shape, budget_bytes=per_row * 256, scaled=False)
     plan = cm.fused_head(shape, budget_bytes=per_row * 256, grad_in_gemms=True)
     assert plan.path == "chunked, dz in the GEMMs (opt-in)"
     assert plan.total("tc_flops") == 6 * n * d * v and plan.extra["chunk_rows"] == 256
@@ -161,6 +190,29 @@ def test_streaming_plan_by_hand():
     # so dW (v x d fp32) is read and written once per row block
     assert plan.extra["dW_groups"] == n // 128
     assert backward.hbm_bytes == (n * d + v * d) * 2 + n * d * 4 + (n // 128) * v * d * 4 * 2
+
+
+def test_streaming_slabs_memory_and_launches():
+    # 16-bit weights at Llama-3-8B's head, N 8192: float32 dW slabs of 1/8 of the float32 dh
+    # (16 MiB: 1024 vocabulary rows, 126 slabs), each slab two more launches (tiles, correction)
+    n, d, v = 8192, 4096, 128256
+    plan = cm.streaming(cm.Shape("llama", n, d, v), gpu=cm.GPUS["H100"])
+    slabs = math.ceil(v / 1024)
+    assert plan.extra["dW_slabs"] == slabs == 126 and plan.extra["slab_bytes"] == 16 * 2**20
+    assert plan.launches == 2 * (slabs - 1)
+    assert plan.launch_time() == pytest.approx(2 * (slabs - 1) * cm.LAUNCH_GAP)
+    # extra memory: the float32 dh, the slab and the (N, K) and per-row state, under 1 % of the
+    # naive loss's 16 B per logit
+    assert plan.extra["extra_memory_bytes"] == n * d * 4 + 16 * 2**20 + n * 64 * 8 + n * 32
+    assert plan.extra["extra_memory_bytes"] <= 0.01 * n * v * 16
+    # each slab's correction reads h only for rows with an id in it
+    correction = plan.kernels[2]
+    hit = 1 - (1 - 1 / slabs) ** 64
+    extra = correction.hbm_bytes - (n * 64 * d * 2 + n * d * 2 + n * d * 4 * 2)
+    assert extra == pytest.approx((slabs - 1) * (hit * n * d * 2 + n * 64 * 8))
+    # float32 weights: the result is the accumulator, one slab, no extra launches
+    fp32 = cm.streaming(cm.Shape("llama", n, d, v, element_bytes=4), gpu=cm.GPUS["H100"])
+    assert fp32.extra["dW_slabs"] == 1 and fp32.launches == 0
 
 
 def test_split_v_fills_the_gpu():

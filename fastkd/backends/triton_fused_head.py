@@ -27,6 +27,17 @@ writes the tile once in 16 bits, so per chunk:
                            with ``triton_epilogue.topk_grad``'s semantics: values set on S, the dense
                            part off S, CE, the softcap derivative, ignored rows exact zeros.
     5. dh = dz·W, dW += dzᵀ·h  as the plan (``chunked._Grads``), on tensor cores.
+    1, 4–5 with the scaled tile (``SCALED_TILE``: the default for bfloat16 on tensor cores,
+                           the bucket tail and/or CE at τ = 1): before GEMM 1 a reference R per
+                           row (the student's z at the teacher's first ``PROBE_IDS`` ids), and
+                           GEMM 1 stores G = e^{z − R}·softcap'(s) in bfloat16 instead of y (a
+                           chunk where a counted row's max z lies > ``REF_WINDOW`` above R is
+                           written again with each row's max). Off S every dz is σ_r·G (the
+                           tail's dense·p and CE's p are per-row multiples of e^z), so after the
+                           combine only S and the CE label (C·(K + 1) entries) are written into G
+                           as dz/σ_r (``scaled_grad``), and dh = σ ⊙ (G·W), dW += Gᵀ·(σ ⊙ h) run
+                           on cuBLAS: no gradient pass, no exp outside GEMM 1. The recomputing
+                           backward (``reduction="none"``) takes R = the forward's lse.
     4–5 with ``GRAD_IN_GEMMS`` (opt-in, top-k): head_dh_kernel and head_dw_kernel, Triton GEMMs
                            whose dz operand tiles are made in registers from y and m_t (the
                            grad pass's formulas, ``_grad_tile``) for every 256 columns of D:
@@ -41,6 +52,9 @@ three bare GEMMs write a 16-bit logits matrix and read a 16-bit dz twice):
     fused plan     GEMM 1 writes the 16-bit tile (as the floor) + partials and tile bounds
                    (7 × 4 B per row per 128 columns ≈ 0.22 B), combine reads ≈ 0.19 B, grad pass
                    reads 2 B (+ m_t and bounds ≈ 0.06 B) and writes 2 B        ≈ 4.5 B excess
+    scaled tile    as the fused plan without its grad pass; (K + 1)·44 B per row for S and the
+                   label, 5·D·2 B per row for the probe, ≈ 12·D B per row to scale dh and h
+                   (Qwen2.5: ≈ 0.6 B per logit)                                 ≈ 0.5 B excess
     FLOPs          2 exp per element (statistics, gradient), + 2 tanh with a softcap, ≈ 20 fp32
                    operations: on the CUDA cores, next to the 2·D tensor FLOPs per element of
                    each GEMM (a few % of the SM's issue slots at D ≥ 1536)
@@ -67,6 +81,16 @@ for every 256 columns of D (16× at Llama's D), overlap the tensor cores as the 
 them (they need 4.0 ms of MUFU and 2.0 ms of CUDA-core time beside 8.7 ms of tensor work per
 gradient GEMM at Llama's shape), and if these Triton GEMMs run as fast as cuBLAS: no GPU has
 timed them, so it is off by default.
+
+The scaled tile removes the grad pass without either assumption: its gradient GEMMs are cuBLAS
+on a 16-bit operand as before, and GEMM 1's epilogue stores e^y times a per-row factor instead of
+y (one more exp per element only with a softcap). Bound (``bench/model.py``, path "chunked"):
+1.01 / 1.01 / 1.01 on the H100 and the H200, against 1.05 / 1.14 / 1.09 (H100) with the grad pass
+(path "chunked, gradient pass"). Precision: G carries bfloat16's 8 bits over e^{−87}..e^{64}, so
+dz = σ_r·G is as exact as a bfloat16 dz (the grad pass rounds dz to bfloat16 too), and σ ⊙ h is
+rounded once more for the dW GEMM; float16 (5 exponent bits: e^{−17}..e^{11}) keeps the grad pass.
+``tests/test_triton_fused_head.py`` checks it against float64 (float32 G: the algebra; bfloat16 G
+from float16 operands: within 4× the error a bfloat16-rounded exact dz gives).
 
 Scope: the offline top-k teacher (``topk_kd_loss``: every divergence and tail mode, CE, softcap, τ,
 ``reduction`` summing (gradients in the forward) or ``"none"`` (one recomputation in the
@@ -109,6 +133,10 @@ from .triton_kernels import _tanh
 _MASKED = tl.constexpr(-1e30)
 # y = z − m_t is stored in float16; below this it is clamped (e^y is 0 in float32 long before).
 _Y_FLOOR = tl.constexpr(-60000.0)
+# The scaled tile G = e^{z − R}: its exponent is capped here, so G stays finite in bfloat16 and a
+# GEMM's float32 sums of G·W stay far from overflow (e^64 ≈ 6e27); the plan checks that every
+# counted row's max z − R is within REF_WINDOW (< this), so the cap never bites there.
+_G_LOG_MAX = tl.constexpr(64.0)
 # Partials per (row, tile): m, sum, tail, ent, CE max, CE sum.
 N_PARTIALS = 6
 _M, _SUM, _TAIL, _ENT, _MCE, _SCE = range(N_PARTIALS)
@@ -123,17 +151,32 @@ def _softcap(x, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(tile_ptr, rows64, row_mask, col_mask, v0, stride_tile, values, SUB_N: tl.constexpr):
+    """``values (BLOCK_M, SUB_N)`` into the tile at columns ``v0 + [0, SUB_N)`` in its dtype, with
+    int32 offsets from the program's first row (a pointer tile made where it is stored, so it is
+    not live across the epilogue)."""
+    first_row = tl.min(rows64, axis=0)
+    offs = (rows64 - first_row).to(tl.int32)[:, None] * stride_tile + tl.arange(0, SUB_N)[None, :]
+    tl.store(tile_ptr + first_row * stride_tile + v0 + offs, values.to(tile_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
 def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
                    b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+                   ref_ptr,
                    stride_ids, stride_bounds, stride_tile, stride_part, stride_zs, inv_temp, cap,
                    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
                    WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
-                   WITH_STATS: tl.constexpr, SUB_N: tl.constexpr):
+                   WITH_STATS: tl.constexpr, SCALED: tl.constexpr, SUB_N: tl.constexpr):
     """Partial-statistics tile ``t`` (columns ``v0 + [0, SUB_N)``) of the float32 accumulator
     ``acc (BLOCK_M, SUB_N)``, ordered to keep one tile-sized value live: the accumulator becomes
     ``y = z − m_t`` (stored at once) and the statistics are reductions of it (the CE max and sum
     from ``τ·y``), then ``e^y``, from which S is removed for the tail after the values at S are
-    read. The wide sm_90 tile (128 registers of accumulator per thread) fits only so."""
+    read. The wide sm_90 tile (128 registers of accumulator per thread) fits only so.
+    ``SCALED``: the tile stored is ``G = e^{z − R}·softcap'(s)`` instead of ``y`` (``R`` per row
+    from ``ref_ptr``; the exponent capped at ``_G_LOG_MAX``): ``e^y`` times a per-row factor, or
+    with a softcap one more exp while ``y`` is live."""
     cols = v0 + tl.arange(0, SUB_N)
     col_mask = cols < V
     row_mask = row_mask & ((rows64 * 0 + t) < n_tiles)  # a split's second half may lie past V
@@ -151,11 +194,20 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
     m = tl.max(acc, axis=1)
     acc = acc - m[:, None]  # y
     tl.store(part_row + _PM * part_stride, m, mask=row_mask)
-    first_row = tl.min(rows64, axis=0)  # int32 offsets from the program's first row and column
-    tile_offs = (rows64 - first_row).to(tl.int32)[:, None] * stride_tile + tl.arange(0, SUB_N)[None, :]
-    tl.store(tile_ptr + first_row * stride_tile + v0 + tile_offs,
-             tl.maximum(acc, _Y_FLOOR).to(tile_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    shift = m * 0.0
+    if SCALED:
+        ref = tl.load(ref_ptr + rows64, mask=row_mask, other=0.0)
+        shift = m - tl.where(ref == ref, ref, m)  # m_t − R (a NaN R: the tile max)
+        if HAS_CAP:  # softcap'(s) = 1 − (s/cap)², s = τ·(y + m_t): while y is live
+            r = (tl.maximum(acc, _Y_FLOOR) + m[:, None]) * (1.0 / (inv_temp * cap))
+            _store_tile(tile_ptr, rows64, row_mask, col_mask, v0, stride_tile,
+                        tl.exp(tl.minimum(acc + shift[:, None], _G_LOG_MAX)) * (1.0 - r * r), SUB_N)
+        elif WITH_STATS:  # here too, at one more exp: later it spills 8 B on the wide tile
+            _store_tile(tile_ptr, rows64, row_mask, col_mask, v0, stride_tile,
+                        tl.exp(tl.minimum(acc + shift[:, None], _G_LOG_MAX)), SUB_N)
+    else:
+        _store_tile(tile_ptr, rows64, row_mask, col_mask, v0, stride_tile,
+                    tl.maximum(acc, _Y_FLOOR), SUB_N)
     if WITH_CE:
         if SEPARATE_CE:  # s = τ·z: max s = τ·m_t, s − max s = τ·y (τ > 0)
             temp = 1.0 / inv_temp
@@ -171,9 +223,16 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
             # an unused slot (id V) meets a masked column: its value is garbage, never read
             zj = tl.sum(tl.where(cols[None, :] == idj[:, None], acc, 0.0), axis=1) + m
             tl.store(zs_ptr + rows64 * stride_zs + lo + j, zj, mask=has)
-    if WITH_STATS:
-        tl.store(part_row + _PENT * part_stride, tl.sum(tl.exp(acc) * acc, axis=1), mask=row_mask)
-    acc = tl.exp(acc)  # e^{z − m_t}
+    if WITH_STATS:  # one exp for Σ e^y·y and e^y
+        e = tl.exp(acc)
+        tl.store(part_row + _PENT * part_stride, tl.sum(e * acc, axis=1), mask=row_mask)
+        acc = e
+    else:
+        acc = tl.exp(acc)  # e^{z − m_t}
+    if SCALED:
+        if not HAS_CAP and not WITH_STATS:  # G = e^y·e^{m_t − R} ≤ e^{_G_LOG_MAX}, pointers made here
+            _store_tile(tile_ptr, rows64, row_mask, col_mask, v0, stride_tile,
+                        acc * tl.exp(tl.minimum(shift, _G_LOG_MAX))[:, None], SUB_N)
     tl.store(part_row + _PSUM * part_stride, tl.sum(acc, axis=1), mask=row_mask)
     if WITH_TAIL:
         if HAS_SET:
@@ -190,6 +249,7 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
 def head_stats_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
+    ref_ptr,
     # shapes (n_tiles: partial-statistics tiles of BLOCK_N // SPLIT columns)
     C, V, D, n_tiles,
     # strides (unit column strides everywhere)
@@ -198,7 +258,7 @@ def head_stats_kernel(
     inv_temp, cap,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
     WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
-    WITH_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_STATS: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -232,8 +292,9 @@ def head_stats_kernel(
         w_ptrs += BLOCK_D
 
     args = (C, V, n_tiles, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr,
-            target_ptr, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs, inv_temp, cap,
-            HAS_BIAS, HAS_CAP, HAS_SET, WITH_TAIL, WITH_CE, SEPARATE_CE, WITH_STATS)
+            target_ptr, ref_ptr, stride_ids, stride_bounds, stride_tile, stride_part, stride_zs,
+            inv_temp, cap, HAS_BIAS, HAS_CAP, HAS_SET, WITH_TAIL, WITH_CE, SEPARATE_CE, WITH_STATS,
+            SCALED)
     if SPLIT == 1:
         _tile_epilogue(acc, rows64, row_mask, v0, pid_n, *args, BLOCK_N)
     else:  # SPLIT 2: the two column halves one after the other
@@ -611,11 +672,13 @@ def tile_dtype(operand: torch.dtype) -> torch.dtype:
 def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_ids: Optional[Tensor],
                labels: Optional[Tensor], inv_temp: float, cap: float, with_tail: bool,
                with_ce: bool, separate_ce: bool, with_stats: bool,
-               tile: Optional[Tensor] = None) -> HeadChunk:
+               tile: Optional[Tensor] = None, reference: Optional[Tensor] = None) -> HeadChunk:
     """GEMM 1 of a chunk with its statistics: ``hidden (C, D)`` and ``weight (V, D)`` in the operand
     dtype (float16, bfloat16 or float32), ``bias (V,)`` float32 or None, ``sorted_ids (C, K)`` int32
     ascending (unused slots ``>= V`` or ``< 0``) or None, ``labels (C,)`` in range (with
-    ``with_ce``). ``tile`` an optional reused ``(≥C, V)`` buffer of ``tile_dtype``."""
+    ``with_ce``). ``tile`` an optional reused ``(≥C, V)`` buffer of ``tile_dtype``.
+    ``reference (C,)`` float32: store the scaled tile ``G = e^{z − R}·softcap'`` (see
+    ``scaled_grad``) in ``tile``, which must then be bfloat16 or float32, instead of ``y``."""
     _check_operands(hidden, weight, bias)
     c, d = hidden.shape
     vocab = weight.shape[0]
@@ -625,6 +688,11 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
         _check_2d("sorted_ids", sorted_ids, (c, k), (torch.int32,), device)
     if with_ce:
         _check_2d("labels", labels, (c,), (torch.int32, torch.int64), device)
+    if reference is not None:
+        _check_2d("reference", reference, (c,), (torch.float32,), device)
+        if tile is None or tile.dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError("head_stats: a reference needs a bfloat16 or float32 tile for the scaled "
+                            f"tile G = e^(z - R), got {None if tile is None else tile.dtype}")
     cfg = _config(device, hidden.dtype, wide_flags(k > 0, with_tail, with_ce))
     bn = cfg["BLOCK_N"] // cfg["SPLIT"]  # columns per partial-statistics tile
     n_tiles = triton.cdiv(vocab, bn)
@@ -645,7 +713,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     ids = sorted_ids if has_set else unused
     bnd = bounds if has_set else unused
     args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else unused, tile,
-            partials, zs, target,
+            partials, zs, target, target if reference is None else reference,
             c, vocab, d, n_tiles,
             hidden.stride(0), weight.stride(0), ids.stride(0), bnd.stride(0), tile.stride(0),
             n_tiles, zs.stride(0),
@@ -653,6 +721,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     meta = dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), HAS_SET=has_set,
                 WITH_TAIL=bool(with_tail), WITH_CE=bool(with_ce),
                 SEPARATE_CE=bool(with_ce) and bool(separate_ce), WITH_STATS=bool(with_stats),
+                SCALED=reference is not None,
                 PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg)
     grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
     _launch(head_stats_kernel, grid, device, args, meta)
@@ -773,6 +842,105 @@ def head_grad_gemms(chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_value
             dict(flags, ACCUMULATE=bool(accumulate), WITH_BIAS=db is not None, **dw_cfg))
 
 
+# The scaled tile (the default for bfloat16 operands on tensor cores, ``SCALED_TILE = "auto"``):
+# GEMM 1 stores G = e^{z − R}·softcap' (R per row, near the row's max) instead of y, so that off S
+# every dz is σ_r·G (the bucket tail's p·dense and CE's p at τ = 1 are both per-row multiples of
+# e^z); S and the CE label are written into G as dz/σ_r (C·(K + 1) entries); then
+# dh = σ ⊙ (G·W) and dW += Gᵀ·(σ ⊙ h) are plain cuBLAS GEMMs. No gradient pass (the 2 + 2 B per
+# logit that kept Qwen2.5's thin head at 1.14x the floor), no exp in the GEMMs (GRAD_IN_GEMMS).
+# bfloat16 only: G spans e^{−87}..e^{64} with 8 bits of mantissa everywhere; float16's range
+# (e^{−17}..e^{11}) cannot. True: wherever eligible (the interpreter tests, any operand dtype);
+# False: never.
+SCALED_TILE = "auto"
+# The reference R: the student's logits at the teacher's first PROBE_IDS ids, computed before
+# GEMM 1 (FusedPass.probe); GEMM 1 runs again for a chunk where a counted row's max z exceeds it by
+# more than REF_WINDOW (then G would lose the entries that carry probability to underflow).
+PROBE_IDS = 4
+REF_WINDOW = 40.0
+# σ_r below 2⁻¹⁰⁰ of a row's largest value on S would put dz/σ_r near bfloat16's overflow: such a
+# row (and a row with σ_r = 0 but values on S) has its G multiplied by σ_r/σ'_r, σ'_r its largest
+# value on S, before S is written: exact to G's own rounding.
+_SIGMA_RATIO = 2.0**-100
+
+
+def scaled_grad(g: Tensor, chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Tensor,
+                kd_lse: Tensor, dense_scale: Optional[Tensor], lse_ce: Optional[Tensor],
+                ce_scale: Optional[Tensor], labels: Optional[Tensor], temperature: float, cap: float,
+                with_tail: bool, with_ce: bool, reference: Tensor, head, hidden: Tensor, grads,
+                rows: slice) -> None:
+    """A chunk's gradients from its scaled tile ``g (C, V)`` (``G = e^{z − R}·softcap'``, written
+    by ``head_stats`` against ``reference``), the arguments of ``head_grad`` (CE only at τ = 1),
+    into ``grads`` (``chunked._Grads``, rows ``rows``) through ``head`` (``chunked._Head``):
+
+        σ_r   = dense_r·e^{R − kd_lse} + ce_r·e^{R − lse_ce}            (dz = σ_r·G off S and label)
+        G[S]  = (value on S + CE term)·softcap' / σ_r,  G[label] likewise where label ∉ S
+        dh    = σ ⊙ (G·W)   (float32 out, then the hidden's dtype),   dW += Gᵀ·(σ ⊙ h),
+        db   += σᵀ·G
+
+    ``g`` is overwritten on S and the label (and rescaled on rows with a tiny σ, ``_SIGMA_RATIO``)."""
+    c, vocab = g.shape
+    acc = torch.float32
+    zero = kd_lse.new_zeros(c)
+    sigma = zero
+    if with_tail:
+        sigma = torch.where(dense_scale != 0, dense_scale * torch.exp(reference - kd_lse), 0.0)
+    if with_ce:
+        sigma = sigma + torch.where(ce_scale != 0, ce_scale * torch.exp(reference - lse_ce), 0.0)
+
+    def softcap_grad(z):
+        return 1.0 - (z * (temperature / cap)) ** 2 if cap else 1.0
+
+    # the entries written into G: S in sorted order (the last of repeated ids, as the gradient
+    # pass's set), then the label where it is not in S
+    ids, values = sorted_ids, sorted_values
+    keep = ids < vocab
+    keep[:, :-1] &= ids[:, 1:] != ids[:, :-1]
+    if with_ce:
+        label = labels.to(ids.dtype)
+        values = values + ce_scale.unsqueeze(1) * (torch.exp(chunk.zs - lse_ce.unsqueeze(1))
+                                                   - (ids == label.unsqueeze(1)).to(acc))
+        z_label = chunk.target  # τ = 1: z = s
+        v_label = ce_scale * (torch.exp(z_label - lse_ce) - 1.0)
+        if with_tail:
+            v_label = v_label + dense_scale * torch.exp(z_label - kd_lse)
+        ids = torch.cat([ids, label.unsqueeze(1)], dim=1)
+        values = torch.cat([values, (v_label * softcap_grad(z_label)).unsqueeze(1)], dim=1)
+        keep = torch.cat([keep, ~(sorted_ids == label.unsqueeze(1)).any(dim=1, keepdim=True)], dim=1)
+        values[:, :-1] *= softcap_grad(chunk.zs)
+    else:
+        values = values * softcap_grad(chunk.zs)
+    values = torch.where(keep, values, 0.0)
+    largest = values.abs().amax(dim=1) if values.shape[1] else zero
+    tiny = (largest > 0) & ~(sigma.abs() >= _SIGMA_RATIO * largest)
+    if bool(tiny.any()):  # rare: rescale those rows of G so that σ'_r = their largest value
+        at = tiny.nonzero().squeeze(1)
+        ratio = torch.where(torch.isfinite(sigma[at]), sigma[at] / largest[at], 0.0)
+        g[at] = (g[at].to(acc) * ratio.unsqueeze(1)).to(g.dtype)
+        sigma = sigma.index_put((at,), largest[at])
+    nonzero = (sigma != 0).unsqueeze(1)
+    scaled = torch.where(nonzero, values / torch.where(nonzero, sigma.unsqueeze(1), 1.0), 0.0)
+    flat = (torch.arange(c, device=g.device).unsqueeze(1) * g.stride(0) + ids.long())[keep]
+    g.view(-1)[flat] = scaled[keep].to(g.dtype)  # unique positions: deterministic
+
+    g_op = g if head.tensor_cores else g.to(head.acc)
+    dh = torch.empty((c, head.weight.shape[1]), dtype=acc, device=g.device)
+    head.grad_hidden(g_op, dh)
+    torch.mul(dh, sigma.unsqueeze(1), out=grads.hidden[rows])
+    del dh
+    if grads.weight is not None:  # σ ⊙ h rounded once to G's dtype (computed in float32)
+        h_scaled = torch.empty(hidden.shape, dtype=g.dtype, device=g.device)
+        torch.mul(hidden.detach(), sigma.unsqueeze(1), out=h_scaled)
+        if not head.tensor_cores:
+            h_scaled = h_scaled.to(head.acc)
+        head.add_grad_weight(grads.weight, g_op, h_scaled, first=grads.first)
+        grads.first = False
+    if grads.bias is not None:
+        if head.tensor_cores:
+            grads.bias += torch.mm(sigma.to(g.dtype).unsqueeze(0), g_op, out_dtype=acc).squeeze(0)
+        else:
+            grads.bias += (sigma.to(g_op.dtype).unsqueeze(0) @ g_op).squeeze(0).to(acc)
+
+
 # ------------------------------------------------------------------------------------------------
 # argument checks (before any kernel runs)
 # ------------------------------------------------------------------------------------------------
@@ -844,6 +1012,18 @@ def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 6
         head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, False, False, False, False)
         head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, True, False, False, True)
         head_stats(hidden, weight, None, None, None, 0.5, 30.0, False, False, False, False)  # a teacher
+        if dtype != torch.float16:  # the scaled tile (bfloat16 G; float32 operands: float32 G)
+            g = chunk.tile if dtype == torch.float32 else chunk.tile.view(torch.bfloat16)
+            # summing forward (wide on sm_90), with CE at τ = 1, the chunk's rerun against its
+            # rows' max, the recomputing backward with CE
+            head_stats(hidden, weight, bias, ids, None, 0.5, 30.0, True, False, False, True, tile=g,
+                       reference=vec)
+            head_stats(hidden, weight, bias, ids, labels, 1.0, 30.0, True, True, False, True, tile=g,
+                       reference=vec)
+            head_stats(hidden, weight, bias, None, None, 1.0, 30.0, False, False, False, False,
+                       tile=g, reference=vec)
+            head_stats(hidden, weight, bias, ids, labels, 1.0, 30.0, False, True, False, False,
+                       tile=g, reference=vec)
         out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
         head_grad(chunk, ids, torch.zeros((rows, k)), vec, vec, vec, vec, labels, 2.0, 30.0,
                   True, True, out)
@@ -866,6 +1046,8 @@ def wide_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
     hidden = torch.zeros((rows, dim), dtype=dtype)
     weight = torch.zeros((vocab, dim), dtype=dtype)
     ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
+    scaled = dict(tile=torch.zeros((rows, vocab), dtype=torch.bfloat16),
+                  reference=torch.zeros(rows, dtype=torch.float32))
     with recording(cc) as launches:
         for with_bias in (False, True):
             bias = torch.zeros(vocab, dtype=torch.float32) if with_bias else None
@@ -873,6 +1055,12 @@ def wide_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
                 for stats in (False, True):
                     head_stats(hidden, weight, bias, ids, None, 0.5, cap, True, False, False, stats)
                     head_stats(hidden, weight, bias, None, None, 0.5, cap, False, False, False, stats)
+                    if dtype == torch.bfloat16:  # the scaled tile: forward, and the chunk's rerun
+                        head_stats(hidden, weight, bias, ids, None, 0.5, cap, True, False, False,
+                                   stats, **scaled)
+                        if not stats:
+                            head_stats(hidden, weight, bias, None, None, 0.5, cap, False, False,
+                                       False, False, **scaled)
     return [_compile_spec(*launch) for launch in launches]
 
 
@@ -885,7 +1073,8 @@ class _FusedPass:
     the chunk height (a 16-bit tile per element, plus a float32 dz block where dz cannot go in
     place: the CPU, float32 operands keep dz in the tile itself) and the reused buffers."""
 
-    def __init__(self, hidden, weight, bias, labels, ignore_index, chunk_bytes, operand, heads=1):
+    def __init__(self, hidden, weight, bias, labels, ignore_index, chunk_bytes, operand, heads=1,
+                 grad_flags=None):
         from . import chunked
         from .torch_backend import counted_rows
         if operand not in (torch.float16, torch.bfloat16, torch.float32):
@@ -902,13 +1091,19 @@ class _FusedPass:
         tdtype = tile_dtype(operand)
         self.in_place = self.head.tensor_cores or tdtype == torch.float32
         per_element = torch.finfo(tdtype).bits // 8 + (0 if self.in_place else 4)
+        # the scaled tile for this call's gradient (``grad_flags``: with_tail, use_ce, temperature)
+        self.use_scaled = grad_flags is not None and self.scaled(*grad_flags)
         # per row and head: the tile (and a float32 dz where not in place), and per 128-column tile
-        # the float32 partials and the two int32 bounds of S: all of it within the budget
+        # the float32 partials and the two int32 bounds of S; with the scaled tile the float32 dh
+        # and the 16-bit σ ⊙ h per row (scaled_grad): all of it within the budget
         row_bytes = heads * (self.vocab * per_element + triton.cdiv(self.vocab, 128) * (N_PARTIALS + 2) * 4)
+        if self.use_scaled:
+            row_bytes += hidden.shape[1] * (4 + 2)
         self.step = chunked.chunk_rows(self.n_rows, row_bytes, 1, chunk_bytes, device=hidden.device)
         shape = (min(self.step, self.n_rows), self.vocab)
         self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
         self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
+        self.recomputed = 0  # chunks whose scaled tile was written again (stats_scaled)
 
     def chunks(self):
         for start in range(0, self.n_rows, self.step):
@@ -917,11 +1112,70 @@ class _FusedPass:
     def labels(self, rows):
         return None if self.safe_labels is None else self.safe_labels[rows]
 
-    def stats(self, hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats):
+    def stats(self, hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats,
+              reference=None):
         h_k = hidden[rows].detach().to(self.operand).contiguous()
         return head_stats(h_k, self.weight_k, self.bias_k, sorted_ids, self.labels(rows),
                           1.0 / temperature, softcap or 0.0, with_tail, use_ce,
-                          use_ce and temperature != 1.0, with_stats, tile=self.tile)
+                          use_ce and temperature != 1.0, with_stats, tile=self.scaled_tile(reference),
+                          reference=reference)
+
+    def scaled_tile(self, reference):
+        """The tile buffer as the stats kernel writes it: ``y`` (float16 or float32), or the scaled
+        tile ``G`` (bfloat16 through a view of the 16-bit buffer, float32 as is)."""
+        if reference is None or self.tile.dtype == torch.float32:
+            return self.tile
+        return self.tile.view(torch.bfloat16)
+
+    def scaled(self, with_tail, use_ce, temperature) -> bool:
+        """Whether this chunk's gradient takes the scaled tile (``SCALED_TILE``, ``scaled_grad``):
+        the dense part of dz off S must be a per-row multiple of ``e^z`` (the bucket tail, CE at
+        τ = 1, or both; not CE at τ ≠ 1, whose softmax is of ``τ·z``)."""
+        if GRAD_IN_GEMMS or not (with_tail or use_ce) or (use_ce and temperature != 1.0):
+            return False
+        if self.head.tensor_cores and self.operand != torch.bfloat16:
+            return False  # G is bfloat16, and cuBLAS takes one operand dtype
+        if SCALED_TILE == "auto":
+            return self.head.tensor_cores and self.operand == torch.bfloat16
+        return bool(SCALED_TILE)
+
+    def probe(self, hidden, rows, ids, temperature, softcap):
+        """The reference ``R`` per row for the scaled tile before GEMM 1 has run: the largest of
+        the student's logits ``z`` at the teacher's first ``PROBE_IDS`` ids (−inf where none is
+        valid), ``C·PROBE_IDS`` gathered rows of W. The plan then checks it against the row's
+        true max (``stats_scaled``)."""
+        ids = ids[:, :PROBE_IDS]
+        valid = (ids >= 0) & (ids < self.vocab)
+        safe = torch.where(valid, ids, 0)
+        h_k = hidden[rows].detach().to(self.operand).unsqueeze(2)
+        if not self.head.tensor_cores:
+            h_k = h_k.to(torch.float32)
+        x = torch.empty(safe.shape, dtype=torch.float32, device=safe.device)
+        for j in range(safe.shape[1]):  # one (C, D) gather at a time
+            w_j = self.weight_k[safe[:, j]].unsqueeze(1).to(h_k.dtype)
+            x[:, j] = torch.bmm(w_j, h_k).view(-1)
+        if self.bias_k is not None:
+            x = x + self.bias_k[safe]
+        if softcap:
+            x = softcap * torch.tanh(x / softcap)
+        return torch.where(valid, x / temperature, float("-inf")).amax(dim=1)
+
+    def stats_scaled(self, hidden, rows, sorted_ids, reference, temperature, softcap, with_tail,
+                     use_ce, with_stats, counted):
+        """GEMM 1 with the scaled tile against ``reference``; where a counted row's max z is more
+        than ``REF_WINDOW`` above its reference (or the reference is not finite), GEMM 1 runs
+        again for the chunk with each row's own max as the reference (``self.recomputed``
+        counts these). Returns the chunk and the reference its tile was written with."""
+        chunk = self.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce,
+                           with_stats, reference=reference)
+        top = chunk.partials[_M].amax(dim=1) if chunk.partials.shape[2] else reference
+        far = counted & ~(top - reference <= REF_WINDOW)
+        if bool(far.any()):
+            reference = torch.where(torch.isfinite(top), top, 0.0).contiguous()
+            self.stats(hidden, rows, None, temperature, softcap, False, False, False,
+                       reference=reference)
+            self.recomputed += 1
+        return chunk, reference
 
     def dz_buffer(self, chunk, rows):
         """Where a chunk's dz goes: over its tile (bfloat16 through a view) or a float32 block."""
@@ -931,18 +1185,29 @@ class _FusedPass:
 
     def grad(self, grads, hidden, chunk, rows, sorted_ids, perm, topk_logits, topk_weights, valid,
              kd_lse, dense, topk_coef, kd_scale, lse_ce, ce_scale, temperature, softcap, with_tail,
-             use_ce):
-        """A chunk's dz into ``grads`` (``chunked._Grads``): the gradient pass then the plan's
-        GEMMs, or, with ``GRAD_IN_GEMMS`` and a weight gradient, dz made inside the two Triton
-        gradient GEMMs (``head_grad_gemms``)."""
-        on_topk = kd_scale.unsqueeze(1) * (
-            topk_weights - torch.exp(topk_logits - kd_lse.unsqueeze(1)) * topk_coef.unsqueeze(1))
+             use_ce, tail_mass, reference=None):
+        """A chunk's dz into ``grads`` (``chunked._Grads``): with a ``reference`` (the chunk's tile
+        is the scaled tile) ``scaled_grad``; else the gradient pass then the plan's GEMMs, or,
+        with ``GRAD_IN_GEMMS`` and a weight gradient, dz made inside the two Triton gradient
+        GEMMs (``head_grad_gemms``)."""
+        from . import chunked
+        p_topk = torch.exp(topk_logits - kd_lse.unsqueeze(1))
+        on_topk = kd_scale.unsqueeze(1) * (topk_weights - p_topk * topk_coef.unsqueeze(1))
         on_topk = torch.where(valid, on_topk, 0.0).gather(1, perm).to(torch.float32)
+        dense_scale = (kd_scale * dense).to(torch.float32)
+        if with_tail:  # the residual along p (chunked.projected)
+            on_topk, dense_scale = chunked.projected(on_topk, dense_scale, tail_mass, sorted_ids,
+                                                     p_topk.gather(1, perm).to(torch.float32),
+                                                     self.vocab)
         args = (sorted_ids, on_topk, kd_lse.to(torch.float32),
-                (kd_scale * dense).to(torch.float32) if with_tail else None,
+                dense_scale if with_tail else None,
                 lse_ce.to(torch.float32) if use_ce else None,
                 ce_scale.to(torch.float32) if use_ce else None,
                 self.labels(rows) if use_ce else None, temperature, softcap or 0.0, with_tail, use_ce)
+        if reference is not None:
+            g = self.scaled_tile(reference)[: rows.stop - rows.start]
+            scaled_grad(g, chunk, *args, reference, self.head, hidden[rows], grads, rows)
+            return
         if GRAD_IN_GEMMS and grads.weight is not None:
             h_k = hidden[rows].detach().to(self.operand).contiguous()
             head_grad_gemms(chunk, *args, self.weight_k, h_k, grads.hidden[rows], grads.weight,
@@ -965,24 +1230,33 @@ def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, di
     from . import chunked
     from .. import divergences as dv
     from .torch_backend import _topk_epilogue, sorted_topk_ids
-    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype)
+    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype,
+                    grad_flags=(with_tail, use_ce, temperature) if grads_in_forward else None)
     n_rows, vocab, counted = ps.n_rows, ps.vocab, ps.counted
     acc = torch.float32
     k = teacher_ids.shape[1]
-    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
     f = dict(dtype=acc, device=hidden.device)
     lse, lse_ce, target, kd_rows = (torch.zeros(n_rows, **f) for _ in range(4))
-    state = torch.zeros((n_rows, 4), **f)
+    state = torch.zeros((n_rows, 5), **f)
     topk_weights = torch.zeros((n_rows, k), **f)
     stats = torch.zeros((n_rows if with_stats else 0, 3), **f)
     kd_scale = counted.to(acc) * (kd_weight * temperature)
     ce_scale = counted.to(acc) * ce_weight
     grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad) if grads_in_forward else None
+    scaled = grads is not None and ps.use_scaled
+    reference = None
     for rows in ps.chunks():
         ids_c, logprobs_c = teacher_ids[rows], teacher_logprobs[rows].to(acc)
         valid_c = ids_c >= 0
         sorted_ids, perm = sorted_topk_ids(ids_c, vocab)
-        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats)
+        if scaled:
+            reference = ps.probe(hidden, rows, ids_c, temperature, softcap)
+            chunk, reference = ps.stats_scaled(hidden, rows, sorted_ids, reference, temperature,
+                                               softcap, with_tail, use_ce, with_stats, counted[rows])
+        else:
+            chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce,
+                             with_stats)
         lse_c, tail_c, lse_ce_c, mean_z_c = combine(chunk, with_tail, use_ce,
                                                     use_ce and temperature != 1.0, with_stats)
         topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
@@ -995,13 +1269,15 @@ def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, di
         topk_weights[rows] = w
         state[rows, chunked._KD_LSE], state[rows, chunked._DENSE_COEF] = kd_lse, dense
         state[rows, chunked._TOPK_COEF] = topk_coef
+        if with_tail:
+            state[rows, chunked._TAIL_MASS] = torch.exp(tail_c - kd_lse)
         if with_stats:
             topk_mass = dv.masked_logsumexp(topk_logits, valid_c).sub(lse_c).exp()
             stats[rows] = torch.stack([lse_c - mean_z_c, lse_c, topk_mass], dim=1)
         if grads is not None:
             ps.grad(grads, hidden, chunk, rows, sorted_ids, perm, topk_logits, w, valid_c, kd_lse,
                     dense, topk_coef, kd_scale[rows], lse_ce_c, ce_scale[rows], temperature,
-                    softcap, with_tail, use_ce)
+                    softcap, with_tail, use_ce, state[rows, chunked._TAIL_MASS], reference=reference)
     state[:, chunked._LSE_CE] = lse_ce
     zero = torch.zeros((), **f)
     kd_rows = torch.where(counted, kd_rows, zero)
@@ -1021,24 +1297,32 @@ def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, t
     tile and the values at S; no statistics), then the gradient pass and GEMMs 2–3."""
     from . import chunked
     from .torch_backend import sorted_topk_ids
-    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype)
+    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
+    ps = _FusedPass(hidden, weight, bias, labels, ignore_index, chunk_bytes, operand_dtype,
+                    grad_flags=(with_tail, use_ce, temperature))
     acc = torch.float32
     g = torch.where(ps.counted, grad_rows.to(acc), 0.0)
     kd_scale, ce_scale = kd_weight * temperature * g, ce_weight * g
-    use_ce, with_tail = ce_weight != 0.0, tail == "bucket"
     grads = chunked._Grads(hidden, weight, bias, ps.head, weight_grad)
     state = state.to(acc)
+    scaled = ps.use_scaled
+    reference = None
     for rows in ps.chunks():
         ids_c = teacher_ids[rows]
         valid_c = ids_c >= 0
         sorted_ids, perm = sorted_topk_ids(ids_c, ps.vocab)
-        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
+        if scaled:  # the forward's log-sum-exp is the reference: G = p·softcap' ≤ 1
+            lse_c = state[rows, chunked._KD_LSE if with_tail else chunked._LSE_CE].contiguous()
+            chunk, reference = ps.stats_scaled(hidden, rows, sorted_ids, lse_c, temperature,
+                                               softcap, False, use_ce, False, ps.counted[rows])
+        else:
+            chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
         topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
         ps.grad(grads, hidden, chunk, rows, sorted_ids, perm, topk_logits,
                 topk_weights[rows].to(acc), valid_c, state[rows, chunked._KD_LSE],
                 state[rows, chunked._DENSE_COEF], state[rows, chunked._TOPK_COEF], kd_scale[rows],
                 state[rows, chunked._LSE_CE], ce_scale[rows], temperature, softcap, with_tail,
-                use_ce)
+                use_ce, state[rows, chunked._TAIL_MASS], reference=reference)
     return grads.result()
 
 
