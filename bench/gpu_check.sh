@@ -8,7 +8,7 @@
 # Steps and their time budgets (each step is killed at its budget; total 500 s = 8 min 20 s):
 #   1. environment (nvidia-smi, versions)                                 30 s
 #   2. install the prepared wheels (peers) into a private site dir        25 s
-#   3. the GPU-marked tests: pytest -m gpu tests (103 tests)              140 s
+#   3. the GPU-marked tests: pytest -m gpu tests (109 tests)              140 s
 #   4. compute-sanitizer (memcheck) on a small subset: every backend once  60 s
 #      on a small shape, fwd+bwd, top-k and dense (bench/sanitize_case.py)
 #   5. the benchmark at the main shapes with the peers, the model's bound 150 s
