@@ -368,10 +368,10 @@ def fused_head(shape: Shape, *, teacher: Optional[str] = None, budget_bytes: int
     with a softcap), no grad pass; before GEMM 1 the probe gathers ``PROBE_IDS`` rows of W per row
     (``R``), after the combine ``K + 1`` entries per row are written into G (a 32 B sector each);
     the dh GEMM writes float32 and is scaled per row into the 16-bit dh, ``h`` is scaled per row
-    into a 16-bit copy for the dW GEMM. GEMM 1 run again for a chunk whose reference is far from a
-    row's max is not counted (it takes a student whose max lies > 40 nats above its logits at all
-    of the teacher's first ids). The gradient-pass plan (``scaled=False``) is what float16
-    operands run:
+    into a 16-bit copy for the dW GEMM. GEMM 1 run again for the program tiles of a row whose
+    reference is far from its max is not counted (it takes a student whose max lies > 40 nats
+    above its logits at all of the teacher's first ids; otherwise that launch's programs return at
+    once). The gradient-pass plan (``scaled=False``) is what float16 operands run:
 
     - fused logits GEMM: ``2·c·V·D`` tensor FLOPs, reads ``h_c`` and W, writes the 16-bit tile
       and ``FUSED_PARTIALS`` float32 partials per (row, ``FUSED_TILE``-column tile) plus the

@@ -55,7 +55,7 @@ def tensor_core_ops(cubin: bytes) -> dict:
 def _flags(constexprs: dict) -> str:
     """The boolean flags a launch sets, e.g. ``BIAS,CAP,SET,TAIL``."""
     names = [k.replace("HAS_", "").replace("WITH_", "") for k, v in constexprs.items()
-             if v is True and k.startswith(("HAS_", "WITH_", "SEPARATE_", "GRAD", "SCALED"))]
+             if v is True and k.startswith(("HAS_", "WITH_", "SEPARATE_", "GRAD", "SCALED", "ONLY_"))]
     return ",".join(names) or "-"
 
 

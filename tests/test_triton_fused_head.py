@@ -248,18 +248,19 @@ def test_scaled_tile_not_taken_for_ce_at_a_temperature(monkeypatch):
 
 
 def test_scaled_tile_far_reference_is_recomputed(monkeypatch):
-    """Rows whose max logit lies far (> REF_WINDOW) above the student's logits at the teacher's
-    first ids: GEMM 1 runs again with each row's own max, and the gradients stay exact."""
+    """A row whose max logit lies far (> REF_WINDOW) above the student's logits at the teacher's
+    first ids: GEMM 1 runs again for the program tiles holding it, with that row's own max, and
+    the gradients stay exact."""
     monkeypatch.setattr(fh, "SCALED_TILE", True)
-    runs = []
-    original = fh._FusedPass.stats_scaled
+    rewritten = []
+    original = fh.scaled_grad
 
-    def spy(self, *a, **k):
-        out = original(self, *a, **k)
-        runs.append(self.recomputed)
-        return out
+    def counting(*args, **kwargs):
+        count = original(*args, **kwargs)
+        rewritten.append(int(count))
+        return count
 
-    monkeypatch.setattr(fh._FusedPass, "stats_scaled", spy)
+    monkeypatch.setattr(fh, "scaled_grad", counting)
     case = ("far-f32", torch.float32, "peaked", "bucket", "reverse_kl", 0.5, 1.0, None, 0.5, "mean", False)
     gen = torch.Generator().manual_seed(11)
     hidden, weight, bias, ids, logprobs, labels, grad_rows = _problem("peaked", torch.float32, gen)
@@ -270,7 +271,7 @@ def test_scaled_tile_far_reference_is_recomputed(monkeypatch):
     weight = weight.float()
     args = (hidden, weight, None, ids, logprobs, labels, grad_rows, case)
     fused = _plan("fused", *args, row_extra=SCALED_ROW_BYTES)
-    assert runs == [1, 1], f"GEMM 1 recomputed for the first chunk only: {runs}"
+    assert rewritten == [1, 0], f"rows written again per chunk: {rewritten}"
     ref = _reference(torch.float64, *args)
     plain = _reference(torch.float32, *args)
     for what, out, r, p in zip(("loss", "d hidden", "d weight"), fused, ref, plain):
@@ -279,9 +280,10 @@ def test_scaled_tile_far_reference_is_recomputed(monkeypatch):
 
 
 def test_scaled_grad_rows_with_a_tiny_or_zero_sigma():
-    """``scaled_grad`` directly: σ = 0 with values on S (the tile rescaled), σ = 1e-35 (dz/σ
-    would overflow bfloat16: rescaled), σ ordinary; repeated ids keep the last value, unused slots
-    none. dh, dW, db against float64 from the dz it stands for."""
+    """``scaled_grad`` directly: σ = 0 with values on S, σ ≈ 2e-40 (dz/σ would overflow
+    bfloat16): both rows are written again against R = +inf (G = 0 off S, σ = 1; the rerun stands
+    in for GEMM 1), σ ordinary; repeated ids keep the last value, unused slots none. dh, dW, db
+    against float64 from the dz they stand for (the tiny row's part off S, ~1e-40, dropped)."""
     gen = torch.Generator().manual_seed(2)
     c, vocab, dim = 3, 40, 8
     hidden = torch.randn(c, dim, generator=gen)
@@ -293,8 +295,9 @@ def test_scaled_grad_rows_with_a_tiny_or_zero_sigma():
     kd_lse = torch.tensor([0.0, 10.0, 1.0])
     reference = torch.tensor([0.0, -70.0, 0.5])
     dense = torch.tensor([0.0, 1e-5, 2.0])  # σ = 0, 1e-5·e^{-80} ≈ 2e-40, 2·e^{-0.5}
-    sigma = dense * torch.exp((reference - kd_lse).double()).float()
-    dz = sigma.double().unsqueeze(1) * g.double()
+    sigma = dense.double() * torch.exp((reference - kd_lse).double())
+    dz = sigma.unsqueeze(1) * g.double()
+    dz[:2] = 0.0  # rows 0 and 1: nothing off S
     for r in range(c):
         for j in range(4):
             i = int(sorted_ids[r, j])
@@ -302,16 +305,26 @@ def test_scaled_grad_rows_with_a_tiny_or_zero_sigma():
                 dz[r, i] = float(values[r, j])
     head = chunked._Head(weight, bias, torch.float32)
     grads = chunked._Grads(hidden, weight, bias, head, True)
-    chunk = fh.HeadChunk(g, None, torch.zeros(c, 4), torch.zeros(c), 32, None)
-    fh.scaled_grad(g, chunk, sorted_ids, values, kd_lse, dense, None, None, None, 1.0, 0.0, True,
-                   False, reference, head, hidden, grads, slice(0, c))
+    partials = torch.zeros(fh.N_PARTIALS, c, 1)
+    partials[fh._M] = reference.unsqueeze(1)  # the rows' max z: within REF_WINDOW of R
+    chunk = fh.HeadChunk(g, partials, torch.zeros(c, 4), torch.zeros(c), 32, None)
+    reruns = []
+
+    def rerun(ref, flags):  # GEMM 1 again for the flagged rows against ``ref``
+        reruns.append(flags.tolist())
+        at = flags.bool()
+        g[at] = (g[at].double() * torch.exp(reference[at].double() - ref[at].double()).unsqueeze(1)).to(g.dtype)
+
+    count = fh.scaled_grad(g, chunk, sorted_ids, values, kd_lse, dense, None, None, None, 1.0, 0.0,
+                           True, False, reference, head, hidden, grads, slice(0, c), rerun)
+    assert reruns == [[1, 1, 0]] and int(count) == 2
     dh, dw, db = grads.result()
     h64, w64 = hidden.double(), weight.double()
     for what, out, ref in (("dh", dh, dz @ w64), ("dW", dw, dz.T @ h64), ("db", db, dz.sum(0))):
         assert torch.isfinite(out).all(), what
         assert rel_error(out, ref) < 2**-7, f"{what}: {rel_error(out, ref):.2e}"
-    # row 0: σ = 0, so nothing but S; row 1's dh carries its S values, not 1e-5 of noise
-    assert rel_error(dh[0], dz[0] @ w64) < 2**-7 and rel_error(dh[1], dz[1] @ w64) < 2**-7
+    for r in range(2):  # the rows' own gradients, each carried by its values on S alone
+        assert rel_error(dh[r], dz[r] @ w64) < 2**-7, r
 
 
 def test_scaled_tile_stored_against_float64():

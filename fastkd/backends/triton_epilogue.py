@@ -824,7 +824,7 @@ def recording():
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+                 torch.float64: "fp64", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 
 
 def _compile_spec(kernel, args: tuple, meta: dict) -> dict:

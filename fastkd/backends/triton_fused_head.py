@@ -31,8 +31,8 @@ writes the tile once in 16 bits, so per chunk:
                            the bucket tail and/or CE at τ = 1): before GEMM 1 a reference R per
                            row (the student's z at the teacher's first ``PROBE_IDS`` ids), and
                            GEMM 1 stores G = e^{z − R}·softcap'(s) in bfloat16 instead of y (a
-                           chunk where a counted row's max z lies > ``REF_WINDOW`` above R is
-                           written again with each row's max). Off S every dz is σ_r·G (the
+                           program tile with a row whose max z lies > ``REF_WINDOW`` above R is
+                           written again with that max, on the device). Off S every dz is σ_r·G (the
                            tail's dense·p and CE's p are per-row multiples of e^z), so after the
                            combine only S and the CE label (C·(K + 1) entries) are written into G
                            as dz/σ_r (``scaled_grad``), and dh = σ ⊙ (G·W), dW += Gᵀ·(σ ⊙ h) run
@@ -249,7 +249,7 @@ def _tile_epilogue(acc, rows64, row_mask, v0, t, C, V, n_tiles,
 def head_stats_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, ids_ptr, bounds_ptr, labels_ptr, tile_ptr, part_ptr, zs_ptr, target_ptr,
-    ref_ptr,
+    ref_ptr, flags_ptr,
     # shapes (n_tiles: partial-statistics tiles of BLOCK_N // SPLIT columns)
     C, V, D, n_tiles,
     # strides (unit column strides everywhere)
@@ -258,7 +258,8 @@ def head_stats_kernel(
     inv_temp, cap,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SET: tl.constexpr,
     WITH_TAIL: tl.constexpr, WITH_CE: tl.constexpr, SEPARATE_CE: tl.constexpr,
-    WITH_STATS: tl.constexpr, SCALED: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_STATS: tl.constexpr, SCALED: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -277,6 +278,10 @@ def head_stats_kernel(
     cols = v0 + tl.arange(0, BLOCK_N)
     row_mask = rows < C
     col_mask = cols < V
+    if ONLY_FLAGGED:  # a rerun for some rows (scaled_grad): blocks without one leave at once
+        flagged = tl.load(flags_ptr + rows, mask=row_mask, other=0)
+        if tl.max(flagged, axis=0) == 0:
+            return
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
@@ -672,13 +677,16 @@ def tile_dtype(operand: torch.dtype) -> torch.dtype:
 def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_ids: Optional[Tensor],
                labels: Optional[Tensor], inv_temp: float, cap: float, with_tail: bool,
                with_ce: bool, separate_ce: bool, with_stats: bool,
-               tile: Optional[Tensor] = None, reference: Optional[Tensor] = None) -> HeadChunk:
+               tile: Optional[Tensor] = None, reference: Optional[Tensor] = None,
+               flags: Optional[Tensor] = None) -> HeadChunk:
     """GEMM 1 of a chunk with its statistics: ``hidden (C, D)`` and ``weight (V, D)`` in the operand
     dtype (float16, bfloat16 or float32), ``bias (V,)`` float32 or None, ``sorted_ids (C, K)`` int32
     ascending (unused slots ``>= V`` or ``< 0``) or None, ``labels (C,)`` in range (with
     ``with_ce``). ``tile`` an optional reused ``(≥C, V)`` buffer of ``tile_dtype``.
     ``reference (C,)`` float32: store the scaled tile ``G = e^{z − R}·softcap'`` (see
-    ``scaled_grad``) in ``tile``, which must then be bfloat16 or float32, instead of ``y``."""
+    ``scaled_grad``) in ``tile``, which must then be bfloat16 or float32, instead of ``y``.
+    ``flags (C,)`` int8: only the program tiles with a flagged row run (the others return at
+    once); the rest of the tile and the outputs are left as they are."""
     _check_operands(hidden, weight, bias)
     c, d = hidden.shape
     vocab = weight.shape[0]
@@ -693,6 +701,8 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
         if tile is None or tile.dtype not in (torch.bfloat16, torch.float32):
             raise TypeError("head_stats: a reference needs a bfloat16 or float32 tile for the scaled "
                             f"tile G = e^(z - R), got {None if tile is None else tile.dtype}")
+    if flags is not None:
+        _check_2d("flags", flags, (c,), (torch.int8,), device)
     cfg = _config(device, hidden.dtype, wide_flags(k > 0, with_tail, with_ce))
     bn = cfg["BLOCK_N"] // cfg["SPLIT"]  # columns per partial-statistics tile
     n_tiles = triton.cdiv(vocab, bn)
@@ -714,6 +724,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     bnd = bounds if has_set else unused
     args = (hidden, weight, zs if bias is None else bias, ids, bnd, labels if with_ce else unused, tile,
             partials, zs, target, target if reference is None else reference,
+            target if flags is None else flags,
             c, vocab, d, n_tiles,
             hidden.stride(0), weight.stride(0), ids.stride(0), bnd.stride(0), tile.stride(0),
             n_tiles, zs.stride(0),
@@ -721,7 +732,7 @@ def head_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sorted_id
     meta = dict(HAS_BIAS=bias is not None, HAS_CAP=bool(cap), HAS_SET=has_set,
                 WITH_TAIL=bool(with_tail), WITH_CE=bool(with_ce),
                 SEPARATE_CE=bool(with_ce) and bool(separate_ce), WITH_STATS=bool(with_stats),
-                SCALED=reference is not None,
+                SCALED=reference is not None, ONLY_FLAGGED=flags is not None,
                 PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg)
     grid = (triton.cdiv(c, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
     _launch(head_stats_kernel, grid, device, args, meta)
@@ -857,17 +868,18 @@ SCALED_TILE = "auto"
 # more than REF_WINDOW (then G would lose the entries that carry probability to underflow).
 PROBE_IDS = 4
 REF_WINDOW = 40.0
-# σ_r below 2⁻¹⁰⁰ of a row's largest value on S would put dz/σ_r near bfloat16's overflow: such a
-# row (and a row with σ_r = 0 but values on S) has its G multiplied by σ_r/σ'_r, σ'_r its largest
-# value on S, before S is written: exact to G's own rounding.
-_SIGMA_RATIO = 2.0**-100
+# A row whose σ_r is below 2⁻¹¹⁰ of its largest value on S (dz/σ_r would approach bfloat16's
+# overflow; σ_r = 0 with values on S) drops its part off S: with max z − R ≤ REF_WINDOW every
+# G ≤ e⁴⁰, so that part totals < 2⁻³⁰ of the largest value (V < 2²⁰). GEMM 1 writes its G again
+# against R = +inf (G = 0 off S) and σ_r is taken as 1.
+_SIGMA_RATIO = 2.0**-110
 
 
 def scaled_grad(g: Tensor, chunk: HeadChunk, sorted_ids: Optional[Tensor], sorted_values: Tensor,
                 kd_lse: Tensor, dense_scale: Optional[Tensor], lse_ce: Optional[Tensor],
                 ce_scale: Optional[Tensor], labels: Optional[Tensor], temperature: float, cap: float,
                 with_tail: bool, with_ce: bool, reference: Tensor, head, hidden: Tensor, grads,
-                rows: slice) -> None:
+                rows: slice, rerun) -> Tensor:
     """A chunk's gradients from its scaled tile ``g (C, V)`` (``G = e^{z − R}·softcap'``, written
     by ``head_stats`` against ``reference``), the arguments of ``head_grad`` (CE only at τ = 1),
     into ``grads`` (``chunked._Grads``, rows ``rows``) through ``head`` (``chunked._Head``):
@@ -877,50 +889,68 @@ def scaled_grad(g: Tensor, chunk: HeadChunk, sorted_ids: Optional[Tensor], sorte
         dh    = σ ⊙ (G·W)   (float32 out, then the hidden's dtype),   dW += Gᵀ·(σ ⊙ h),
         db   += σᵀ·G
 
-    ``g`` is overwritten on S and the label (and rescaled on rows with a tiny σ, ``_SIGMA_RATIO``)."""
+    Rows whose max z lies more than ``REF_WINDOW`` above R (their G lost what carries probability
+    to underflow) take their own max as R, rows with a tiny σ (``_SIGMA_RATIO``) R = +inf:
+    ``rerun(reference, flags)`` runs GEMM 1 again for the program tiles with such a row only (all
+    on the device: no host sync). ``g`` is overwritten on S and the label. Returns the number of
+    rows written again (a device scalar)."""
+    from .torch_epilogue import _set_at_
     c, vocab = g.shape
     acc = torch.float32
     zero = kd_lse.new_zeros(c)
-    sigma = zero
-    if with_tail:
-        sigma = torch.where(dense_scale != 0, dense_scale * torch.exp(reference - kd_lse), 0.0)
-    if with_ce:
-        sigma = sigma + torch.where(ce_scale != 0, ce_scale * torch.exp(reference - lse_ce), 0.0)
+
+    def sigma_at(ref):
+        sigma = zero
+        if with_tail:
+            sigma = torch.where(dense_scale != 0, dense_scale * torch.exp(ref - kd_lse), 0.0)
+        if with_ce:
+            sigma = sigma + torch.where(ce_scale != 0, ce_scale * torch.exp(ref - lse_ce), 0.0)
+        return sigma
 
     def softcap_grad(z):
         return 1.0 - (z * (temperature / cap)) ** 2 if cap else 1.0
 
-    # the entries written into G: S in sorted order (the last of repeated ids, as the gradient
-    # pass's set), then the label where it is not in S
-    ids, values = sorted_ids, sorted_values
-    keep = ids < vocab
-    keep[:, :-1] &= ids[:, 1:] != ids[:, :-1]
+    # the entries written into G: S in sorted order (a repeated id takes the value of its last
+    # slot, as the gradient pass's set), then the label where it is not in S
+    ids, values, z_s = sorted_ids, sorted_values, chunk.zs
+    valid = ids < vocab
+    if ids.shape[1]:
+        last = torch.searchsorted(ids, ids, right=True) - 1  # the last slot of each id's run
+        values, z_s = values.gather(1, last), z_s.gather(1, last)
     if with_ce:
         label = labels.to(ids.dtype)
-        values = values + ce_scale.unsqueeze(1) * (torch.exp(chunk.zs - lse_ce.unsqueeze(1))
+        values = values + ce_scale.unsqueeze(1) * (torch.exp(z_s - lse_ce.unsqueeze(1))
                                                    - (ids == label.unsqueeze(1)).to(acc))
         z_label = chunk.target  # τ = 1: z = s
         v_label = ce_scale * (torch.exp(z_label - lse_ce) - 1.0)
         if with_tail:
             v_label = v_label + dense_scale * torch.exp(z_label - kd_lse)
         ids = torch.cat([ids, label.unsqueeze(1)], dim=1)
-        values = torch.cat([values, (v_label * softcap_grad(z_label)).unsqueeze(1)], dim=1)
-        keep = torch.cat([keep, ~(sorted_ids == label.unsqueeze(1)).any(dim=1, keepdim=True)], dim=1)
-        values[:, :-1] *= softcap_grad(chunk.zs)
+        values = torch.cat([values * softcap_grad(z_s), (v_label * softcap_grad(z_label)).unsqueeze(1)],
+                           dim=1)
+        valid = torch.cat([valid, ~(sorted_ids == label.unsqueeze(1)).any(dim=1, keepdim=True)], dim=1)
     else:
-        values = values * softcap_grad(chunk.zs)
-    values = torch.where(keep, values, 0.0)
+        values = values * softcap_grad(z_s)
+    values = torch.where(valid, values, 0.0)
     largest = values.abs().amax(dim=1) if values.shape[1] else zero
+    live = largest > 0
+    if with_tail:
+        live = live | (dense_scale != 0)
+    if with_ce:
+        live = live | (ce_scale != 0)
+    top = chunk.partials[_M].amax(dim=1)
+    far = live & ~(top - reference <= REF_WINDOW)
+    reference = torch.where(far, torch.where(torch.isfinite(top), top, 0.0), reference)
+    sigma = sigma_at(reference)
     tiny = (largest > 0) & ~(sigma.abs() >= _SIGMA_RATIO * largest)
-    if bool(tiny.any()):  # rare: rescale those rows of G so that σ'_r = their largest value
-        at = tiny.nonzero().squeeze(1)
-        ratio = torch.where(torch.isfinite(sigma[at]), sigma[at] / largest[at], 0.0)
-        g[at] = (g[at].to(acc) * ratio.unsqueeze(1)).to(g.dtype)
-        sigma = sigma.index_put((at,), largest[at])
+    reference = torch.where(tiny, float("inf"), reference)
+    sigma = torch.where(tiny, 1.0, sigma)
+    flags = (far | tiny).to(torch.int8)
+    rerun(reference.contiguous(), flags)
     nonzero = (sigma != 0).unsqueeze(1)
     scaled = torch.where(nonzero, values / torch.where(nonzero, sigma.unsqueeze(1), 1.0), 0.0)
-    flat = (torch.arange(c, device=g.device).unsqueeze(1) * g.stride(0) + ids.long())[keep]
-    g.view(-1)[flat] = scaled[keep].to(g.dtype)  # unique positions: deterministic
+    if ids.shape[1]:  # one value per position: deterministic, and no host sync
+        _set_at_(g, ids.clamp(max=vocab - 1).long(), valid, scaled)
 
     g_op = g if head.tensor_cores else g.to(head.acc)
     dh = torch.empty((c, head.weight.shape[1]), dtype=acc, device=g.device)
@@ -939,6 +969,7 @@ def scaled_grad(g: Tensor, chunk: HeadChunk, sorted_ids: Optional[Tensor], sorte
             grads.bias += torch.mm(sigma.to(g.dtype).unsqueeze(0), g_op, out_dtype=acc).squeeze(0)
         else:
             grads.bias += (sigma.to(g_op.dtype).unsqueeze(0) @ g_op).squeeze(0).to(acc)
+    return flags.sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1021,7 +1052,7 @@ def compile_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 6
             head_stats(hidden, weight, bias, ids, labels, 1.0, 30.0, True, True, False, True, tile=g,
                        reference=vec)
             head_stats(hidden, weight, bias, None, None, 1.0, 30.0, False, False, False, False,
-                       tile=g, reference=vec)
+                       tile=g, reference=vec, flags=torch.zeros(rows, dtype=torch.int8))
             head_stats(hidden, weight, bias, ids, labels, 1.0, 30.0, False, True, False, False,
                        tile=g, reference=vec)
         out = chunk.tile if dtype != torch.bfloat16 else chunk.tile.view(torch.bfloat16)
@@ -1048,6 +1079,7 @@ def wide_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
     ids = torch.arange(k, dtype=torch.int32).repeat(rows, 1)
     scaled = dict(tile=torch.zeros((rows, vocab), dtype=torch.bfloat16),
                   reference=torch.zeros(rows, dtype=torch.float32))
+    rerun = dict(scaled, flags=torch.zeros(rows, dtype=torch.int8))
     with recording(cc) as launches:
         for with_bias in (False, True):
             bias = torch.zeros(vocab, dtype=torch.float32) if with_bias else None
@@ -1058,9 +1090,9 @@ def wide_specs(cc: int = 90, vocab: int = 128256, dim: int = 4096, k: int = 64,
                     if dtype == torch.bfloat16:  # the scaled tile: forward, and the chunk's rerun
                         head_stats(hidden, weight, bias, ids, None, 0.5, cap, True, False, False,
                                    stats, **scaled)
-                        if not stats:
+                        if not stats:  # the rerun of flagged rows' program tiles
                             head_stats(hidden, weight, bias, None, None, 0.5, cap, False, False,
-                                       False, False, **scaled)
+                                       False, False, **rerun)
     return [_compile_spec(*launch) for launch in launches]
 
 
@@ -1103,7 +1135,7 @@ class _FusedPass:
         shape = (min(self.step, self.n_rows), self.vocab)
         self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
         self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
-        self.recomputed = 0  # chunks whose scaled tile was written again (stats_scaled)
+        self.rewritten = torch.zeros((), dtype=torch.int64, device=hidden.device)  # rows (scaled_grad)
 
     def chunks(self):
         for start in range(0, self.n_rows, self.step):
@@ -1113,12 +1145,12 @@ class _FusedPass:
         return None if self.safe_labels is None else self.safe_labels[rows]
 
     def stats(self, hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce, with_stats,
-              reference=None):
+              reference=None, flags=None):
         h_k = hidden[rows].detach().to(self.operand).contiguous()
         return head_stats(h_k, self.weight_k, self.bias_k, sorted_ids, self.labels(rows),
                           1.0 / temperature, softcap or 0.0, with_tail, use_ce,
                           use_ce and temperature != 1.0, with_stats, tile=self.scaled_tile(reference),
-                          reference=reference)
+                          reference=reference, flags=flags)
 
     def scaled_tile(self, reference):
         """The tile buffer as the stats kernel writes it: ``y`` (float16 or float32), or the scaled
@@ -1142,8 +1174,8 @@ class _FusedPass:
     def probe(self, hidden, rows, ids, temperature, softcap):
         """The reference ``R`` per row for the scaled tile before GEMM 1 has run: the largest of
         the student's logits ``z`` at the teacher's first ``PROBE_IDS`` ids (−inf where none is
-        valid), ``C·PROBE_IDS`` gathered rows of W. The plan then checks it against the row's
-        true max (``stats_scaled``)."""
+        valid), ``C·PROBE_IDS`` gathered rows of W. ``scaled_grad`` checks it against the row's
+        true max."""
         ids = ids[:, :PROBE_IDS]
         valid = (ids >= 0) & (ids < self.vocab)
         safe = torch.where(valid, ids, 0)
@@ -1159,23 +1191,6 @@ class _FusedPass:
         if softcap:
             x = softcap * torch.tanh(x / softcap)
         return torch.where(valid, x / temperature, float("-inf")).amax(dim=1)
-
-    def stats_scaled(self, hidden, rows, sorted_ids, reference, temperature, softcap, with_tail,
-                     use_ce, with_stats, counted):
-        """GEMM 1 with the scaled tile against ``reference``; where a counted row's max z is more
-        than ``REF_WINDOW`` above its reference (or the reference is not finite), GEMM 1 runs
-        again for the chunk with each row's own max as the reference (``self.recomputed``
-        counts these). Returns the chunk and the reference its tile was written with."""
-        chunk = self.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce,
-                           with_stats, reference=reference)
-        top = chunk.partials[_M].amax(dim=1) if chunk.partials.shape[2] else reference
-        far = counted & ~(top - reference <= REF_WINDOW)
-        if bool(far.any()):
-            reference = torch.where(torch.isfinite(top), top, 0.0).contiguous()
-            self.stats(hidden, rows, None, temperature, softcap, False, False, False,
-                       reference=reference)
-            self.recomputed += 1
-        return chunk, reference
 
     def dz_buffer(self, chunk, rows):
         """Where a chunk's dz goes: over its tile (bfloat16 through a view) or a float32 block."""
@@ -1206,7 +1221,13 @@ class _FusedPass:
                 self.labels(rows) if use_ce else None, temperature, softcap or 0.0, with_tail, use_ce)
         if reference is not None:
             g = self.scaled_tile(reference)[: rows.stop - rows.start]
-            scaled_grad(g, chunk, *args, reference, self.head, hidden[rows], grads, rows)
+
+            def rerun(ref, flags):
+                self.stats(hidden, rows, None, temperature, softcap, False, False, False,
+                           reference=ref, flags=flags)
+
+            self.rewritten += scaled_grad(g, chunk, *args, reference, self.head, hidden[rows],
+                                          grads, rows, rerun)
             return
         if GRAD_IN_GEMMS and grads.weight is not None:
             h_k = hidden[rows].detach().to(self.operand).contiguous()
@@ -1252,11 +1273,8 @@ def topk_forward(hidden, weight, bias, teacher_ids, teacher_logprobs, labels, di
         sorted_ids, perm = sorted_topk_ids(ids_c, vocab)
         if scaled:
             reference = ps.probe(hidden, rows, ids_c, temperature, softcap)
-            chunk, reference = ps.stats_scaled(hidden, rows, sorted_ids, reference, temperature,
-                                               softcap, with_tail, use_ce, with_stats, counted[rows])
-        else:
-            chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce,
-                             with_stats)
+        chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, with_tail, use_ce,
+                         with_stats, reference=reference)
         lse_c, tail_c, lse_ce_c, mean_z_c = combine(chunk, with_tail, use_ce,
                                                     use_ce and temperature != 1.0, with_stats)
         topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
@@ -1312,9 +1330,9 @@ def topk_backward(grad_rows, hidden, weight, bias, teacher_ids, labels, state, t
         valid_c = ids_c >= 0
         sorted_ids, perm = sorted_topk_ids(ids_c, ps.vocab)
         if scaled:  # the forward's log-sum-exp is the reference: G = p·softcap' ≤ 1
-            lse_c = state[rows, chunked._KD_LSE if with_tail else chunked._LSE_CE].contiguous()
-            chunk, reference = ps.stats_scaled(hidden, rows, sorted_ids, lse_c, temperature,
-                                               softcap, False, use_ce, False, ps.counted[rows])
+            reference = state[rows, chunked._KD_LSE if with_tail else chunked._LSE_CE].contiguous()
+            chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, use_ce, False,
+                             reference=reference)
         else:
             chunk = ps.stats(hidden, rows, sorted_ids, temperature, softcap, False, False, False)
         topk_logits = torch.where(valid_c, _unsort(chunk.zs, perm), 0.0)
