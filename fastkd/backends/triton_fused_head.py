@@ -942,7 +942,7 @@ def scaled_grad(g: Tensor, chunk: HeadChunk, sorted_ids: Optional[Tensor], sorte
     far = live & ~(top - reference <= REF_WINDOW)
     reference = torch.where(far, torch.where(torch.isfinite(top), top, 0.0), reference)
     sigma = sigma_at(reference)
-    tiny = (largest > 0) & ~(sigma.abs() >= _SIGMA_RATIO * largest)
+    tiny = (largest > 0) & (sigma.abs() < _SIGMA_RATIO * largest)  # a NaN σ stays: NaN out
     reference = torch.where(tiny, float("inf"), reference)
     sigma = torch.where(tiny, 1.0, sigma)
     flags = (far | tiny).to(torch.int8)
