@@ -367,18 +367,22 @@ def _trl(x: dict, case: Case):
     return step
 
 
-def _fastkd_triton_epilogues(x: dict, case: Case):
-    """``impl="chunked"`` with cuBLAS and the Triton epilogues (``chunked_epilogue="triton"``)
-    instead of the default fused head: the row that says whether the default is the right one."""
-    step = _fastkd("chunked")(x, case)
-
+def _with_setting(step: Callable[[], object], owner, name: str, value) -> Callable[[], object]:
+    """``step`` run with ``owner.name = value`` for its duration (restored after, even on error)."""
     def run():
-        saved, fastkd.config.chunked_epilogue = fastkd.config.chunked_epilogue, "triton"
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
         try:
             return step()
         finally:
-            fastkd.config.chunked_epilogue = saved
+            setattr(owner, name, saved)
     return run
+
+
+def _fastkd_triton_epilogues(x: dict, case: Case):
+    """``impl="chunked"`` with cuBLAS and the Triton epilogues (``chunked_epilogue="triton"``)
+    instead of the default fused head: the row that says whether the default is the right one."""
+    return _with_setting(_fastkd("chunked")(x, case), fastkd.config, "chunked_epilogue", "triton")
 
 
 def _fastkd_gradient_pass(x: dict, case: Case):
@@ -390,15 +394,7 @@ def _fastkd_gradient_pass(x: dict, case: Case):
     if not x["hidden"].is_cuda or case.loss != "topk":
         raise Missing("the scaled tile is the CUDA top-k plan's (else this is fastkd-chunked)",
                       applies=False)
-    step = _fastkd("chunked")(x, case)
-
-    def run():
-        saved, triton_fused_head.SCALED_TILE = triton_fused_head.SCALED_TILE, False
-        try:
-            return step()
-        finally:
-            triton_fused_head.SCALED_TILE = saved
-    return run
+    return _with_setting(_fastkd("chunked")(x, case), triton_fused_head, "SCALED_TILE", False)
 
 
 IMPLEMENTATIONS: dict[str, Builder] = {

@@ -1135,7 +1135,6 @@ class _FusedPass:
         shape = (min(self.step, self.n_rows), self.vocab)
         self.tile = torch.empty(shape, dtype=tdtype, device=hidden.device)
         self.out = None if self.in_place else torch.empty(shape, dtype=torch.float32, device=hidden.device)
-        self.rewritten = torch.zeros((), dtype=torch.int64, device=hidden.device)  # rows (scaled_grad)
 
     def chunks(self):
         for start in range(0, self.n_rows, self.step):
@@ -1226,8 +1225,7 @@ class _FusedPass:
                 self.stats(hidden, rows, None, temperature, softcap, False, False, False,
                            reference=ref, flags=flags)
 
-            self.rewritten += scaled_grad(g, chunk, *args, reference, self.head, hidden[rows],
-                                          grads, rows, rerun)
+            scaled_grad(g, chunk, *args, reference, self.head, hidden[rows], grads, rows, rerun)
             return
         if GRAD_IN_GEMMS and grads.weight is not None:
             h_k = hidden[rows].detach().to(self.operand).contiguous()
